@@ -1,0 +1,342 @@
+"""A shard: a contiguous range of decoder layers that holds only its own weights.
+
+The shard is built on the meta device from transformers' own model class and filled only with
+its own tensors, read straight from the checkpoint's safetensors files. Its forward calls
+transformers' modules in the order the monolithic forward does, so the bits are the same.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.cache_utils import DynamicCache
+
+from stage.adapters import Adapter, adapter_for
+from stage.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class ShardError(ValueError):
+    """A shard cannot be built or cannot run the step it was given."""
+
+
+class CacheMismatch(ShardError):
+    """A step does not continue the sequence that this cache holds."""
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ShardError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def check_device(device: str | torch.device, dtype: torch.dtype) -> torch.device:
+    """Refuse a device or a dtype that cannot run here, before any weight is read."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ShardError(f"device {device} requested but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ShardError(f"{device} cannot run bfloat16; use --dtype float16 or float32")
+    try:  # a one-element probe catches dtypes the backend has no kernels for
+        probe = torch.ones(2, 2, dtype=dtype, device=device)
+        (probe @ probe).sum().item()
+    except (RuntimeError, TypeError) as e:
+        raise ShardError(f"device {device} cannot run {dtype}: {e}") from e
+    return device
+
+
+@dataclass
+class KVState:
+    """One request's KV cache for one shard's layers, and how many positions it holds."""
+
+    cache: DynamicCache
+    length: int = 0
+
+    def nbytes(self) -> int:
+        total = 0
+        for layer in self.cache.layers:
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+
+@dataclass
+class Shard:
+    """Layers [start, end) of a checkpoint, plus embeddings if first and norm + head if last."""
+
+    checkpoint: Checkpoint
+    start: int
+    end: int
+    adapter: Adapter
+    shard_config: object
+    layers: nn.ModuleList
+    device: torch.device
+    dtype: torch.dtype
+    embed: nn.Module | None = None
+    positions: nn.Module | None = None
+    norm: nn.Module | None = None
+    head: nn.Module | None = None
+    rotary: nn.Module | None = None
+    kinds: tuple[str, ...] = field(default=())
+
+    @property
+    def num_layers(self) -> int:
+        return self.checkpoint.num_layers
+
+    @property
+    def first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def last(self) -> bool:
+        return self.end == self.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.checkpoint.config.hidden_size)
+
+    def modules(self) -> list[nn.Module]:
+        parts = [self.embed, self.positions, self.layers, self.norm, self.head]
+        return [m for m in parts if m is not None]
+
+    def weight_bytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for module in self.modules():
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel() * p.element_size()
+        return total
+
+    def new_cache(self) -> KVState:
+        return KVState(DynamicCache(config=self.shard_config))
+
+    @torch.inference_mode()
+    def forward(self, inputs: torch.Tensor, state: KVState, logits: str = "last") -> torch.Tensor:
+        """Run n new positions: token ids [1, n] on the first shard, hidden [1, n, H] after.
+
+        Returns the hidden states for the next shard, or on the last shard the logits of the
+        last position (`logits="last"`, what generation needs) or of every position ("all").
+        """
+        n = inputs.shape[1]
+        position_ids = torch.arange(state.length, state.length + n, device=self.device).unsqueeze(0)
+        if self.first:
+            hidden = self.embed(inputs)
+            if self.positions is not None:
+                hidden = hidden + self.positions(position_ids)
+        else:
+            hidden = inputs
+        masks = self.adapter.build_masks(
+            self.shard_config, set(self.kinds), hidden, state.cache, position_ids
+        )
+        rotary = self.rotary(hidden, position_ids) if self.rotary is not None else None
+        for layer, kind in zip(self.layers, self.kinds, strict=True):
+            hidden = self.adapter.run_layer(
+                layer, hidden, masks[kind], position_ids, rotary, state.cache
+            )
+        state.length += n
+        if not self.last:
+            return hidden
+        hidden = self.norm(hidden)
+        if logits == "last":
+            hidden = hidden[:, -1:, :]
+        return self.head(hidden)
+
+    def check_inputs(self, inputs: torch.Tensor, state: KVState, start_pos: int) -> None:
+        """Refuse a step that does not continue this cache; never compute on wrong state."""
+        if start_pos != state.length:
+            raise CacheMismatch(
+                f"step starts at position {start_pos} but the cache of layers "
+                f"[{self.start},{self.end}) holds {state.length}"
+            )
+        limit = int(getattr(self.checkpoint.config, "max_position_embeddings", 1 << 30))
+        if start_pos + inputs.shape[1] > limit:
+            raise ShardError(f"positions up to {start_pos + inputs.shape[1]} exceed the context {limit}")
+        if self.first:
+            if inputs.dtype != torch.int64 or inputs.dim() != 2:
+                raise ShardError("the first shard takes int64 token ids of shape [1, n]")
+            vocab = int(self.checkpoint.config.vocab_size)
+            if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= vocab):
+                raise ShardError(f"token ids must lie in [0, {vocab})")
+        elif inputs.dim() != 3 or inputs.shape[2] != self.hidden_size or inputs.dtype != self.dtype:
+            raise ShardError(
+                f"expected hidden states [1, n, {self.hidden_size}] of {self.dtype}, "
+                f"got {list(inputs.shape)} of {inputs.dtype}"
+            )
+
+
+def _shard_config(config, start: int, end: int):
+    """The config a k-layer model would have: the cache and the masks are built from it."""
+    shard_config = copy.deepcopy(config)
+    shard_config.num_hidden_layers = end - start
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        shard_config.layer_types = list(layer_types[start:end])
+    return shard_config
+
+
+def _checkpoint_key(checkpoint: Checkpoint, key: str) -> str | None:
+    if key in checkpoint.tensors:
+        return key
+    # Original GPT-2 checkpoints store the transformer's tensors without the prefix.
+    bare = key.removeprefix("transformer.")
+    return bare if bare in checkpoint.tensors else None
+
+
+def _load_tensors(
+    checkpoint: Checkpoint, wanted: dict[str, str], dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Read exactly the named tensors (local name -> checkpoint key), grouped by file."""
+    by_file: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for local, key in wanted.items():
+        by_file[checkpoint.tensors[key].file].append((local, key))
+    out: dict[str, torch.Tensor] = {}
+    for file, items in sorted(by_file.items()):
+        path = checkpoint.path / file
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for local, key in items:
+                    t = f.get_tensor(key)
+                    if t.is_floating_point():
+                        t = t.to(dtype)
+                    out[local] = t.to(device)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"cannot read tensors from {path}: {e}") from e
+    return out
+
+
+def _fill(module: nn.Module, local_prefix: str, ckpt_prefix: str, checkpoint: Checkpoint,
+          dtype: torch.dtype, device: torch.device, fallback: dict[str, str] | None = None) -> None:
+    wanted: dict[str, str] = {}
+    for name in module.state_dict():
+        key = _checkpoint_key(checkpoint, f"{ckpt_prefix}.{name}")
+        if key is None and fallback is not None:
+            key = fallback.get(name)
+        if key is None:
+            raise CheckpointError(
+                f"{checkpoint.path} lacks tensor {ckpt_prefix}.{name} (needed by {local_prefix}); "
+                "the checkpoint is incomplete or of another architecture"
+            )
+        wanted[name] = key
+    tensors = _load_tensors(checkpoint, wanted, dtype, device)
+    try:
+        module.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{checkpoint.path}: tensors for {ckpt_prefix} do not fit: {e}") from e
+    _materialize_buffers(module, device)
+
+
+def _materialize_buffers(module: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers are not in the checkpoint; rebuild the few families that have one."""
+    for sub in module.modules():
+        for name, buf in list(sub.named_buffers(recurse=False)):
+            if not buf.is_meta:
+                continue
+            if name == "embed_scale" and hasattr(sub, "scalar_embed_scale"):
+                sub.register_buffer(name, torch.tensor(sub.scalar_embed_scale, device=device),
+                                    persistent=False)
+            else:
+                raise ShardError(f"{type(sub).__name__}.{name} has no value after loading")
+
+
+def load_shard(
+    checkpoint: str | Path | Checkpoint,
+    start: int,
+    end: int,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+) -> Shard:
+    """Build layers [start, end) of a checkpoint, reading only their own tensors."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    num_layers = ckpt.num_layers
+    if not (isinstance(start, int) and isinstance(end, int)):
+        raise ShardError(f"layer range bounds must be integers, got {start!r}, {end!r}")
+    if start >= end:
+        raise ShardError(f"layer range [{start},{end}) is empty or inverted; need start < end")
+    if start < 0 or end > num_layers:
+        raise ShardError(f"layer range [{start},{end}) is outside the model's layers [0,{num_layers})")
+    torch_dtype = resolve_dtype(dtype)
+    dev = check_device(device, torch_dtype)
+    adapter = adapter_for(ckpt.config)
+
+    # The skeleton has end - start layers: local layer i is global layer start + i, and the
+    # cache is indexed locally. Layers are rebuilt with their global index (some families
+    # derive their attention kind or scaling from it) and then told their local cache slot.
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(
+            _shard_config(ckpt.config, start, end), dtype=torch_dtype
+        )
+    shard_config = skeleton.config
+    full_config = copy.deepcopy(ckpt.config)
+    full_config._attn_implementation = shard_config._attn_implementation
+    layers = adapter.module(skeleton, "layers")
+    layer_cls = type(layers[0])
+    with torch.device("meta"):
+        rebuilt = nn.ModuleList(layer_cls(full_config, layer_idx=start + i) for i in range(end - start))
+    for i, layer in enumerate(rebuilt):
+        getattr(layer, adapter.attention).layer_idx = i
+    for i, layer in enumerate(rebuilt):
+        _fill(layer, f"layers.{i}", f"{adapter.layers}.{start + i}", ckpt, torch_dtype, dev)
+
+    parts: dict[str, nn.Module | None] = {"embed": None, "positions": None, "norm": None, "head": None}
+    if start == 0:
+        for role in ("embed", "positions"):
+            module = adapter.module(skeleton, role)
+            if module is not None:
+                _fill(module, role, getattr(adapter, role), ckpt, torch_dtype, dev)
+                parts[role] = module
+    if end == num_layers:
+        parts["norm"] = adapter.module(skeleton, "norm")
+        _fill(parts["norm"], "norm", adapter.norm, ckpt, torch_dtype, dev)
+        head = adapter.module(skeleton, "head")
+        tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
+        if tied and parts["embed"] is not None and _checkpoint_key(ckpt, f"{adapter.head}.weight") is None:
+            head.weight = parts["embed"].weight  # one matrix, as in the monolithic model
+        else:
+            fallback = {"weight": _checkpoint_key(ckpt, f"{adapter.embed}.weight")} if tied else None
+            _fill(head, "head", adapter.head, ckpt, torch_dtype, dev, fallback)
+        parts["head"] = head
+
+    rotary = None
+    skeleton_rotary = adapter.module(skeleton, "rotary")
+    if skeleton_rotary is not None:
+        rotary = type(skeleton_rotary)(config=shard_config).to(dev)
+    del skeleton
+
+    shard = Shard(
+        checkpoint=ckpt,
+        start=start,
+        end=end,
+        adapter=adapter,
+        shard_config=shard_config,
+        layers=rebuilt,
+        device=dev,
+        dtype=torch_dtype,
+        rotary=rotary,
+        kinds=tuple(adapter.attention_kind(ckpt.config, start + i) for i in range(end - start)),
+        **parts,
+    )
+    for module in shard.modules():
+        module.eval().requires_grad_(False)
+    return shard
