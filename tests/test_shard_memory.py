@@ -1,0 +1,72 @@
+"""A shard of k layers allocates only those k layers: peak RSS is its share plus a fixed overhead."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+# Measured on a 2-core machine: loading adds about 18 MiB beyond the shard's weights
+# (the meta skeleton, safetensors handles, allocator slack). The bound leaves room for noise
+# but stays far below one extra layer group of this checkpoint (6 x 16 MiB unowned layers).
+FIXED_OVERHEAD_BYTES = 48 * 1024 * 1024
+
+MEASURE = r"""
+import json, sys
+import torch, transformers, safetensors  # imported before the baseline is taken
+from stage.shard import load_shard
+from stage.checkpoint import open_checkpoint
+ckpt = open_checkpoint(sys.argv[1])
+def status(field):
+    # VmHWM is this address space's peak; ru_maxrss would also count the parent's before exec.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+base = status("VmRSS")
+assert status("VmHWM") - base < 8 * 2**20, "baseline must be taken at the peak so far"
+shard = load_shard(ckpt, int(sys.argv[2]), int(sys.argv[3]))
+# safetensors may hand out tensors over its file mapping; touching every weight makes the
+# pages resident, as the first forward would.
+for module in shard.modules():
+    for p in module.parameters():
+        p.sum()
+peak = status("VmHWM")
+print(json.dumps({"base": base, "peak": peak, "weights": shard.weight_bytes()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def layer_heavy_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False,
+    )
+    directory = tmp_path_factory.mktemp("heavy")
+    LlamaForCausalLM(config).save_pretrained(directory, max_shard_size="40MB")
+    return directory
+
+
+def _measure(directory, start, end) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(directory), str(start), str(end)],
+        capture_output=True, text=True, check=True, timeout=120,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("start,end", [(2, 4), (0, 2), (6, 8)])
+def test_peak_memory_is_share_plus_fixed_overhead(layer_heavy_checkpoint, start, end):
+    m = _measure(layer_heavy_checkpoint, start, end)
+    layer_bytes = 4 * 512 * 512 * 4 + 3 * 512 * 2048 * 4  # attention + MLP, fp32
+    assert m["weights"] >= 2 * layer_bytes
+    grown = m["peak"] - m["base"]
+    assert grown <= m["weights"] + FIXED_OVERHEAD_BYTES, (
+        f"loading layers [{start},{end}) grew RSS by {grown / 2**20:.1f} MiB for "
+        f"{m['weights'] / 2**20:.1f} MiB of weights"
+    )
