@@ -266,8 +266,13 @@ def load_shard(
     *,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
+    reuse: Shard | None = None,
 ) -> Shard:
-    """Build layers [start, end) of a checkpoint, reading only their own tensors."""
+    """Build layers [start, end) of a checkpoint, reading only their own tensors.
+
+    With `reuse`, layers (and embeddings or head) that shard already holds are moved over
+    instead of read again: a reshard loads only what is new.
+    """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     num_layers = ckpt.num_layers
     if not (isinstance(start, int) and isinstance(end, int)):
@@ -292,21 +297,33 @@ def load_shard(
     full_config._attn_implementation = shard_config._attn_implementation
     layers = adapter.module(skeleton, "layers")
     layer_cls = type(layers[0])
-    with torch.device("meta"):
-        rebuilt = nn.ModuleList(layer_cls(full_config, layer_idx=start + i) for i in range(end - start))
-    for i, layer in enumerate(rebuilt):
+    if reuse is not None and (reuse.checkpoint.fingerprint != ckpt.fingerprint
+                              or reuse.dtype != torch_dtype or reuse.device != dev):
+        reuse = None
+    rebuilt = nn.ModuleList()
+    for i in range(end - start):
+        g = start + i
+        if reuse is not None and reuse.start <= g < reuse.end:
+            layer = reuse.layers[g - reuse.start]
+        else:
+            with torch.device("meta"):
+                layer = layer_cls(full_config, layer_idx=g)
+            _fill(layer, f"layers.{i}", f"{adapter.layers}.{g}", ckpt, torch_dtype, dev)
         getattr(layer, adapter.attention).layer_idx = i
-    for i, layer in enumerate(rebuilt):
-        _fill(layer, f"layers.{i}", f"{adapter.layers}.{start + i}", ckpt, torch_dtype, dev)
+        rebuilt.append(layer)
 
     parts: dict[str, nn.Module | None] = {"embed": None, "positions": None, "norm": None, "head": None}
     if start == 0:
         for role in ("embed", "positions"):
             module = adapter.module(skeleton, role)
-            if module is not None:
+            if reuse is not None and reuse.first and getattr(reuse, role) is not None:
+                parts[role] = getattr(reuse, role)
+            elif module is not None:
                 _fill(module, role, getattr(adapter, role), ckpt, torch_dtype, dev)
                 parts[role] = module
-    if end == num_layers:
+    if end == num_layers and reuse is not None and reuse.last:
+        parts["norm"], parts["head"] = reuse.norm, reuse.head
+    elif end == num_layers:
         parts["norm"] = adapter.module(skeleton, "norm")
         _fill(parts["norm"], "norm", adapter.norm, ckpt, torch_dtype, dev)
         head = adapter.module(skeleton, "head")

@@ -102,3 +102,18 @@ def test_bfloat16_greedy_equals_generate(checkpoints, arch):
     shards = [load_shard(directory, a, b, dtype="bfloat16") for a, b in SPLITS["3"]]
     assert all(p.dtype == torch.bfloat16 for s in shards for m in s.modules() for p in m.parameters())
     assert _greedy(shards, prompt, GREEDY_TOKENS) == expected.tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_reshard_reuses_held_layers_and_stays_exact(checkpoints, arch):
+    """A shard rebuilt for a new range keeps the layers it held and reads only the new ones."""
+    directory = checkpoints[arch]
+    old = load_shard(directory, 1, 4)
+    new = load_shard(directory, 0, 3, reuse=old)
+    assert new.layers[1] is old.layers[0] and new.layers[2] is old.layers[1]
+    tail = load_shard(directory, 3, 5, reuse=old)
+    assert tail.layers[0] is old.layers[2]
+    ref = _reference(directory)
+    prompt = _prompt(seed=4)
+    expected = ref.generate(prompt, do_sample=False, max_new_tokens=12)[0, PROMPT_LEN:]
+    assert _greedy([new, tail], prompt, 12) == expected.tolist()

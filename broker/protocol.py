@@ -1,0 +1,344 @@
+"""The layerline wire format: the only module that knows frame layouts (spec: docs/protocol.md).
+
+Every message is a ZeroMQ multipart message from a DEALER to the broker's ROUTER or back:
+
+    [tag][command][header][tensor 0][tensor 1]...
+
+`tag` names the role and protocol version (b"LLS1" stage, b"LLC1" client, b"LLM1" monitor),
+`command` is one byte, `header` is a small orjson object, and each tensor frame is raw bytes
+described by the header's `tensors` list of {"dtype", "shape"}. The ROUTER adds the sender's
+routing identity in front; DEALERs send no empty delimiter.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import torch
+
+VERSION = 1
+STAGE_TAG = b"LLS1"
+CLIENT_TAG = b"LLC1"
+MONITOR_TAG = b"LLM1"
+TAGS = {STAGE_TAG: "stage", CLIENT_TAG: "client", MONITOR_TAG: "monitor"}
+
+
+class Cmd(enum.IntEnum):
+    # stage <-> broker
+    READY = 0x01  # S->B register: name, capabilities, checkpoint fingerprint
+    ASSIGN = 0x02  # B->S your layer range for an epoch (or none)
+    LOADED = 0x03  # S->B the assigned range is loaded and serving
+    FORWARD = 0x04  # B->S run these items over your layers
+    RESULT = 0x05  # S->B output of a FORWARD; B->C logits of a STEP
+    ERROR = 0x06  # any direction: a refusal with a code
+    HEARTBEAT = 0x07  # both ways, carries progress and stats
+    RELEASE = 0x08  # B->S free these requests' caches
+    LEAVING = 0x09  # S->B I am draining (SIGTERM); move my layers
+    BYE = 0x0A  # B->S you may exit now / you are not registered, register again
+    # client <-> broker
+    STEP = 0x10  # C->B run a prefill or decode of one request
+    END = 0x11  # C->B the request is finished or cancelled
+    EVENT = 0x12  # B->C something happened to your request (reshard, not-ready wait)
+    PING = 0x13  # C->B / M->B are you there
+    PONG = 0x14  # B->C / B->M yes
+    STATUS = 0x15  # C->B or M->B what is the cluster state; B replies STATUS
+    JOBS = 0x16  # C->B recent requests; B replies JOBS
+    DRAIN = 0x17  # M->B admin: drain this stage (needs the admin token)
+
+
+# Which tags may carry which commands, as sent *to* the broker.
+INBOUND = {
+    STAGE_TAG: {Cmd.READY, Cmd.LOADED, Cmd.RESULT, Cmd.ERROR, Cmd.HEARTBEAT, Cmd.LEAVING},
+    CLIENT_TAG: {Cmd.STEP, Cmd.END, Cmd.PING, Cmd.STATUS, Cmd.JOBS},
+    MONITOR_TAG: {Cmd.PING, Cmd.STATUS, Cmd.JOBS, Cmd.DRAIN},
+}
+
+
+class Code(enum.StrEnum):
+    """Error codes carried in ERROR headers (`code`)."""
+
+    MALFORMED = "malformed"  # wrong number of frames, undecodable header
+    BAD_VERSION = "bad_version"  # unknown tag / protocol version
+    UNKNOWN_COMMAND = "unknown_command"
+    HEADER_TOO_LARGE = "header_too_large"
+    FRAME_TOO_LARGE = "frame_too_large"
+    TENSOR_MISMATCH = "tensor_mismatch"  # frame length differs from its descriptor
+    BAD_REQUEST = "bad_request"  # header fields missing, wrong type, out of range
+    NOT_READY = "not_ready"  # the live stages cannot cover the model
+    BUSY = "busy"  # a bounded queue is full; retry after `retry_after_s`
+    CONTEXT_OVERFLOW = "context_overflow"  # positions beyond the model's context
+    CACHE_MISS = "cache_miss"  # stage holds no cache for this request at this position
+    CACHE_MISMATCH = "cache_mismatch"  # position or prefix hash does not match the cache
+    STALE_EPOCH = "stale_epoch"  # message from an older layer map
+    FINGERPRINT = "fingerprint"  # stage sees a different checkpoint than the broker
+    REPLAY_LIMIT = "replay_limit"  # the request was replayed too often
+    TIMEOUT = "timeout"  # a bounded wait ran out
+    UNKNOWN_REQUEST = "unknown_request"
+    UNAUTHORIZED = "unauthorized"
+    INTERNAL = "internal"
+
+
+class ProtocolError(Exception):
+    """A message that breaks the wire format; `code` goes into the ERROR reply."""
+
+    def __init__(self, code: Code, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits every role enforces on what it receives (defaults in docs/protocol.md)."""
+
+    # Headers hold ids, positions and small maps; 64 KiB is 100x the largest we send.
+    max_header_bytes: int = 64 * 1024
+    # One tensor frame: a 32k-token prefill of an 8192-wide model in fp32 is 1 GiB; the
+    # default admits 8k tokens at that width, --max-frame-mb raises it.
+    max_frame_bytes: int = 256 * 1024 * 1024
+    max_tensors: int = 64
+    max_dims: int = 4
+
+
+DEFAULT_LIMITS = Limits()
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+# Header fields each command must carry, with their types. `decode` rejects a message that
+# lacks one, so handlers can index headers without defensive code.
+_INT = int
+_STR = str
+SCHEMAS: dict[Cmd, dict[str, type | tuple[type, ...]]] = {
+    Cmd.READY: {"name": _STR, "fingerprint": _STR, "caps": dict, "credits": _INT},
+    Cmd.ASSIGN: {"epoch": _INT},
+    Cmd.LOADED: {"epoch": _INT, "start": _INT, "end": _INT},
+    Cmd.FORWARD: {"step": _INT, "epoch": _INT, "items": list},
+    Cmd.RESULT: {"step": _INT},
+    Cmd.ERROR: {"code": _STR, "message": _STR},
+    Cmd.HEARTBEAT: {},
+    Cmd.RELEASE: {"rids": list},
+    Cmd.LEAVING: {},
+    Cmd.BYE: {},
+    Cmd.STEP: {"rid": _STR, "seq": _INT, "pos": _INT, "n": _INT, "prev": _INT, "hash": _INT},
+    Cmd.END: {"rid": _STR},
+    Cmd.EVENT: {"rid": _STR, "event": _STR},
+    Cmd.PING: {},
+    Cmd.PONG: {},
+    Cmd.STATUS: {},
+    Cmd.JOBS: {},
+    Cmd.DRAIN: {"stage": _STR, "token": _STR},
+}
+ITEM_SCHEMA: dict[str, type] = {"rid": str, "pos": int, "n": int, "prev": int, "hash": int}
+MAX_RID_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class TensorDesc:
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype].itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+    def to_json(self) -> dict:
+        return {"dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass
+class Message:
+    """A decoded message. `frames` are the raw tensor frames (zmq.Frame or bytes), unconverted."""
+
+    tag: bytes
+    cmd: Cmd
+    header: dict[str, Any]
+    frames: list = field(default_factory=list)
+    descs: list[TensorDesc] = field(default_factory=list)
+
+    @property
+    def role(self) -> str:
+        return TAGS[self.tag]
+
+    def tensor(self, i: int = 0) -> torch.Tensor:
+        """Tensor i as a view over its frame's buffer (no copy), read-only."""
+        return tensor_from_frame(self.frames[i], self.descs[i])
+
+
+def _buffer(frame) -> memoryview:
+    if isinstance(frame, bytes | bytearray | memoryview):
+        return memoryview(frame)
+    return frame.buffer  # zmq.Frame: a view of the message, no copy
+
+
+def _length(frame) -> int:
+    return len(frame)
+
+
+def _check_schema(header: dict, schema: dict[str, type | tuple[type, ...]], what: str) -> None:
+    for key, kind in schema.items():
+        value = header.get(key)
+        # bool is an int subclass; a flag is never a valid position or id.
+        if value is None or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ProtocolError(Code.BAD_REQUEST, f"{what}: field {key!r} must be {_name(kind)}")
+
+
+def _name(kind) -> str:
+    return kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+
+
+def _parse_desc(raw: Any, limits: Limits) -> TensorDesc:
+    if not isinstance(raw, dict):
+        raise ProtocolError(Code.BAD_REQUEST, "tensor descriptor must be an object")
+    dtype, shape = raw.get("dtype"), raw.get("shape")
+    if dtype not in DTYPES:
+        raise ProtocolError(Code.BAD_REQUEST, f"tensor dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > limits.max_dims
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape)
+    ):
+        raise ProtocolError(Code.BAD_REQUEST, f"tensor shape {shape!r} is invalid")
+    return TensorDesc(dtype, tuple(shape))
+
+
+def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS, expect: bytes | None = None) -> Message:
+    """Validate and parse one message (without the routing identity). Raises ProtocolError."""
+    if len(frames) < 3:
+        raise ProtocolError(Code.MALFORMED, f"message has {len(frames)} frames; need tag, command, header")
+    tag = bytes(_buffer(frames[0])) if _length(frames[0]) <= 8 else b""
+    if tag not in TAGS:
+        if tag[:2] == b"LL":
+            raise ProtocolError(Code.BAD_VERSION, f"protocol {tag!r} is not supported; this broker speaks version {VERSION}")
+        raise ProtocolError(Code.BAD_VERSION, "unknown protocol tag; not a layerline peer")
+    if expect is not None and tag != expect:
+        raise ProtocolError(Code.BAD_VERSION, f"expected {TAGS.get(expect)} messages, got {TAGS[tag]}")
+    if _length(frames[1]) != 1:
+        raise ProtocolError(Code.MALFORMED, "command frame must be exactly one byte")
+    try:
+        cmd = Cmd(bytes(_buffer(frames[1]))[0])
+    except ValueError:
+        raise ProtocolError(Code.UNKNOWN_COMMAND, f"unknown command 0x{bytes(_buffer(frames[1]))[0]:02x}") from None
+    if _length(frames[2]) > limits.max_header_bytes:
+        raise ProtocolError(
+            Code.HEADER_TOO_LARGE, f"header of {_length(frames[2])} bytes exceeds {limits.max_header_bytes}"
+        )
+    try:
+        header = orjson.loads(_buffer(frames[2]))
+    except orjson.JSONDecodeError as e:
+        raise ProtocolError(Code.MALFORMED, f"header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(Code.MALFORMED, "header must be a JSON object")
+    _check_schema(header, SCHEMAS[cmd], cmd.name)
+    if cmd == Cmd.FORWARD:
+        for item in header["items"]:
+            if not isinstance(item, dict):
+                raise ProtocolError(Code.BAD_REQUEST, "FORWARD items must be objects")
+            _check_schema(item, ITEM_SCHEMA, "FORWARD item")
+    raw_descs = header.get("tensors", [])
+    if not isinstance(raw_descs, list) or len(raw_descs) > limits.max_tensors:
+        raise ProtocolError(Code.BAD_REQUEST, "header 'tensors' must be a list of at most "
+                            f"{limits.max_tensors} descriptors")
+    tensor_frames = list(frames[3:])
+    if len(raw_descs) != len(tensor_frames):
+        raise ProtocolError(
+            Code.TENSOR_MISMATCH, f"header describes {len(raw_descs)} tensors but {len(tensor_frames)} frames follow"
+        )
+    descs = [_parse_desc(d, limits) for d in raw_descs]
+    for i, (desc, frame) in enumerate(zip(descs, tensor_frames, strict=True)):
+        size = _length(frame)
+        if size > limits.max_frame_bytes:
+            raise ProtocolError(
+                Code.FRAME_TOO_LARGE, f"tensor frame {i} of {size} bytes exceeds {limits.max_frame_bytes}"
+            )
+        if size != desc.nbytes:
+            raise ProtocolError(
+                Code.TENSOR_MISMATCH,
+                f"tensor frame {i} has {size} bytes but {desc.dtype}{list(desc.shape)} needs {desc.nbytes}",
+            )
+    return Message(tag=tag, cmd=cmd, header=header, frames=tensor_frames, descs=descs)
+
+
+def encode(tag: bytes, cmd: Cmd, header: dict[str, Any], tensors: Sequence = ()) -> list:
+    """Frames for one message. `tensors` are torch tensors or (TensorDesc, frame) pairs to forward.
+
+    A pair is re-sent as the same frame object it arrived in: forwarding never copies.
+    """
+    frames: list = []
+    descs: list[dict] = []
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            desc, buf = tensor_to_frame(t)
+        else:
+            desc, buf = t
+        descs.append(desc.to_json())
+        frames.append(buf)
+    if descs or "tensors" in header:
+        header = {**header, "tensors": descs}
+    return [tag, bytes((cmd,)), orjson.dumps(header), *frames]
+
+
+def tensor_to_frame(t: torch.Tensor) -> tuple[TensorDesc, memoryview]:
+    """A tensor as (descriptor, buffer). The buffer views the tensor's memory: send it copy=False
+    (pyzmq copies frames under zmq.COPY_THRESHOLD itself) and keep the tensor alive until sent."""
+    if t.dtype not in DTYPE_NAMES:
+        raise ProtocolError(Code.BAD_REQUEST, f"cannot send tensors of {t.dtype}")
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    # A uint8 view works for every dtype, bfloat16 included, which numpy cannot represent.
+    buf = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    return TensorDesc(DTYPE_NAMES[t.dtype], tuple(t.shape)), buf
+
+
+def tensor_from_frame(frame, desc: TensorDesc) -> torch.Tensor:
+    """A tensor viewing the frame's buffer without a copy. Treat it as read-only."""
+    if desc.nbytes == 0:
+        return torch.empty(desc.shape, dtype=DTYPES[desc.dtype])
+    with warnings.catch_warnings():
+        # Received frames are read-only; nothing writes into an input activation in place.
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(_buffer(frame), dtype=DTYPES[desc.dtype])
+    return flat.view(desc.shape)
+
+
+def error_header(code: Code, message: str, **extra: Any) -> dict[str, Any]:
+    return {"code": str(code), "message": message, **extra}
+
+
+def reply_frames(tag: bytes, cmd: Cmd, header: dict[str, Any], tensors: Sequence = ()) -> list:
+    return encode(tag, cmd, header, tensors)
+
+
+# --- prefix hashes -------------------------------------------------------------------------
+# Every step carries the hash of the token prefix before it (`prev`) and after it (`hash`).
+# Chained per token, so the value does not depend on how a sequence was cut into steps: a
+# replay that chunks differently still names the same prefix.
+EMPTY_PREFIX_HASH = 0
+_TOKEN = struct.Struct("<Qq")
+
+
+def prefix_hash(prev: int, tokens: Iterable[int]) -> int:
+    """Extend the rolling hash `prev` by `tokens`; 63 bits so it fits a JSON integer."""
+    h = prev
+    for tok in tokens:
+        digest = hashlib.blake2b(_TOKEN.pack(h, int(tok)), digest_size=8).digest()
+        h = int.from_bytes(digest, "little") >> 1
+    return h
