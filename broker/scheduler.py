@@ -1,0 +1,425 @@
+"""Layer assignment: pure functions from stage capabilities to a contiguous layer map."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+STRATEGIES = ("uniform", "capacity")
+
+_UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+
+
+@dataclass(frozen=True)
+class StageCapacity:
+    """What one stage offers; the order of a sequence of these is the pipeline order."""
+
+    name: str
+    memory_bytes: int  # budget the stage offers for weights + cache
+
+    def __post_init__(self) -> None:
+        if self.memory_bytes < 0:
+            raise ValueError(f"stage {self.name} offers {self.memory_bytes} bytes; must be >= 0")
+
+
+@dataclass(frozen=True)
+class StageRange:
+    """Decoder layers [start, end) held by one stage."""
+
+    name: str
+    start: int  # inclusive
+    end: int  # exclusive
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end:
+            raise ValueError(
+                f"stage {self.name} has empty or negative range [{self.start},{self.end})"
+            )
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """Which stage runs which layers: covers [0, num_layers) exactly once, in stage order."""
+
+    num_layers: int
+    ranges: tuple[StageRange, ...]
+    epoch: int = 0
+
+    def __post_init__(self) -> None:
+        # Invariant 2 of the design: a complete map or none, so an incomplete one cannot exist.
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        if self.epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {self.epoch}")
+        if not self.ranges:
+            raise ValueError("a layer map needs at least one stage range")
+        names = [r.name for r in self.ranges]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names repeat in layer map: {names}")
+        expected = 0
+        for r in self.ranges:
+            if r.start != expected:
+                raise ValueError(
+                    f"stage {r.name} starts at layer {r.start}, expected {expected}: "
+                    "ranges must be contiguous and in stage order"
+                )
+            expected = r.end
+        if expected != self.num_layers:
+            raise ValueError(f"layer map ends at layer {expected}, expected {self.num_layers}")
+
+    def stage_for_layer(self, layer: int) -> str:
+        """Name of the stage that runs `layer`; IndexError outside [0, num_layers)."""
+        for r in self.ranges:
+            if r.start <= layer < r.end:
+                return r.name
+        raise IndexError(f"layer {layer} outside [0, {self.num_layers})")
+
+    def range_of(self, name: str) -> StageRange | None:
+        """The range of stage `name`, or None if it holds no layers."""
+        return next((r for r in self.ranges if r.name == name), None)
+
+    def to_json(self) -> list[dict]:
+        """The ranges as JSON-ready dicts, in stage order."""
+        return [{"stage": r.name, "start": r.start, "end": r.end} for r in self.ranges]
+
+    @classmethod
+    def from_json(cls, num_layers: int, items: Sequence[Mapping], epoch: int = 0) -> LayerMap:
+        """Rebuild a map from `to_json` output; ValueError if malformed or incomplete."""
+        ranges = []
+        for item in items:
+            if not isinstance(item, Mapping):
+                raise ValueError(f"layer map item is not an object: {item!r}")
+            name, start, end = item.get("stage"), item.get("start"), item.get("end")
+            # bool is an int subclass; a JSON true is not a layer index.
+            if not isinstance(name, str) or not all(type(v) is int for v in (start, end)):
+                raise ValueError(f"layer map item needs stage: str, start: int, end: int: {item!r}")
+            ranges.append(StageRange(name, start, end))
+        return cls(num_layers, tuple(ranges), epoch)
+
+    def describe(self) -> str:
+        """Compact text such as "s0[0,3) s1[3,6)"."""
+        return " ".join(f"{r.name}[{r.start},{r.end})" for r in self.ranges)
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Bytes a stage needs: per decoder layer, plus extras on the first (embeddings) and last (norm + head) stage, plus a fixed per-stage overhead."""
+
+    layer_bytes: int
+    first_extra_bytes: int
+    last_extra_bytes: int
+    fixed_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        for field in ("layer_bytes", "first_extra_bytes", "last_extra_bytes", "fixed_bytes"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
+
+    def stage_bytes(self, start: int, end: int, num_layers: int) -> int:
+        """Bytes a stage holding layers [start, end) of a `num_layers` model needs."""
+        if not 0 <= start < end <= num_layers:
+            raise ValueError(f"range [{start},{end}) is not a non-empty part of [0,{num_layers})")
+        return (
+            (end - start) * self.layer_bytes
+            + (self.first_extra_bytes if start == 0 else 0)
+            + (self.last_extra_bytes if end == num_layers else 0)
+            + self.fixed_bytes
+        )
+
+
+class SchedulerError(Exception):
+    """No layer map can be made from these stages."""
+
+
+class NotEnoughStages(SchedulerError):
+    """There are no (or too few) stages to hold the model."""
+
+
+class InsufficientMemory(SchedulerError):
+    """The stages' memory budgets cannot hold the model in any contiguous split."""
+
+
+def assign_uniform(names: Sequence[str], num_layers: int, epoch: int = 0) -> LayerMap:
+    """Split layers evenly in the given order; the remainder goes to the earliest stages."""
+    _check_inputs(names, num_layers)
+    used = min(len(names), num_layers)  # surplus stages at the end get nothing
+    base, extra = divmod(num_layers, used)
+    counts = [base + (1 if i < extra else 0) for i in range(used)]
+    return _layer_map(names[:used], counts, num_layers, epoch)
+
+
+def assign_capacity(
+    stages: Sequence[StageCapacity],
+    num_layers: int,
+    cost: LayerCost | None = None,
+    epoch: int = 0,
+) -> LayerMap:
+    """Split layers in proportion to memory budgets (largest remainder), memory-safe if `cost`."""
+    _check_inputs([s.name for s in stages], num_layers)
+    # A stage offering nothing has a quota of zero; it is left out rather than forced a layer.
+    candidates = [s for s in stages if s.memory_bytes > 0]
+    if not candidates:
+        listed = ", ".join(f"stage {s.name}" for s in stages)
+        raise InsufficientMemory(f"no stage offers any memory ({listed}); add memory or a stage")
+    primary = _largest_budgets(candidates, num_layers)
+    names = [s.name for s in primary]
+    counts = _apportion(
+        [s.memory_bytes for s in primary],
+        num_layers,
+        [1] * len(primary),
+        [num_layers] * len(primary),
+    )
+    proportional = _layer_map(names, counts, num_layers, epoch)
+    if cost is None:
+        return proportional
+    short = _shortfalls(proportional, primary, cost)
+    if not short:
+        return proportional
+    # Some stage overflows: cap every stage at the layers its memory holds in its position.
+    counts = _fit(primary, num_layers, cost)
+    if counts is not None:
+        return _layer_map(names, counts, num_layers, epoch)
+    # No split using every stage fits (often a small stage that cannot take the embeddings or
+    # the head); leaving some stages out is better than no map at all.
+    chosen = _best_subset(candidates, num_layers, cost)
+    if chosen is not None:
+        counts = _fit(chosen, num_layers, cost)
+        assert counts is not None  # _best_subset only returns subsets that fit
+        return _layer_map([s.name for s in chosen], counts, num_layers, epoch)
+    raise InsufficientMemory(_capacity_shortfall(short[0], primary, num_layers, cost))
+
+
+def check_memory(layer_map: LayerMap, stages: Sequence[StageCapacity], cost: LayerCost) -> None:
+    """Raise InsufficientMemory for the first stage in `layer_map` that needs more than it offers."""
+    short = _shortfalls(layer_map, stages, cost)
+    if not short:
+        return
+    missing = sum(needed - offered for _, needed, offered in short)
+    where = "" if len(short) == 1 else f" across {len(short)} stages"
+    raise InsufficientMemory(
+        f"{_stage_need(*short[0], layer_map.num_layers, cost)}; "
+        f"{_fmt_bytes(missing)} missing in total{where}; add memory or a stage"
+    )
+
+
+def plan(
+    stages: Sequence[StageCapacity],
+    num_layers: int,
+    strategy: str,
+    cost: LayerCost | None = None,
+    epoch: int = 0,
+) -> LayerMap:
+    """Make a layer map with the named strategy; memory-checked whenever `cost` is given."""
+    if strategy == "uniform":
+        layer_map = assign_uniform([s.name for s in stages], num_layers, epoch)
+        if cost is not None:
+            check_memory(layer_map, stages, cost)
+        return layer_map
+    if strategy == "capacity":
+        return assign_capacity(stages, num_layers, cost, epoch)
+    raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+
+
+def moved_layers(
+    old: LayerMap, new: LayerMap, name: str
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(layers stage `name` must newly load, layers it gives away), each sorted, maybe empty."""
+    # Sorted tuples, not ranges: a stage whose neighbours both left gains layers on both sides.
+    if old.num_layers != new.num_layers:
+        raise ValueError(f"maps of different models: {old.num_layers} vs {new.num_layers} layers")
+    was, now = old.range_of(name), new.range_of(name)
+    held = set(range(was.start, was.end)) if was else set()
+    wanted = set(range(now.start, now.end)) if now else set()
+    return tuple(sorted(wanted - held)), tuple(sorted(held - wanted))
+
+
+def _check_inputs(names: Sequence[str], num_layers: int) -> None:
+    """Reject inputs no strategy can use."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if not names:
+        raise NotEnoughStages(f"no stages to hold {num_layers} layers; start a stage")
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage names must be unique: {list(names)}")
+
+
+def _layer_map(
+    names: Sequence[str], counts: Sequence[int], num_layers: int, epoch: int
+) -> LayerMap:
+    """Lay `counts` layers end to end in stage order; stages with zero layers are left out."""
+    ranges, start = [], 0
+    for name, count in zip(names, counts, strict=True):
+        if count:
+            ranges.append(StageRange(name, start, start + count))
+            start += count
+    return LayerMap(num_layers, tuple(ranges), epoch)
+
+
+def _largest_budgets(stages: Sequence[StageCapacity], keep: int) -> list[StageCapacity]:
+    """The `keep` stages with the largest budgets (earlier wins ties), in their original order."""
+    if len(stages) <= keep:
+        return list(stages)
+    ranked = sorted(range(len(stages)), key=lambda i: (-stages[i].memory_bytes, i))
+    return [stages[i] for i in sorted(ranked[:keep])]
+
+
+def _apportion(weights: list[int], total: int, lo: list[int], hi: list[int]) -> list[int]:
+    """Largest-remainder split of `total` by `weights`, each count within [lo, hi]."""
+    # Quotas are lam * weight clamped to [lo, hi], with lam chosen so they sum to `total`; with
+    # no bound active this is plain largest remainder (lam = total / sum of weights).
+    # Fractions keep it exact, so ties really are ties and go to the earlier stage.
+    assert sum(lo) <= total <= sum(hi) and all(w > 0 for w in weights)
+
+    bounded = list(zip(weights, lo, hi, strict=True))
+
+    def clamped(lam: Fraction) -> list[Fraction]:
+        return [min(max(lam * w, Fraction(a)), Fraction(b)) for w, a, b in bounded]
+
+    if total == sum(lo):
+        return list(lo)
+    if total == sum(hi):
+        return list(hi)
+    # The filled sum is monotone in lam and linear between breakpoints: find the segment.
+    points = sorted({Fraction(b, w) for w, a, c in bounded for b in (a, c)})
+    above = bisect.bisect_left(points, total, key=lambda p: sum(clamped(p)))
+    prev = points[above - 1] if above else Fraction(0)
+    filled_prev, filled = sum(clamped(prev)), sum(clamped(points[above]))
+    lam = prev + (total - filled_prev) * (points[above] - prev) / (filled - filled_prev)
+    quotas = clamped(lam)
+    counts = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(counts)), key=lambda i: (counts[i] - quotas[i], i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _max_layers(budget: int, cost: LayerCost, first: bool, last: bool, limit: int) -> int:
+    """Most layers (up to `limit`) a stage can hold in the given position."""
+    overhead = (
+        cost.fixed_bytes
+        + (cost.first_extra_bytes if first else 0)
+        + (cost.last_extra_bytes if last else 0)
+    )
+    if budget < overhead:
+        return 0
+    if cost.layer_bytes == 0:
+        return limit
+    return min(limit, (budget - overhead) // cost.layer_bytes)
+
+
+def _caps(chosen: Sequence[StageCapacity], num_layers: int, cost: LayerCost) -> list[int]:
+    """Layer capacity of each chosen stage, the first holding embeddings and the last the head."""
+    last = len(chosen) - 1
+    return [
+        _max_layers(s.memory_bytes, cost, i == 0, i == last, num_layers)
+        for i, s in enumerate(chosen)
+    ]
+
+
+def _fit(chosen: Sequence[StageCapacity], num_layers: int, cost: LayerCost) -> list[int] | None:
+    """Counts giving every chosen stage at least one layer within its memory, or None."""
+    # With every chosen stage non-empty, the first and last stages are known, so each stage's
+    # need depends only on its own count: the split is a bounded apportionment.
+    caps = _caps(chosen, num_layers, cost)
+    if not _caps_fit(caps, num_layers):
+        return None
+    return _apportion([s.memory_bytes for s in chosen], num_layers, [1] * len(chosen), caps)
+
+
+def _caps_fit(caps: Sequence[int], num_layers: int) -> bool:
+    """Whether stages with these layer capacities can each take one layer and cover them all."""
+    return len(caps) <= num_layers and min(caps) >= 1 and sum(caps) >= num_layers
+
+
+def _best_subset(
+    stages: Sequence[StageCapacity], num_layers: int, cost: LayerCost
+) -> list[StageCapacity] | None:
+    """The subset (in order) that fits with the most stages, then the most memory; or None."""
+    # Try each (first, last) pair; between them, every stage that can hold one plain layer only
+    # adds capacity, so keep the most capable ones that the layer count allows.
+    inner_caps = [_max_layers(s.memory_bytes, cost, False, False, num_layers) for s in stages]
+    best, best_key = None, None
+    for first in range(len(stages)):
+        for last in range(first, len(stages)):
+            inner = [i for i in range(first + 1, last) if inner_caps[i] >= 1]
+            room = num_layers - (1 if first == last else 2)
+            if room < 0:
+                continue
+            inner = sorted(
+                sorted(inner, key=lambda i: (-inner_caps[i], -stages[i].memory_bytes, i))[:room]
+            )
+            chosen = [stages[i] for i in dict.fromkeys([first, *inner, last])]
+            if not _caps_fit(_caps(chosen, num_layers, cost), num_layers):
+                continue
+            key = (len(chosen), sum(s.memory_bytes for s in chosen), -first, -last)
+            if best_key is None or key > best_key:
+                best, best_key = chosen, key
+    return best
+
+
+def _shortfalls(
+    layer_map: LayerMap, stages: Sequence[StageCapacity], cost: LayerCost
+) -> list[tuple[StageRange, int, int]]:
+    """(range, needed, offered) of every stage in the map that needs more than it offers."""
+    offered = {s.name: s.memory_bytes for s in stages}
+    short = []
+    for r in layer_map.ranges:
+        if r.name not in offered:
+            raise ValueError(f"layer map names stage {r.name}, which is not among the stages")
+        needed = cost.stage_bytes(r.start, r.end, layer_map.num_layers)
+        if needed > offered[r.name]:
+            short.append((r, needed, offered[r.name]))
+    return short
+
+
+def _capacity_shortfall(
+    first_short: tuple[StageRange, int, int],
+    chosen: Sequence[StageCapacity],
+    num_layers: int,
+    cost: LayerCost,
+) -> str:
+    """Explain why no split fits: a stage short in the proportional split, then the totals."""
+    offered = sum(s.memory_bytes for s in chosen)
+    total = (
+        num_layers * cost.layer_bytes
+        + cost.first_extra_bytes
+        + cost.last_extra_bytes
+        + len(chosen) * cost.fixed_bytes
+    )
+    who = "1 stage offers" if len(chosen) == 1 else f"{len(chosen)} stages offer"
+    if total > offered:
+        overall = (
+            f"{who} {_fmt_bytes(offered)} but the model needs "
+            f"{_fmt_bytes(total)} ({_fmt_bytes(total - offered)} missing)"
+        )
+    else:
+        overall = (
+            f"{who} {_fmt_bytes(offered)} in total, enough for "
+            f"{_fmt_bytes(total)}, but no contiguous split in this stage order fits"
+        )
+    stage = _stage_need(*first_short, num_layers, cost)
+    return f"{stage}; {overall}; add memory or a stage"
+
+
+def _stage_need(r: StageRange, needed: int, offered: int, num_layers: int, cost: LayerCost) -> str:
+    """Text like: stage s2 needs 1.20 GiB for layers 8-14 but offers 0.90 GiB."""
+    what = f"layer {r.start}" if r.end - r.start == 1 else f"layers {r.start}-{r.end - 1}"
+    if r.start == 0 and cost.first_extra_bytes:
+        what = f"the embeddings and {what}"
+    if r.end == num_layers and cost.last_extra_bytes:
+        what = f"{what} plus norm and head"
+    need, have = _fmt_bytes(needed), _fmt_bytes(offered)
+    if need == have:  # rounding would hide the difference
+        need, have = f"{needed} bytes", f"{offered} bytes"
+    return f"stage {r.name} needs {need} for {what} but offers {have}"
+
+
+def _fmt_bytes(n: int) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1."""
+    for unit, size in _UNITS:
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
