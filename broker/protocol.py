@@ -188,7 +188,7 @@ def _buffer(frame) -> memoryview:
 
 
 def _length(frame) -> int:
-    return len(frame)
+    return frame.nbytes if isinstance(frame, memoryview) else len(frame)
 
 
 def _check_schema(header: dict, schema: dict[str, type | tuple[type, ...]], what: str) -> None:
@@ -304,7 +304,7 @@ def tensor_to_frame(t: torch.Tensor) -> tuple[TensorDesc, memoryview]:
         t = t.cpu()
     t = t.contiguous()
     # A uint8 view works for every dtype, bfloat16 included, which numpy cannot represent.
-    buf = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
     return TensorDesc(DTYPE_NAMES[t.dtype], tuple(t.shape)), buf
 
 

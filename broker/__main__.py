@@ -1,0 +1,80 @@
+"""`python -m broker`: the ROUTER that tracks stages, owns the layer map and routes steps."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+
+import structlog
+
+from broker.broker import Broker, BrokerConfig
+from broker.logs import configure_logging
+from broker.protocol import DEFAULT_LIMITS
+from stage.checkpoint import CheckpointError, open_checkpoint
+from stage.demo_model import DEFAULT_DEMO_DIR, ensure_demo_model
+
+D = BrokerConfig()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m broker", description=__doc__)
+    p.add_argument("--bind", default=D.bind, help="ROUTER endpoint (default %(default)s)")
+    p.add_argument("--model", default=str(DEFAULT_DEMO_DIR),
+                   help="local Hugging Face checkpoint directory (default: the built-in demo model)")
+    p.add_argument("--strategy", choices=("uniform", "capacity"), default=D.strategy)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=D.dtype)
+    p.add_argument("--expect-stages", type=int, default=D.expect_stages,
+                   help="form the first layer map once this many stages registered (or after --settle)")
+    p.add_argument("--settle", type=float, default=D.settle_s, help="seconds of no joins before forming the map")
+    p.add_argument("--heartbeat", type=float, default=D.heartbeat_s)
+    p.add_argument("--dead-after", type=float, default=D.dead_after_s)
+    p.add_argument("--stall-floor", type=float, default=D.stall_floor_s)
+    p.add_argument("--ready-wait", type=float, default=D.ready_wait_s)
+    p.add_argument("--client-timeout", type=float, default=D.client_timeout_s)
+    p.add_argument("--rebalance-cooldown", type=float, default=D.rebalance_cooldown_s)
+    p.add_argument("--max-queue", type=int, default=D.max_queue)
+    p.add_argument("--max-requests", type=int, default=D.max_requests)
+    p.add_argument("--max-client-requests", type=int, default=D.max_client_requests)
+    p.add_argument("--max-replays", type=int, default=D.max_replays)
+    p.add_argument("--max-frame-mb", type=int, default=DEFAULT_LIMITS.max_frame_bytes >> 20)
+    p.add_argument("--admin-token", default=None, help="token that authorises DRAIN (admin) commands")
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    log = structlog.get_logger("broker")
+    try:
+        if args.model == str(DEFAULT_DEMO_DIR):
+            ensure_demo_model(DEFAULT_DEMO_DIR)
+        checkpoint = open_checkpoint(args.model)
+    except CheckpointError as e:
+        print(f"broker: {e}", file=sys.stderr)
+        return 2
+    config = BrokerConfig(
+        bind=args.bind, strategy=args.strategy, dtype=args.dtype, heartbeat_s=args.heartbeat,
+        dead_after_s=args.dead_after, stall_floor_s=args.stall_floor, ready_wait_s=args.ready_wait,
+        client_timeout_s=args.client_timeout, max_queue=args.max_queue, max_requests=args.max_requests,
+        max_client_requests=args.max_client_requests, max_replays=args.max_replays,
+        expect_stages=args.expect_stages, settle_s=args.settle, rebalance_cooldown_s=args.rebalance_cooldown,
+        limits=dataclasses.replace(DEFAULT_LIMITS, max_frame_bytes=args.max_frame_mb << 20),
+        admin_token=args.admin_token,
+    )
+    try:
+        broker = Broker(config, checkpoint)
+    except Exception as e:  # zmq bind errors: address in use, bad endpoint
+        print(f"broker: cannot bind {args.bind}: {e}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: broker.stop())
+    signal.signal(signal.SIGINT, lambda *_: broker.stop())
+    broker.run()
+    log.info("exit")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

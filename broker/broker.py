@@ -1,0 +1,797 @@
+"""The broker: one ROUTER loop that tracks stages, owns the layer map and routes every step.
+
+It reads like the zguide's Majordomo broker: poll with a timeout equal to the next timer,
+dispatch on the command byte to a handler named after the command, then run the timers
+(dead and stalled stages, waits that ran out, vanished clients, heartbeats). Tensor frames pass
+through as the `zmq.Frame` objects they arrived in; the broker never builds a tensor.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+import zmq
+
+from broker import protocol as P
+from broker.protocol import Cmd, Code
+from broker.scheduler import (
+    LayerCost,
+    LayerMap,
+    SchedulerError,
+    StageCapacity,
+    plan,
+)
+from stage.checkpoint import Checkpoint
+
+log = structlog.get_logger("broker")
+
+RID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Every knob of the broker, with the default and the reason for it."""
+
+    bind: str = "tcp://127.0.0.1:5555"
+    strategy: str = "uniform"
+    dtype: str = "float32"
+    # Stages run on one LAN: 250 ms heartbeats notice a dead peer within about a second
+    # while costing a few hundred bytes per second.
+    heartbeat_s: float = 0.25
+    dead_after_s: float = 1.0
+    # A step may take long (a big prefill); it is stalled only past this floor and
+    # stall_factor times its expected duration from the stage's measured per-token time.
+    stall_floor_s: float = 5.0
+    stall_factor: float = 20.0
+    stall_first_s: float = 60.0  # before any measurement
+    ready_wait_s: float = 30.0
+    client_timeout_s: float = 30.0
+    max_queue: int = 1024
+    max_requests: int = 512
+    max_client_requests: int = 64
+    max_replays: int = 8
+    busy_retry_s: float = 0.5
+    # Stages expected at start: the first map waits for them (or settle_s of quiet) so that
+    # a cluster start does not load the whole model on the first stage and then reshard.
+    expect_stages: int = 1
+    settle_s: float = 2.0
+    rebalance_cooldown_s: float = 5.0
+    history: int = 256
+    limits: P.Limits = P.DEFAULT_LIMITS
+    admin_token: str | None = None
+
+
+@dataclass
+class Step:
+    """One client step on its way through the pipeline."""
+
+    id: int
+    rid: str
+    seq: int
+    client: bytes
+    item: dict
+    frames: list
+    descs: list
+    want_logits: bool
+    created: float
+    epoch: int = 0
+    hop: int = 0
+    enqueued: float = 0.0
+    sent: float = 0.0
+    broker_queue_s: float = 0.0
+    trace: list = field(default_factory=list)
+    dead: bool = False  # its request is replaying or the map changed: ignore its outcome
+
+
+@dataclass
+class StageRecord:
+    name: str
+    ident: bytes
+    caps: dict
+    credits: int
+    joined: float
+    held: tuple[int, int] | None = None
+    last_seen: float = 0.0
+    state: str = "joining"  # joining | loading | ready | draining | dead
+    start: int = 0
+    end: int = 0
+    loaded_epoch: int = -1
+    inflight: dict[int, Step] = field(default_factory=dict)
+    queue: collections.deque = field(default_factory=collections.deque)
+    progress: int = 0
+    progress_at: float = 0.0
+    per_token_s: float = 0.0  # smoothed compute seconds per token
+    step_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=256))
+    tokens: int = 0
+    stats: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return f"{self.name}[{self.start},{self.end})"
+
+
+@dataclass
+class Request:
+    rid: str
+    client: bytes
+    created: float
+    last_seen: float
+    replays: int = 0
+    replay_pending: bool = False
+    steps: int = 0
+    tokens: int = 0
+    events: list = field(default_factory=list)
+    first_result_at: float | None = None
+
+
+@dataclass
+class Counters:
+    forwarded: int = 0
+    forwarded_bytes: int = 0
+    malformed: int = 0
+    stale: int = 0
+    send_failures: int = 0
+    reshards: int = 0
+    busy: int = 0
+
+
+class Broker:
+    """The ROUTER loop. `run()` blocks; `stop()` may be called from a signal handler."""
+
+    def __init__(self, config: BrokerConfig, checkpoint: Checkpoint, context: zmq.Context | None = None):
+        self.config = config
+        self.checkpoint = checkpoint
+        self.num_layers = checkpoint.num_layers
+        cfg = checkpoint.config
+        self.max_positions = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 1 << 20))
+        self.context = context or zmq.Context.instance()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, 100_000)
+        self.socket.setsockopt(zmq.RCVHWM, 100_000)
+        self.socket.bind(config.bind)
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+        dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[config.dtype]
+        wb = checkpoint.weight_bytes(dtype_bytes)
+        self.cost = LayerCost(layer_bytes=wb["layer"], first_extra_bytes=wb["first"], last_extra_bytes=wb["last"])
+
+        self.stages: dict[str, StageRecord] = {}  # insertion order is the pipeline order
+        self.by_ident: dict[bytes, str] = {}
+        self.layer_map: LayerMap | None = None
+        # Epochs grow across broker restarts too, so a stage never confuses two incarnations.
+        self.epoch = int(time.time() * 1000)
+        self.not_ready_reason = "no stages registered; start one with `python -m stage --broker URL`"
+        self.map_formed = False
+        self.last_reshard = 0.0
+        self.rebalance_at: float | None = None
+        self.requests: dict[str, Request] = {}
+        self.clients_seen: dict[bytes, float] = {}
+        self.waiting: collections.deque[Step] = collections.deque()
+        self.next_step_id = 1
+        self.history: collections.deque = collections.deque(maxlen=config.history)
+        self.events: collections.deque = collections.deque(maxlen=1000)
+        self.counters = Counters()
+        self.started = time.monotonic()
+        self.next_heartbeat = 0.0
+        self._running = True
+        self.listeners: list[Callable[[str, dict], None]] = []
+        self.handlers = {
+            Cmd.READY: self.on_ready,
+            Cmd.LOADED: self.on_loaded,
+            Cmd.RESULT: self.on_result,
+            Cmd.ERROR: self.on_stage_error,
+            Cmd.HEARTBEAT: self.on_heartbeat,
+            Cmd.LEAVING: self.on_leaving,
+            Cmd.STEP: self.on_step,
+            Cmd.END: self.on_end,
+            Cmd.PING: self.on_ping,
+            Cmd.STATUS: self.on_status,
+            Cmd.JOBS: self.on_jobs,
+            Cmd.DRAIN: self.on_drain,
+        }
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        log.info("broker_started", bind=self.endpoint, model=str(self.checkpoint.path),
+                 layers=self.num_layers, fingerprint=self.checkpoint.fingerprint)
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        try:
+            while self._running:
+                timeout = max(0.0, self.next_timer() - time.monotonic())
+                if poller.poll(timeout * 1000):
+                    self.drain_socket()
+                self.run_timers()
+        finally:
+            self.socket.close(linger=0)
+            log.info("broker_stopped")
+
+    def stop(self) -> None:
+        self._running = False
+
+    def drain_socket(self, budget: int = 256) -> None:
+        for _ in range(budget):
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.handle(frames)
+
+    def handle(self, frames: list) -> None:
+        ident = frames[0].bytes
+        try:
+            msg = P.decode(frames[1:], self.config.limits)
+            if msg.cmd not in P.INBOUND[msg.tag]:
+                raise P.ProtocolError(Code.UNKNOWN_COMMAND, f"{msg.cmd.name} is not a {msg.role} command")
+        except P.ProtocolError as e:
+            self.counters.malformed += 1
+            log.warning("malformed_message", code=str(e.code), reason=e.message)
+            tag = frames[1].bytes if len(frames) > 1 and frames[1].bytes in P.TAGS else P.CLIENT_TAG
+            self.send(ident, P.encode(tag, Cmd.ERROR, P.error_header(e.code, e.message)))
+            return
+        if msg.role == "stage":
+            stage = self.stage_of(ident)
+            if stage is not None:
+                stage.last_seen = time.monotonic()
+            elif msg.cmd != Cmd.READY:
+                # A stage we do not know (we restarted, or declared it dead): make it register.
+                self.send(ident, P.encode(P.STAGE_TAG, Cmd.BYE, {"reason": "unknown"}))
+                return
+        else:
+            self.clients_seen[ident] = time.monotonic()
+        try:
+            self.handlers[msg.cmd](ident, msg)
+        except P.ProtocolError as e:
+            self.counters.malformed += 1
+            self.send(ident, P.encode(msg.tag, Cmd.ERROR, P.error_header(e.code, e.message, **_ids(msg.header))))
+
+    def next_timer(self) -> float:
+        deadlines = [self.next_heartbeat]
+        if self.rebalance_at is not None:
+            deadlines.append(self.rebalance_at)
+        return min(deadlines)
+
+    def run_timers(self) -> None:
+        now = time.monotonic()
+        if now < self.next_heartbeat and (self.rebalance_at is None or now < self.rebalance_at):
+            return
+        self.purge_stages(now)
+        self.form_map_if_due(now)
+        self.expire_waiting(now)
+        self.purge_clients(now)
+        if now >= self.next_heartbeat:
+            self.send_heartbeats()
+            self.next_heartbeat = now + self.config.heartbeat_s
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def send(self, ident: bytes, frames: list) -> bool:
+        """Non-blocking send; an unreachable stage is a death signal at once."""
+        try:
+            self.socket.send_multipart([ident, *frames], flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError as e:
+            self.counters.send_failures += 1
+            name = self.by_ident.get(ident)
+            if e.errno == errno.EHOSTUNREACH and name is not None:
+                log.warning("stage_unreachable", stage=name)
+                self.stage_dead(self.stages[name], cause="unreachable")
+            elif e.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                raise
+            return False
+
+    def send_heartbeats(self) -> None:
+        frames = P.encode(P.STAGE_TAG, Cmd.HEARTBEAT, {"epoch": self.epoch})
+        for stage in list(self.stages.values()):
+            self.send(stage.ident, frames)
+
+    def publish(self, kind: str, **data) -> None:
+        event = {"ts": time.time(), "kind": kind, **data}
+        self.events.append(event)
+        for listener in self.listeners:
+            listener(kind, event)
+
+    # --- stage handlers ----------------------------------------------------------------------
+
+    def stage_of(self, ident: bytes) -> StageRecord | None:
+        name = self.by_ident.get(ident)
+        return self.stages.get(name) if name is not None else None
+
+    def on_ready(self, ident: bytes, msg: P.Message) -> None:
+        h = msg.header
+        name = h["name"]
+        if h["fingerprint"] != self.checkpoint.fingerprint:
+            self.send(ident, P.encode(P.STAGE_TAG, Cmd.ERROR, P.error_header(
+                Code.FINGERPRINT,
+                f"stage {name} sees checkpoint {h['fingerprint']} but the broker serves "
+                f"{self.checkpoint.fingerprint} ({self.checkpoint.path}); point --model at the same checkpoint")))
+            log.warning("stage_refused", stage=name, reason="fingerprint")
+            return
+        dtype = h["caps"].get("dtype", "float32")
+        if dtype != self.config.dtype:
+            self.send(ident, P.encode(P.STAGE_TAG, Cmd.ERROR, P.error_header(
+                Code.FINGERPRINT, f"stage {name} runs {dtype} but the cluster runs {self.config.dtype}; "
+                f"start it with --dtype {self.config.dtype}")))
+            return
+        if not 1 <= h["credits"] <= 1024:
+            raise P.ProtocolError(Code.BAD_REQUEST, "credits must be in [1, 1024]")
+        now = time.monotonic()
+        old = self.stages.get(name)
+        if old is not None:
+            # The same name from a new identity is that stage restarted or reconnected.
+            self.remove_stage(old)
+        held = h.get("held")
+        stage = StageRecord(
+            name=name, ident=ident, caps=h["caps"], credits=h["credits"], joined=now,
+            held=tuple(held) if isinstance(held, list) and len(held) == 2 else None,
+            last_seen=now, progress_at=now,
+        )
+        self.stages[name] = stage
+        self.by_ident[ident] = name
+        log.info("stage_joined", stage=name, host=stage.caps.get("host"), device=stage.caps.get("device"),
+                 memory_mb=int(stage.caps.get("memory_bytes", 0)) >> 20, credits=stage.credits)
+        self.publish("join", stage=name, host=stage.caps.get("host"))
+        if old is not None or self.map_formed:
+            self.schedule_rebalance(cause="join" if old is None else "rejoin", now=now,
+                                    immediate=old is not None or not self.ready)
+
+    def on_loaded(self, ident: bytes, msg: P.Message) -> None:
+        stage = self.stage_of(ident)
+        h = msg.header
+        if h["epoch"] != self.epoch:
+            self.counters.stale += 1
+            return
+        stage.loaded_epoch = h["epoch"]
+        if stage.state in ("loading", "joining"):
+            stage.state = "ready" if stage.end > stage.start else "standby"
+        log.info("stage_loaded", stage=stage.name, start=h["start"], end=h["end"], epoch=h["epoch"],
+                 load_s=h.get("load_s"), weight_mb=int(h.get("weight_bytes", 0)) >> 20)
+        if self.ready:
+            self.on_map_ready()
+
+    def on_result(self, ident: bytes, msg: P.Message) -> None:
+        stage = self.stage_of(ident)
+        h = msg.header
+        step = stage.inflight.pop(h["step"], None)
+        now = time.monotonic()
+        if step is None or h.get("epoch") != self.epoch or step.dead or step.epoch != self.epoch:
+            self.counters.stale += 1
+            self.dispatch(stage)
+            return
+        compute = float(h.get("compute_s", 0.0))
+        queued = float(h.get("queue_s", 0.0))
+        rtt = now - step.sent
+        step.trace.append({"stage": stage.name, "start": stage.start, "end": stage.end,
+                           "compute_s": compute, "queue_s": queued,
+                           "transfer_s": max(0.0, rtt - compute - queued)})
+        n = step.item["n"]
+        stage.tokens += n
+        stage.step_times.append((now, compute, n))
+        per_token = compute / max(1, n)
+        stage.per_token_s = per_token if stage.per_token_s == 0 else 0.9 * stage.per_token_s + 0.1 * per_token
+        stage.progress_at = now
+        if len(msg.frames) != 1:
+            log.warning("bad_result", stage=stage.name, frames=len(msg.frames))
+            self.fail_step(step, Code.INTERNAL, f"stage {stage.name} returned {len(msg.frames)} outputs for 1 item")
+        else:
+            step.frames, step.descs = msg.frames, msg.descs
+            step.hop += 1
+            self.counters.forwarded += 1
+            self.counters.forwarded_bytes += msg.descs[0].nbytes
+            if step.hop < len(self.layer_map.ranges):
+                self.enqueue(step, now)
+            else:
+                self.deliver(step, now)
+        self.dispatch(stage)
+
+    def on_stage_error(self, ident: bytes, msg: P.Message) -> None:
+        stage = self.stage_of(ident)
+        h = msg.header
+        step = stage.inflight.pop(h.get("step"), None) if isinstance(h.get("step"), int) else None
+        if step is None:
+            log.warning("stage_error", stage=stage.name, code=h["code"], reason=h["message"])
+            return
+        if not step.dead and h.get("epoch") == self.epoch:
+            code = h["code"]
+            if code in (Code.CACHE_MISS, Code.CACHE_MISMATCH, Code.STALE_EPOCH):
+                self.replay(step.rid, event="replay", reason=f"stage {stage.name}: {h['message']}")
+            else:
+                self.fail_step(step, Code(code) if code in Code.__members__.values() else Code.INTERNAL,
+                               f"stage {stage.name}: {h['message']}")
+        self.dispatch(stage)
+
+    def on_heartbeat(self, ident: bytes, msg: P.Message) -> None:
+        stage = self.stage_of(ident)
+        progress = msg.header.get("progress")
+        if isinstance(progress, int) and progress != stage.progress:
+            stage.progress = progress
+            stage.progress_at = time.monotonic()
+        stage.stats = msg.header
+
+    def on_leaving(self, ident: bytes, msg: P.Message) -> None:
+        self.drain_stage(self.stage_of(ident), cause="leave")
+
+    def drain_stage(self, stage: StageRecord, cause: str) -> None:
+        if stage.state == "draining":
+            return
+        log.info("stage_draining", stage=stage.name, cause=cause)
+        stage.state = "draining"
+        self.publish("leave", stage=stage.name, cause=cause)
+        if stage.end > stage.start:
+            self.reshard(cause=cause, lost=stage.name)
+        else:
+            self.finish_drains()
+
+    # --- client handlers ---------------------------------------------------------------------
+
+    def on_step(self, ident: bytes, msg: P.Message) -> None:
+        h = msg.header
+        rid, pos, n = h["rid"], h["pos"], h["n"]
+        ids = _ids(h)
+        if not RID_PATTERN.match(rid):
+            raise P.ProtocolError(Code.BAD_REQUEST, "rid must be 1-64 characters of [A-Za-z0-9_.:-]")
+        if pos < 0 or n < 1:
+            raise P.ProtocolError(Code.BAD_REQUEST, f"need pos >= 0 and n >= 1, got pos={pos} n={n}")
+        if len(msg.descs) != 1 or msg.descs[0].dtype != "int64" or msg.descs[0].shape != (1, n):
+            raise P.ProtocolError(Code.BAD_REQUEST, f"STEP carries one int64 tensor of shape [1, {n}]")
+        if pos + n > self.max_positions:
+            raise P.ProtocolError(Code.CONTEXT_OVERFLOW,
+                                  f"positions up to {pos + n} exceed the model's context of {self.max_positions}")
+        now = time.monotonic()
+        request = self.requests.get(rid)
+        if request is None:
+            if pos != 0:
+                # The broker restarted or released it: the client must replay from the start.
+                self.send(ident, P.encode(P.CLIENT_TAG, Cmd.EVENT, {"rid": rid, "event": "replay",
+                                                                      "reason": "request unknown to the broker"}))
+                return
+            if len(self.requests) >= self.config.max_requests:
+                return self.busy(ident, ids, f"{len(self.requests)} requests active (limit {self.config.max_requests})")
+            mine = sum(1 for r in self.requests.values() if r.client == ident)
+            if mine >= self.config.max_client_requests:
+                return self.busy(ident, ids, f"this client has {mine} requests active "
+                                             f"(limit {self.config.max_client_requests})")
+            request = self.requests[rid] = Request(rid=rid, client=ident, created=now, last_seen=now)
+        request.client, request.last_seen = ident, now
+        if request.replay_pending:
+            if pos != 0:
+                return  # superseded by the replay the client was told to make
+            request.replay_pending = False
+        if self.layer_map is not None and len(self.stages[self.layer_map.ranges[0].name].queue) >= self.config.max_queue:
+            return self.busy(ident, ids, f"stage queue full ({self.config.max_queue} steps)")
+        item = {"rid": rid, "pos": pos, "n": n, "prev": h["prev"], "hash": h["hash"],
+                "logits": bool(h.get("logits", True))}
+        step = Step(id=self.next_step_id, rid=rid, seq=h["seq"], client=ident, item=item,
+                    frames=msg.frames, descs=msg.descs, want_logits=item["logits"], created=now)
+        self.next_step_id += 1
+        request.steps += 1
+        if not self.ready:
+            step.enqueued = now
+            self.waiting.append(step)
+            return
+        self.enqueue(step, now)
+        self.dispatch(self.stages[self.layer_map.ranges[0].name])
+
+    def busy(self, ident: bytes, ids: dict, reason: str) -> None:
+        self.counters.busy += 1
+        self.send(ident, P.encode(P.CLIENT_TAG, Cmd.ERROR, P.error_header(
+            Code.BUSY, f"broker busy: {reason}; retry later", retry_after_s=self.config.busy_retry_s, **ids)))
+
+    def on_end(self, ident: bytes, msg: P.Message) -> None:
+        request = self.requests.get(msg.header["rid"])
+        if request is not None:
+            self.finish_request(request, outcome=str(msg.header.get("reason", "done")))
+
+    def on_ping(self, ident: bytes, msg: P.Message) -> None:
+        for request in self.requests.values():
+            if request.client == ident:
+                request.last_seen = time.monotonic()
+        self.send(ident, P.encode(msg.tag, Cmd.PONG, {"ready": self.ready, "epoch": self.epoch}))
+
+    def on_status(self, ident: bytes, msg: P.Message) -> None:
+        self.send(ident, P.encode(msg.tag, Cmd.STATUS, self.status()))
+
+    def on_jobs(self, ident: bytes, msg: P.Message) -> None:
+        active = [{"rid": r.rid, "outcome": "active", "steps": r.steps, "tokens": r.tokens,
+                   "replays": r.replays, "age_s": round(time.monotonic() - r.created, 3)}
+                  for r in self.requests.values()]
+        self.send(ident, P.encode(msg.tag, Cmd.JOBS, {"jobs": list(self.history) + active}))
+
+    def on_drain(self, ident: bytes, msg: P.Message) -> None:
+        h = msg.header
+        if self.config.admin_token is None or h["token"] != self.config.admin_token:
+            raise P.ProtocolError(Code.UNAUTHORIZED, "DRAIN needs the broker's admin token (--admin-token)")
+        stage = self.stages.get(h["stage"])
+        if stage is None:
+            raise P.ProtocolError(Code.BAD_REQUEST, f"no stage named {h['stage']!r}")
+        self.drain_stage(stage, cause="drain")
+        self.send(ident, P.encode(msg.tag, Cmd.PONG, {"ready": self.ready, "epoch": self.epoch}))
+
+    # --- routing -----------------------------------------------------------------------------
+
+    def enqueue(self, step: Step, now: float) -> None:
+        step.epoch = self.epoch
+        step.enqueued = now
+        self.stages[self.layer_map.ranges[step.hop].name].queue.append(step)
+
+    def dispatch(self, stage: StageRecord) -> None:
+        """Send queued steps to a stage while it has credits."""
+        while stage.queue and len(stage.inflight) < stage.credits and stage.state in ("ready", "draining"):
+            step = stage.queue.popleft()
+            if step.dead:
+                continue
+            now = time.monotonic()
+            step.broker_queue_s += now - step.enqueued
+            step.sent = now
+            stage.inflight[step.id] = step
+            header = {"step": step.id, "epoch": step.epoch, "items": [step.item]}
+            if not self.send(stage.ident, P.encode(P.STAGE_TAG, Cmd.FORWARD, header,
+                                                   list(zip(step.descs, step.frames, strict=True)))):
+                return
+
+    def deliver(self, step: Step, now: float) -> None:
+        request = self.requests.get(step.rid)
+        if request is not None:
+            request.tokens += 1 if step.want_logits else 0
+            if request.first_result_at is None:
+                request.first_result_at = now
+        header = {"rid": step.rid, "seq": step.seq, "pos": step.item["pos"], "n": step.item["n"],
+                  "epoch": step.epoch, "trace": step.trace, "broker_queue_s": step.broker_queue_s}
+        self.send(step.client, P.encode(P.CLIENT_TAG, Cmd.RESULT, header,
+                                        list(zip(step.descs, step.frames, strict=True))))
+
+    def fail_step(self, step: Step, code: Code, message: str) -> None:
+        step.dead = True
+        self.send(step.client, P.encode(P.CLIENT_TAG, Cmd.ERROR, P.error_header(
+            code, message, rid=step.rid, seq=step.seq)))
+
+    def kill_steps(self, rid: str | None = None) -> None:
+        """Drop queued and in-flight steps (of one request, or all); credits return on reply."""
+        for stage in self.stages.values():
+            for step in list(stage.queue) + list(stage.inflight.values()):
+                if rid is None or step.rid == rid:
+                    step.dead = True
+            stage.queue = collections.deque(s for s in stage.queue if not s.dead)
+        self.waiting = collections.deque(s for s in self.waiting if not (rid is None or s.rid == rid))
+
+    # --- recovery ----------------------------------------------------------------------------
+
+    def replay(self, rid: str, event: str, reason: str = "", **data) -> None:
+        """Tell a request's client to re-send its steps; its old steps are dropped."""
+        request = self.requests.get(rid)
+        if request is None:
+            return
+        self.kill_steps(rid)
+        request.replays += 1
+        if request.replays > self.config.max_replays:
+            self.send(request.client, P.encode(P.CLIENT_TAG, Cmd.ERROR, P.error_header(
+                Code.REPLAY_LIMIT, f"request {rid} was replayed {request.replays - 1} times "
+                f"(limit {self.config.max_replays}); the cluster is unstable", rid=rid)))
+            self.finish_request(request, outcome="failed")
+            return
+        request.replay_pending = True
+        body = {"rid": rid, "event": event, "reason": reason, **data}
+        request.events.append(body)
+        self.send(request.client, P.encode(P.CLIENT_TAG, Cmd.EVENT, body))
+
+    def stage_dead(self, stage: StageRecord, cause: str) -> None:
+        if stage.name not in self.stages or self.stages[stage.name] is not stage:
+            return
+        log.warning("stage_dead", stage=stage.name, cause=cause, layers=f"[{stage.start},{stage.end})")
+        self.publish("dead", stage=stage.name, cause=cause)
+        had_layers = self.layer_map is not None and self.layer_map.range_of(stage.name) is not None
+        self.remove_stage(stage)
+        if had_layers:
+            self.reshard(cause=cause, lost=stage.name)
+
+    def remove_stage(self, stage: StageRecord) -> None:
+        stage.state = "dead"
+        for step in list(stage.queue) + list(stage.inflight.values()):
+            step.dead = True
+        self.stages.pop(stage.name, None)
+        self.by_ident.pop(stage.ident, None)
+
+    def schedule_rebalance(self, cause: str, now: float, immediate: bool) -> None:
+        if immediate:
+            self.reshard(cause=cause)
+            return
+        due = max(now, self.last_reshard + self.config.rebalance_cooldown_s)
+        self.rebalance_at = due if self.rebalance_at is None else min(self.rebalance_at, due)
+
+    def form_map_if_due(self, now: float) -> None:
+        if not self.map_formed:
+            if not self.stages:
+                return
+            quiet = now - max(s.joined for s in self.stages.values()) >= self.config.settle_s
+            if len(self.stages) >= self.config.expect_stages or quiet:
+                self.map_formed = True
+                self.reshard(cause="start")
+        elif self.rebalance_at is not None and now >= self.rebalance_at:
+            self.rebalance_at = None
+            self.reshard(cause="rebalance")
+
+    def pipeline_order(self) -> list[StageRecord]:
+        live = [s for s in self.stages.values() if s.state not in ("dead", "draining")]
+        if self.layer_map is None:
+            # A fresh broker (or one that restarted) keeps each stage's previous place.
+            return sorted(live, key=lambda s: (s.held[0] if s.held else 1 << 30, s.joined))
+        return live
+
+    def reshard(self, cause: str, lost: str | None = None) -> None:
+        """Compute a new map over the live stages, bump the epoch, and replay every request."""
+        old = self.layer_map
+        order = self.pipeline_order()
+        self.epoch += 1
+        self.last_reshard = time.monotonic()
+        self.rebalance_at = None
+        self.counters.reshards += 1
+        caps = [StageCapacity(s.name, int(s.caps.get("memory_bytes", 0))) for s in order]
+        try:
+            if not caps:
+                raise SchedulerError("no live stages; start one with `python -m stage --broker URL`")
+            new = plan(caps, self.num_layers, self.config.strategy, self.cost, epoch=self.epoch)
+            self.not_ready_reason = "waiting for stages to load their layers"
+        except SchedulerError as e:
+            new = None
+            self.not_ready_reason = f"the live stages cannot hold the model: {e}"
+            log.warning("not_ready", reason=self.not_ready_reason)
+            self.publish("not_ready", reason=self.not_ready_reason)
+        self.layer_map = new
+        for stage in order:
+            r = new.range_of(stage.name) if new is not None else None
+            stage.start, stage.end = (r.start, r.end) if r is not None else (0, 0)
+            stage.state = "loading"
+            stage.loaded_epoch = -1
+            header = {"epoch": self.epoch, "start": stage.start, "end": stage.end, "num_layers": self.num_layers,
+                      "dtype": self.config.dtype, "map": new.to_json() if new is not None else []}
+            self.send(stage.ident, P.encode(P.STAGE_TAG, Cmd.ASSIGN, header))
+        old_json = old.to_json() if old is not None else []
+        new_json = new.to_json() if new is not None else []
+        log.info("reshard", cause=cause, lost=lost, epoch=self.epoch,
+                 old=old.describe() if old else None, new=new.describe() if new else None)
+        self.publish("reshard", cause=cause, lost=lost, epoch=self.epoch, old_map=old_json, new_map=new_json)
+        self.kill_steps()
+        for rid in list(self.requests):
+            self.replay(rid, event="reshard", reason=cause, epoch=self.epoch, lost=lost, cause=cause,
+                        old_map=old_json, new_map=new_json)
+
+    @property
+    def ready(self) -> bool:
+        if self.layer_map is None:
+            return False
+        return all(
+            (s := self.stages.get(r.name)) is not None and s.loaded_epoch == self.epoch
+            for r in self.layer_map.ranges
+        )
+
+    def on_map_ready(self) -> None:
+        log.info("cluster_ready", epoch=self.epoch, map=self.layer_map.describe())
+        self.publish("ready", epoch=self.epoch, map=self.layer_map.to_json())
+        self.finish_drains()
+        now = time.monotonic()
+        waiting, self.waiting = self.waiting, collections.deque()
+        for step in waiting:
+            if not step.dead:
+                self.enqueue(step, now)
+        for stage in self.stages.values():
+            self.dispatch(stage)
+
+    def finish_drains(self) -> None:
+        """A draining stage goes once the map no longer needs it."""
+        for stage in list(self.stages.values()):
+            if stage.state == "draining" and (self.layer_map is None or self.layer_map.range_of(stage.name) is None) \
+                    and (self.ready or self.layer_map is None):
+                self.send(stage.ident, P.encode(P.STAGE_TAG, Cmd.BYE, {"reason": "drained"}))
+                log.info("stage_left", stage=stage.name)
+                self.remove_stage(stage)
+
+    # --- timers ------------------------------------------------------------------------------
+
+    def purge_stages(self, now: float) -> None:
+        for stage in list(self.stages.values()):
+            if now - stage.last_seen > self.config.dead_after_s:
+                self.stage_dead(stage, cause="silent")
+            elif self.is_stalled(stage, now):
+                log.warning("stage_stalled", stage=stage.name, since_s=round(now - stage.progress_at, 3))
+                self.publish("stalled", stage=stage.name)
+                self.stage_dead(stage, cause="stalled")
+
+    def is_stalled(self, stage: StageRecord, now: float) -> bool:
+        live = [s for s in stage.inflight.values() if not s.dead]
+        if not live:
+            return False
+        tokens = sum(s.item["n"] for s in live)
+        expected = stage.per_token_s * tokens
+        deadline = (max(self.config.stall_floor_s, self.config.stall_factor * expected)
+                    if stage.per_token_s > 0 else self.config.stall_first_s)
+        oldest = min(s.sent for s in live)
+        return now - max(oldest, stage.progress_at) > deadline
+
+    def expire_waiting(self, now: float) -> None:
+        while self.waiting and now - self.waiting[0].enqueued > self.config.ready_wait_s:
+            step = self.waiting.popleft()
+            if not step.dead:
+                self.fail_step(step, Code.NOT_READY, f"cluster not ready after {self.config.ready_wait_s:.0f} s: "
+                               f"{self.not_ready_reason}")
+
+    def purge_clients(self, now: float) -> None:
+        for request in list(self.requests.values()):
+            seen = max(request.last_seen, self.clients_seen.get(request.client, 0.0))
+            if now - seen > self.config.client_timeout_s:
+                log.info("client_vanished", rid=request.rid, silent_s=round(now - seen, 1))
+                self.finish_request(request, outcome="abandoned")
+        for ident, seen in list(self.clients_seen.items()):
+            if now - seen > self.config.client_timeout_s:
+                del self.clients_seen[ident]
+
+    def finish_request(self, request: Request, outcome: str) -> None:
+        self.requests.pop(request.rid, None)
+        self.kill_steps(request.rid)
+        release = P.encode(P.STAGE_TAG, Cmd.RELEASE, {"rids": [request.rid]})
+        for stage in self.stages.values():
+            self.send(stage.ident, release)
+        now = time.monotonic()
+        record = {"rid": request.rid, "outcome": outcome, "steps": request.steps, "tokens": request.tokens,
+                  "replays": request.replays, "duration_s": round(now - request.created, 4),
+                  "ttft_s": round(request.first_result_at - request.created, 4) if request.first_result_at else None,
+                  "events": [{k: v for k, v in e.items() if k in ("event", "reason", "lost", "epoch")}
+                             for e in request.events],
+                  "finished": time.time()}
+        self.history.append(record)
+        log.info("request_finished", rid=request.rid, outcome=outcome, tokens=request.tokens,
+                 replays=request.replays, duration_s=record["duration_s"])
+
+    # --- views -------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        cfg = self.checkpoint.config
+        return {
+            "ready": self.ready,
+            "reason": None if self.ready else self.not_ready_reason,
+            "epoch": self.epoch,
+            "map": self.layer_map.to_json() if self.layer_map else [],
+            "num_layers": self.num_layers,
+            "stages": [self.stage_view(s) for s in self.stages.values()],
+            "model": str(Path(self.checkpoint.path).resolve()),
+            "fingerprint": self.checkpoint.fingerprint,
+            "max_position_embeddings": self.max_positions,
+            "eos_token_id": getattr(cfg, "eos_token_id", None),
+            "vocab_size": int(cfg.vocab_size),
+            "dtype": self.config.dtype,
+            "requests": len(self.requests),
+            "counters": self.counters.__dict__,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "pid": os.getpid(),
+        }
+
+    def stage_view(self, stage: StageRecord) -> dict:
+        now = time.monotonic()
+        recent = [(t, c, n) for t, c, n in stage.step_times if now - t <= 10.0]
+        tokens = sum(n for _, _, n in recent)
+        times = sorted(c for _, c, _ in recent)
+        return {
+            "name": stage.name, "host": stage.caps.get("host"), "device": stage.caps.get("device"),
+            "state": "busy" if stage.state == "ready" and stage.inflight else stage.state,
+            "start": stage.start, "end": stage.end, "credits": stage.credits,
+            "inflight": len(stage.inflight), "queued": len(stage.queue),
+            "tokens_per_s": round(tokens / 10.0, 2),
+            "p50_s": times[len(times) // 2] if times else None,
+            "p99_s": times[min(len(times) - 1, int(len(times) * 0.99))] if times else None,
+            "kv_bytes": stage.stats.get("kv_bytes"), "kv_requests": stage.stats.get("kv_requests"),
+            "rss_bytes": stage.stats.get("rss_bytes"), "memory_bytes": stage.caps.get("memory_bytes"),
+            "last_seen_s": round(now - stage.last_seen, 3),
+        }
+
+
+def _ids(header: dict) -> dict:
+    return {k: header[k] for k in ("rid", "seq", "step") if isinstance(header.get(k), str | int)}
