@@ -624,7 +624,7 @@ class Broker:
         live = [s for s in self.stages.values() if s.state not in ("dead", "draining")]
         if self.layer_map is None:
             # A fresh broker (or one that restarted) keeps each stage's previous place.
-            return sorted(live, key=lambda s: (s.held[0] if s.held else 1 << 30, s.joined))
+            return sorted(live, key=lambda s: (s.held[0] if s.held else 1 << 30, s.name))
         return live
 
     def reshard(self, cause: str, lost: str | None = None) -> None:

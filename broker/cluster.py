@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
                 proc.wait()
 
+    # SIGTERM (timeout, a supervisor) must also stop the children, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         spawn("broker", [py, "-m", "broker", "--bind", url, "--model", str(model),
                          "--expect-stages", str(args.stages)])
@@ -133,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
               "Ctrl-C stops the cluster.", flush=True)
         if args.exit_after_demo:
             return 0
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while all(proc.poll() is None for proc in procs):
             time.sleep(0.5)  # idle supervision; Ctrl-C interrupts it
         dead = [proc for proc in procs if proc.poll() is not None]

@@ -23,6 +23,10 @@ from typing import Any
 import orjson
 import torch
 
+# Received frames are read-only and nothing writes into an input activation in place; a
+# module-level filter, because catch_warnings() per call is slow and not thread-safe.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
 VERSION = 1
 STAGE_TAG = b"LLS1"
 CLIENT_TAG = b"LLC1"
@@ -124,7 +128,7 @@ _INT = int
 _STR = str
 SCHEMAS: dict[Cmd, dict[str, type | tuple[type, ...]]] = {
     Cmd.READY: {"name": _STR, "fingerprint": _STR, "caps": dict, "credits": _INT},
-    Cmd.ASSIGN: {"epoch": _INT},
+    Cmd.ASSIGN: {"epoch": _INT, "start": _INT, "end": _INT},
     Cmd.LOADED: {"epoch": _INT, "start": _INT, "end": _INT},
     Cmd.FORWARD: {"step": _INT, "epoch": _INT, "items": list},
     Cmd.RESULT: {"step": _INT},
@@ -312,10 +316,7 @@ def tensor_from_frame(frame, desc: TensorDesc) -> torch.Tensor:
     """A tensor viewing the frame's buffer without a copy. Treat it as read-only."""
     if desc.nbytes == 0:
         return torch.empty(desc.shape, dtype=DTYPES[desc.dtype])
-    with warnings.catch_warnings():
-        # Received frames are read-only; nothing writes into an input activation in place.
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(_buffer(frame), dtype=DTYPES[desc.dtype])
+    flat = torch.frombuffer(_buffer(frame), dtype=DTYPES[desc.dtype])
     return flat.view(desc.shape)
 
 

@@ -39,6 +39,10 @@ class CacheMismatch(ShardError):
     """A step does not continue the sequence that this cache holds."""
 
 
+class ContextOverflow(ShardError):
+    """A step reaches past the model's context length."""
+
+
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
@@ -97,6 +101,8 @@ class Shard:
     head: nn.Module | None = None
     rotary: nn.Module | None = None
     kinds: tuple[str, ...] = field(default=())
+    max_positions: int = 1 << 30
+    vocab_size: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -169,13 +175,14 @@ class Shard:
                 f"step starts at position {start_pos} but the cache of layers "
                 f"[{self.start},{self.end}) holds {state.length}"
             )
-        limit = int(getattr(self.checkpoint.config, "max_position_embeddings", 1 << 30))
-        if start_pos + inputs.shape[1] > limit:
-            raise ShardError(f"positions up to {start_pos + inputs.shape[1]} exceed the context {limit}")
+        if start_pos + inputs.shape[1] > self.max_positions:
+            raise ContextOverflow(
+                f"positions up to {start_pos + inputs.shape[1]} exceed the context {self.max_positions}"
+            )
         if self.first:
             if inputs.dtype != torch.int64 or inputs.dim() != 2:
                 raise ShardError("the first shard takes int64 token ids of shape [1, n]")
-            vocab = int(self.checkpoint.config.vocab_size)
+            vocab = self.vocab_size
             if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= vocab):
                 raise ShardError(f"token ids must lie in [0, {vocab})")
         elif inputs.dim() != 3 or inputs.shape[2] != self.hidden_size or inputs.dtype != self.dtype:
@@ -309,7 +316,6 @@ def load_shard(
             with torch.device("meta"):
                 layer = layer_cls(full_config, layer_idx=g)
             _fill(layer, f"layers.{i}", f"{adapter.layers}.{g}", ckpt, torch_dtype, dev)
-        getattr(layer, adapter.attention).layer_idx = i
         rebuilt.append(layer)
 
     parts: dict[str, nn.Module | None] = {"embed": None, "positions": None, "norm": None, "head": None}
@@ -335,6 +341,9 @@ def load_shard(
             _fill(head, "head", adapter.head, ckpt, torch_dtype, dev, fallback)
         parts["head"] = head
 
+    # Cache slots are renumbered only now: a load that failed above leaves `reuse` intact.
+    for i, layer in enumerate(rebuilt):
+        getattr(layer, adapter.attention).layer_idx = i
     rotary = None
     skeleton_rotary = adapter.module(skeleton, "rotary")
     if skeleton_rotary is not None:
@@ -352,6 +361,9 @@ def load_shard(
         dtype=torch_dtype,
         rotary=rotary,
         kinds=tuple(adapter.attention_kind(ckpt.config, start + i) for i in range(end - start)),
+        max_positions=int(getattr(ckpt.config, "max_position_embeddings", None)
+                          or getattr(ckpt.config, "n_positions", 1 << 30)),
+        vocab_size=int(ckpt.config.vocab_size),
         **parts,
     )
     for module in shard.modules():

@@ -1,0 +1,220 @@
+"""Command line of a stage worker: ``python -m stage --broker tcp://HOST:PORT [--model DIR]``.
+
+Exit codes: 0 done (drained or stopped), 2 bad arguments or checkpoint, 3 refused by the
+broker (another checkpoint or dtype), 128+N killed by a second signal N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+# Only the standard library above this line: arguments are checked, and torch's thread pools
+# sized, before torch is imported and does any work.
+
+DEFAULT_MODEL = Path(".cache/demo-model")
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+DEVICE_CHOICES = ("cpu", "cuda")
+_URL = re.compile(
+    r"^(?P<scheme>tcp)://(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/\s]+):(?P<port>\d+)$|^ipc://\S+$"
+)
+
+
+class UsageError(Exception):
+    """An argument that cannot work; the process exits 2 with this one-line message."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        _fail(message)
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"python -m stage: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m stage", description="Run one layerline stage worker.")
+    p.add_argument("--broker", required=True, help="broker URL, e.g. tcp://127.0.0.1:5555")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=DEFAULT_MODEL,
+        help="local Hugging Face checkpoint directory (default: the demo checkpoint)",
+    )
+    p.add_argument("--name", help="stable stage name (default: HOST-PID)")
+    p.add_argument(
+        "--memory-mb",
+        type=int,
+        help="memory offered for weights (default: available RAM or free CUDA memory)",
+    )
+    p.add_argument("--device", default="cpu", choices=DEVICE_CHOICES)
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch intra-op threads (default: all cores)",
+    )
+    p.add_argument("--credits", type=int, default=4, help="FORWARDs held at once")
+    p.add_argument("--kv-mb", type=int, default=1024, help="KV cache memory before LRU eviction")
+    p.add_argument("--heartbeat", type=float, default=0.25, help="heartbeat interval, seconds")
+    p.add_argument(
+        "--dead-after",
+        type=float,
+        default=1.0,
+        help="broker silence after which it is lost, seconds",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="after SIGTERM, exit at the latest after this many seconds",
+    )
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def check_url(url: str) -> None:
+    m = _URL.match(url)
+    if m is None:
+        raise UsageError(f"--broker {url!r} is not a ZeroMQ URL like tcp://127.0.0.1:5555")
+    if m.group("scheme") != "tcp":
+        return
+    host, port = m.group("host").strip("[]"), int(m.group("port"))
+    if not 0 < port < 65536:
+        raise UsageError(f"--broker {url!r}: port {port} is out of range 1-65535")
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise UsageError(f"--broker {url!r}: cannot resolve host {host!r} ({e})") from None
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    if args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    if args.credits < 1:
+        raise UsageError("--credits must be at least 1")
+    if args.kv_mb < 0:
+        raise UsageError("--kv-mb must not be negative")
+    if args.memory_mb is not None and args.memory_mb < 1:
+        raise UsageError("--memory-mb must be at least 1")
+    if args.heartbeat <= 0:
+        raise UsageError("--heartbeat must be positive")
+    if args.dead_after <= args.heartbeat:
+        raise UsageError(
+            f"--dead-after ({args.dead_after}) must exceed --heartbeat ({args.heartbeat})"
+        )
+    if args.drain_timeout < 0:
+        raise UsageError("--drain-timeout must not be negative")
+
+
+def configure_logging(level: str) -> None:
+    import structlog
+
+    renderer = (
+        structlog.dev.ConsoleRenderer()
+        if sys.stderr.isatty()
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_numbers(args)
+        check_url(args.broker)
+    except UsageError as e:
+        _fail(str(e))
+    if args.model != DEFAULT_MODEL and not args.model.is_dir():
+        _fail(f"checkpoint directory {args.model} does not exist")  # before seconds of imports
+
+    import torch
+
+    # Several stages may share a few cores: each takes only the threads it was given.
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    configure_logging(args.log_level)
+
+    import psutil
+
+    from stage.adapters import UnsupportedArchitecture, adapter_for
+    from stage.checkpoint import CheckpointError, open_checkpoint
+    from stage.shard import ShardError, check_device, resolve_dtype
+    from stage.worker import StageConfig, StageWorker
+
+    try:
+        check_device(args.device, resolve_dtype(args.dtype))
+    except ShardError as e:
+        _fail(str(e))
+    model = args.model
+    try:
+        if model == DEFAULT_MODEL:
+            from stage.demo_model import ensure_demo_model
+
+            model = ensure_demo_model(model)
+        checkpoint = open_checkpoint(model)
+        adapter_for(checkpoint.config)
+    except (CheckpointError, UnsupportedArchitecture, OSError) as e:
+        _fail(str(e))
+
+    if args.memory_mb is not None:
+        memory_bytes = args.memory_mb * 1024 * 1024
+    elif args.device == "cuda":
+        memory_bytes = torch.cuda.mem_get_info()[0]
+    else:
+        memory_bytes = psutil.virtual_memory().available
+    config = StageConfig(
+        broker=args.broker,
+        model=Path(model),
+        name=args.name or f"{socket.gethostname()}-{os.getpid()}",
+        memory_bytes=memory_bytes,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        credits=args.credits,
+        kv_bytes=args.kv_mb * 1024 * 1024,
+        heartbeat=args.heartbeat,
+        dead_after=args.dead_after,
+        drain_timeout=args.drain_timeout,
+    )
+    worker = StageWorker(config, checkpoint)
+
+    def on_signal(signum: int, _frame) -> None:
+        if worker.leaving:
+            worker.log.warning("exit", reason=f"second {signal.Signals(signum).name}")
+            os._exit(128 + signum)
+        worker.leave()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    code = worker.run()
+    if worker.compute_alive:
+        # A forward is still running in C code; nothing is left to hand over, so do not wait.
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,620 @@
+"""The stage worker as a real process, driven by a test that plays the broker on a ROUTER."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import zmq
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from broker.protocol import STAGE_TAG, Cmd, Message, decode, encode, prefix_hash
+from stage.checkpoint import open_checkpoint
+from stage.kvcache import KVStore
+from stage.shard import load_shard
+from tests.tiny_models import VOCAB
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCH = 1
+
+
+class FakeBroker:
+    """A real ROUTER socket that the test drives by hand, one stage per broker."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.url = f"tcp://127.0.0.1:{port}"
+        self.identity: bytes | None = None
+        self.epoch = EPOCH  # of the last ASSIGN; FORWARDs carry it unless told otherwise
+        self.heartbeats: list[tuple[float, dict]] = []
+        self._step = itertools.count(1)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+    def recv(self, timeout: float) -> tuple[bytes, Message] | None:
+        if not self.sock.poll(timeout * 1000):
+            return None
+        identity, *frames = self.sock.recv_multipart(copy=False)
+        msg = decode(frames, expect=STAGE_TAG)
+        if msg.cmd == Cmd.HEARTBEAT:
+            self.heartbeats.append((time.monotonic(), msg.header))
+        return identity.bytes, msg
+
+    def expect(self, *cmds: Cmd, timeout: float = 20.0) -> Message:
+        """The next message with one of `cmds`, skipping heartbeats; READY sets the peer."""
+        deadline = time.monotonic() + timeout
+        seen = []
+        while (left := deadline - time.monotonic()) > 0:
+            got = self.recv(left)
+            if got is None:
+                break
+            identity, msg = got
+            if msg.cmd == Cmd.READY:
+                self.identity = identity
+            if msg.cmd in cmds:
+                return msg
+            if msg.cmd != Cmd.HEARTBEAT:
+                seen.append((msg.cmd.name, msg.header))
+        raise AssertionError(f"no {[c.name for c in cmds]} within {timeout} s; saw {seen}")
+
+    def next_heartbeat(self, timeout: float = 5.0) -> dict:
+        return self.expect(Cmd.HEARTBEAT, timeout=timeout).header
+
+    def send(self, cmd: Cmd, header: dict, tensors=()) -> None:
+        assert self.identity is not None, "no stage has registered"
+        self.sock.send_multipart([self.identity, *encode(STAGE_TAG, cmd, header, tensors)])
+
+    def assign(self, start: int, end: int, num_layers: int = 5, epoch: int = EPOCH) -> dict:
+        self.epoch = epoch
+        header = {
+            "epoch": epoch,
+            "start": start,
+            "end": end,
+            "num_layers": num_layers,
+            "dtype": "float32",
+            "map": [{"stage": "s", "start": start, "end": end}],
+        }
+        self.send(Cmd.ASSIGN, header)
+        return self.expect(Cmd.LOADED, timeout=30).header
+
+    def forward(
+        self,
+        items: list[dict],
+        tensors: list,
+        epoch: int | None = None,
+        timeout: float = 20.0,
+    ) -> Message:
+        """Send one FORWARD and return its RESULT or ERROR (checked to be for this step)."""
+        epoch = self.epoch if epoch is None else epoch
+        step = next(self._step)
+        self.send(Cmd.FORWARD, {"step": step, "epoch": epoch, "items": items}, tensors)
+        reply = self.expect(Cmd.RESULT, Cmd.ERROR, timeout=timeout)
+        assert reply.header["step"] == step, reply.header
+        return reply
+
+
+@dataclass
+class Seq:
+    """One request's token sequence as a client keeps it: position and prefix hash."""
+
+    rid: str
+    pos: int = 0
+    hash: int = 0
+    tokens: list[int] = field(default_factory=list)
+
+    def item(self, ids: list[int], logits: bool = True) -> dict:
+        return {
+            "rid": self.rid,
+            "pos": self.pos,
+            "n": len(ids),
+            "prev": self.hash,
+            "hash": prefix_hash(self.hash, ids),
+            "logits": logits,
+        }
+
+    def advance(self, ids: list[int]) -> None:
+        self.pos += len(ids)
+        self.hash = prefix_hash(self.hash, ids)
+        self.tokens += ids
+
+
+def ids_tensor(ids: list[int]) -> torch.Tensor:
+    return torch.tensor([ids], dtype=torch.int64)
+
+
+def prompt(seed: int, n: int = 9) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+
+def stage_command(url: str, model: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "stage",
+        "--broker",
+        url,
+        "--model",
+        str(model),
+        "--threads",
+        "1",
+        *extra,
+    ]
+
+
+class Procs:
+    """Stage subprocesses of one test; every one is killed at teardown."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(self, url: str, model: Path, *extra: str) -> subprocess.Popen:
+        log = self.logdir / f"stage-{len(self.procs)}.log"
+        with log.open("wb") as f:
+            proc = subprocess.Popen(
+                stage_command(url, model, *extra), cwd=REPO, stdout=subprocess.DEVNULL, stderr=f
+            )
+        self.procs.append((proc, log))
+        return proc
+
+    def log(self, proc: subprocess.Popen) -> str:
+        return next(log.read_text() for p, log in self.procs if p is proc)
+
+    def kill_all(self) -> None:
+        for proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def procs(tmp_path) -> Iterator[Procs]:
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        p.kill_all()
+
+
+@pytest.fixture
+def broker() -> Iterator[FakeBroker]:
+    b = FakeBroker()
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@dataclass
+class Running:
+    broker: FakeBroker
+    proc: subprocess.Popen
+    ready: dict
+    loaded: dict
+    rids: set[str] = field(default_factory=set)
+
+
+@pytest.fixture(scope="module")
+def llama_stage(checkpoints, tmp_path_factory) -> Iterator[Running]:
+    """One stage holding all 5 layers of the tiny Llama, shared by the tests that only step.
+
+    The broker side here is silent between tests, so the stage waits 60 s before it would
+    count the broker lost.
+    """
+    b = FakeBroker()
+    p = Procs(tmp_path_factory.mktemp("llama-stage"))
+    try:
+        proc = p.start(b.url, checkpoints["llama"], "--name", "s0", "--dead-after", "60")
+        ready = b.expect(Cmd.READY, timeout=60).header
+        loaded = b.assign(0, 5)
+        yield Running(b, proc, ready, loaded)
+    finally:
+        p.kill_all()
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints):
+    return load_shard(checkpoints["llama"], 0, 5)
+
+
+@contextlib.contextmanager
+def stage_threads() -> Iterator[None]:
+    """Compute as a `--threads 1` stage does: the bits of a matmul depend on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_reference(shard, state, ids: list[int]) -> torch.Tensor:
+    with stage_threads():
+        return shard.forward(ids_tensor(ids), state, logits="last")
+
+
+# --- registration, loading and exact math ---------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_ready_and_loaded(llama_stage, checkpoints):
+    ready, loaded = llama_stage.ready, llama_stage.loaded
+    assert ready["name"] == "s0"
+    assert ready["fingerprint"] == open_checkpoint(checkpoints["llama"]).fingerprint
+    assert ready["credits"] == 4
+    assert ready["held"] is None
+    caps = ready["caps"]
+    assert caps["device"] == "cpu" and caps["dtype"] == "float32" and caps["threads"] == 1
+    assert caps["memory_bytes"] > 0 and caps["cores"] >= 1 and caps["pid"] == llama_stage.proc.pid
+    assert (loaded["epoch"], loaded["start"], loaded["end"]) == (EPOCH, 0, 5)
+    assert loaded["weight_bytes"] > 0 and loaded["load_s"] >= 0
+
+
+@pytest.mark.timeout(60)
+def test_prefill_and_decode_bit_exact(llama_stage, reference):
+    b = llama_stage.broker
+    seq = Seq("exact")
+    llama_stage.rids.add(seq.rid)
+    state = reference.new_cache()
+    ids = prompt(1)
+    for _ in range(6):
+        reply = b.forward([seq.item(ids)], [ids_tensor(ids)])
+        assert reply.cmd == Cmd.RESULT, reply.header
+        assert reply.header["items"] == [seq.item(ids)]
+        assert reply.header["compute_s"] > 0 and reply.header["queue_s"] >= 0
+        logits = reply.tensor(0)
+        expected = run_reference(reference, state, ids)
+        assert logits.shape == (1, 1, VOCAB)
+        assert torch.equal(logits, expected)
+        seq.advance(ids)
+        ids = [int(logits[0, -1].argmax())]
+
+
+@pytest.mark.timeout(60)
+def test_replay_step_sends_empty_logits(llama_stage, reference):
+    b = llama_stage.broker
+    seq = Seq("replay")
+    llama_stage.rids.add(seq.rid)
+    state = reference.new_cache()
+    first, second = prompt(2, 6), prompt(3, 4)
+    reply = b.forward([seq.item(first, logits=False)], [ids_tensor(first)])
+    assert reply.cmd == Cmd.RESULT and reply.tensor(0).shape == (1, 0, VOCAB)
+    run_reference(reference, state, first)
+    seq.advance(first)
+    reply = b.forward([seq.item(second)], [ids_tensor(second)])
+    assert torch.equal(reply.tensor(0), run_reference(reference, state, second))
+
+
+@pytest.mark.timeout(90)
+def test_two_stages_chained(checkpoints, procs, reference):
+    a, b = FakeBroker(), FakeBroker()
+    try:
+        # Both start at once; this test's brokers send no heartbeats, hence the long dead-after.
+        procs.start(a.url, checkpoints["llama"], "--name", "a", "--dead-after", "60")
+        procs.start(b.url, checkpoints["llama"], "--name", "b", "--dead-after", "60")
+        a.expect(Cmd.READY, timeout=60)
+        b.expect(Cmd.READY, timeout=60)
+        a.assign(0, 2)
+        b.assign(2, 5)
+        seq = Seq("chain")
+        state = reference.new_cache()
+        first = load_shard(checkpoints["llama"], 0, 2)
+        first_state = first.new_cache()
+        ids = prompt(4)
+        for _ in range(4):
+            item = seq.item(ids)
+            hidden = a.forward([item], [ids_tensor(ids)])
+            assert hidden.cmd == Cmd.RESULT, hidden.header
+            h = hidden.tensor(0)
+            assert h.shape == (1, len(ids), 64)
+            with stage_threads():
+                assert torch.equal(h, first.forward(ids_tensor(ids), first_state))
+            # Forwarded as the very frame it arrived in, as the broker does.
+            logits = b.forward([item], [(hidden.descs[0], hidden.frames[0])])
+            assert logits.cmd == Cmd.RESULT, logits.header
+            assert torch.equal(logits.tensor(0), run_reference(reference, state, ids))
+            seq.advance(ids)
+            ids = [int(logits.tensor(0)[0, -1].argmax())]
+    finally:
+        a.close()
+        b.close()
+
+
+# --- refusals: an explicit error and nothing computed ---------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_refusals_compute_nothing(llama_stage, reference):
+    b = llama_stage.broker
+    seq = Seq("refuse")
+    llama_stage.rids.update({seq.rid, "never", "half"})
+    state = reference.new_cache()
+
+    def refused(items, tensors, code, epoch=None):
+        reply = b.forward(items, tensors, epoch=epoch)
+        assert reply.cmd == Cmd.ERROR, reply.header
+        assert reply.header["code"] == code, reply.header
+        assert reply.header["epoch"] == (epoch or b.epoch) and reply.header["message"]
+        return reply.header
+
+    def works(ids):
+        reply = b.forward([seq.item(ids)], [ids_tensor(ids)])
+        assert reply.cmd == Cmd.RESULT, reply.header
+        assert torch.equal(reply.tensor(0), run_reference(reference, state, ids))
+        seq.advance(ids)
+
+    ids = prompt(5)
+    refused([seq.item(ids)], [ids_tensor(ids)], "stale_epoch", epoch=b.epoch + 7)
+    works(ids)
+
+    tok = [7]
+    header = refused([Seq("never", pos=9, hash=123).item(tok)], [ids_tensor(tok)], "cache_miss")
+    assert header["rid"] == "never"
+    works([11])
+
+    wrong_pos = seq.item(tok) | {"pos": seq.pos - 1}
+    assert refused([wrong_pos], [ids_tensor(tok)], "cache_mismatch")["rid"] == seq.rid
+    works([12])
+
+    wrong_prev = seq.item(tok) | {"prev": seq.hash ^ 1}
+    refused([wrong_prev], [ids_tensor(tok)], "cache_mismatch")
+    works([13])
+
+    wrong_hash = seq.item(tok) | {"hash": prefix_hash(seq.hash, [tok[0] + 1])}
+    assert "prefix hash" in refused([wrong_hash], [ids_tensor(tok)], "cache_mismatch")["message"]
+    works([14])
+
+    # A refused item refuses the whole step: the valid prefill beside it leaves no cache.
+    half = Seq("half")
+    p = prompt(6)
+    refused([half.item(p), wrong_prev], [ids_tensor(p), ids_tensor(tok)], "cache_mismatch")
+    half.advance(p)
+    refused([half.item(tok)], [ids_tensor(tok)], "cache_miss")
+
+    bad_ids = [VOCAB + 5]
+    refused([seq.item(bad_ids)], [ids_tensor(bad_ids)], "bad_request")
+    works([15])
+
+
+@pytest.mark.timeout(60)
+def test_release_frees_the_cache(llama_stage):
+    b = llama_stage.broker
+    seq = Seq("released")
+    ids = prompt(7)
+    assert b.forward([seq.item(ids)], [ids_tensor(ids)]).cmd == Cmd.RESULT
+    seq.advance(ids)
+    b.send(Cmd.RELEASE, {"rids": sorted(llama_stage.rids | {seq.rid})})
+    deadline = time.monotonic() + 5
+    while (hb := b.next_heartbeat())["kv_requests"] != 0:
+        assert time.monotonic() < deadline, hb
+    assert hb["kv_bytes"] == 0 and hb["epoch"] == b.epoch
+    reply = b.forward([seq.item([5])], [ids_tensor([5])])
+    assert reply.cmd == Cmd.ERROR and reply.header["code"] == "cache_miss"
+
+
+@pytest.mark.timeout(60)
+def test_reassign_standby_then_back(llama_stage, reference):
+    """A new epoch drops every cache; standby holds no layers; layers come back on ASSIGN."""
+    b = llama_stage.broker
+    seq = Seq("epochs")
+    ids = prompt(11)
+    assert b.forward([seq.item(ids)], [ids_tensor(ids)]).cmd == Cmd.RESULT
+    old_epoch = b.epoch
+
+    loaded = b.assign(0, 0, epoch=old_epoch + 1)
+    assert (loaded["start"], loaded["end"], loaded["weight_bytes"]) == (0, 0, 0)
+    reply = b.forward([Seq("standby").item(ids)], [ids_tensor(ids)])
+    assert reply.cmd == Cmd.ERROR and reply.header["code"] == "bad_request"
+    reply = b.forward([Seq("old").item(ids)], [ids_tensor(ids)], epoch=old_epoch)
+    assert reply.cmd == Cmd.ERROR and reply.header["code"] == "stale_epoch"
+
+    loaded = b.assign(0, 5, epoch=old_epoch + 2)
+    assert (loaded["epoch"], loaded["start"], loaded["end"]) == (old_epoch + 2, 0, 5)
+    assert loaded["weight_bytes"] == llama_stage.loaded["weight_bytes"]
+    seq.advance(ids)
+    reply = b.forward([seq.item([4])], [ids_tensor([4])])
+    assert reply.cmd == Cmd.ERROR and reply.header["code"] == "cache_miss"
+    fresh = Seq("epochs-again")
+    reply = b.forward([fresh.item(ids)], [ids_tensor(ids)])
+    llama_stage.rids.add(fresh.rid)
+    assert torch.equal(reply.tensor(0), run_reference(reference, reference.new_cache(), ids))
+
+
+def test_kvstore_evicts_least_recently_used_others(reference):
+    store = KVStore(max_bytes=0)
+    ids = ids_tensor(prompt(12))
+
+    def step(rid: str) -> None:
+        entry = store.get(rid) or store.start(rid, reference.new_cache())
+        with stage_threads():
+            reference.forward(ids, entry.state)
+        store.commit(rid, entry.hash + 1)
+
+    step("a")
+    one = store.total_bytes()
+    assert one > 0 and len(store) == 1
+    store.max_bytes = 3 * one  # a holds two steps, b and c one each: one too many
+    step("b")
+    step("a")  # a is now the most recently used
+    step("c")
+    assert store.total_bytes() == 4 * one
+    assert store.evict(keep={"c"}) == 1
+    assert "b" not in store and "a" in store and store.evictions == 1
+    assert store.get("a").hash == 2 and store.get("a").state.length == 2 * ids.shape[1]
+    store.max_bytes = 0
+    assert store.evict(keep={"a", "c"}) == 0  # the step's own caches are never evicted
+    assert store.release(["a", "zzz"]) == 1 and len(store) == 1
+    store.start("c", reference.new_cache())  # position 0 replaces the old cache
+    assert store.get("c").state.length == 0 and store.total_bytes() == 0
+    store.clear()
+    assert len(store) == 0 and store.total_bytes() == 0
+
+
+# --- heartbeats, a lost broker, leaving, refusal ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory) -> Path:
+    """Two wide layers: a 1024-token prefill takes about 1 s on one core."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+    directory = tmp_path_factory.mktemp("wide")
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.timeout(90)
+def test_heartbeats_flow_during_a_long_forward(wide_checkpoint, procs, broker):
+    procs.start(broker.url, wide_checkpoint, "--heartbeat", "0.25", "--dead-after", "30")
+    broker.expect(Cmd.READY, timeout=60)
+    broker.assign(0, 2, num_layers=2)
+    ids = prompt(8, 1024)
+    broker.send(
+        Cmd.FORWARD,
+        {"step": 1, "epoch": EPOCH, "items": [Seq("long").item(ids)]},
+        [ids_tensor(ids)],
+    )
+    broker.heartbeats.clear()
+    reply = broker.expect(Cmd.RESULT, timeout=60)
+    times = [t for t, _ in broker.heartbeats]
+    busy = [h for _, h in broker.heartbeats if h["state"] == "busy"]
+    assert reply.header["compute_s"] > 0.5, "the forward was too short to test anything"
+    assert busy and max(h["busy_s"] for h in busy) > 0.25, broker.heartbeats
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(times) >= 2 and max(gaps) < 0.75, gaps
+    hb = broker.next_heartbeat()
+    assert hb["state"] == "idle" and hb["progress"] == 1 and hb["tokens"] == 1024
+    assert hb["kv_requests"] == 1 and hb["kv_bytes"] > 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+@pytest.mark.timeout(60)
+def test_lost_broker_reconnects_idle_with_a_new_identity(checkpoints, procs, broker):
+    proc = procs.start(broker.url, checkpoints["llama"], "--name", "lonely")
+    broker.expect(Cmd.READY, timeout=60)
+    first_identity = broker.identity
+    broker.assign(0, 5)
+    seq = Seq("lost")
+    ids = prompt(9)
+    assert broker.forward([seq.item(ids)], [ids_tensor(ids)]).cmd == Cmd.RESULT
+
+    # Silence: the stage must give up on this identity and register again.
+    ready = broker.expect(Cmd.READY, timeout=10).header
+    assert broker.identity != first_identity
+    assert ready["name"] == "lonely" and ready["held"] == [0, 5]
+
+    identities = {first_identity, broker.identity}
+    cpu_before = _cpu_seconds(proc.pid)
+    deadline = time.monotonic() + 3.0
+    while (left := deadline - time.monotonic()) > 0:
+        got = broker.recv(left)
+        if got is not None and got[1].cmd == Cmd.READY:
+            identities.add(got[0])
+    used = _cpu_seconds(proc.pid) - cpu_before
+    print(f"cpu while the broker was silent: {used:.3f} s")
+    assert used < 0.3
+    assert len(identities) >= 3, "the stage should keep retrying with fresh identities"
+
+    # Answer the latest registration: caches and epoch were dropped with the old identity.
+    broker.expect(Cmd.READY, timeout=15)
+    broker.send(Cmd.HEARTBEAT, {"epoch": EPOCH})
+    hb = broker.next_heartbeat()
+    assert hb["kv_requests"] == 0 and hb["epoch"] is None
+    seq.advance(ids)
+    reply = broker.forward([seq.item([3])], [ids_tensor([3])])
+    assert reply.header["code"] == "stale_epoch"
+    assert proc.poll() is None
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_drains_then_exits(checkpoints, procs, broker):
+    proc = procs.start(broker.url, checkpoints["llama"], "--dead-after", "30")
+    broker.expect(Cmd.READY, timeout=60)
+    broker.assign(0, 5)
+    # A broker that forgot this stage says BYE unknown: it registers again, holding its layers.
+    identity = broker.identity
+    broker.send(Cmd.BYE, {"reason": "unknown"})
+    assert broker.expect(Cmd.READY, timeout=10).header["held"] == [0, 5]
+    assert broker.identity == identity
+    broker.assign(0, 5, epoch=EPOCH + 1)
+
+    proc.send_signal(signal.SIGTERM)
+    broker.expect(Cmd.LEAVING, timeout=10)
+    # Still serving while draining.
+    seq = Seq("draining")
+    ids = prompt(10)
+    assert broker.forward([seq.item(ids)], [ids_tensor(ids)]).cmd == Cmd.RESULT
+    assert proc.poll() is None
+    broker.send(Cmd.BYE, {"reason": "drained"})
+    assert proc.wait(timeout=15) == 0
+    assert "drained" in procs.log(proc)
+
+
+@pytest.mark.timeout(60)
+def test_fingerprint_refusal_exits(checkpoints, procs, broker):
+    proc = procs.start(broker.url, checkpoints["llama"])
+    broker.expect(Cmd.READY, timeout=60)
+    # A refusal that may pass (our old identity still holds the name) is retried on a new socket.
+    first = broker.identity
+    broker.send(Cmd.ERROR, {"code": "bad_request", "message": "name is held by a live stage"})
+    broker.expect(Cmd.READY, timeout=10)
+    assert broker.identity != first
+    reason = "stage sees checkpoint 0123 but the cluster runs abcd"
+    broker.send(Cmd.ERROR, {"code": "fingerprint", "message": reason})
+    assert proc.wait(timeout=15) == 3
+    assert reason in procs.log(proc)
+
+
+@pytest.mark.timeout(60)
+def test_bad_arguments_exit_2(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cases = [
+        (["--broker", "localhost:5555"], "not a ZeroMQ URL"),
+        (["--broker", "tcp://127.0.0.1:99999"], "out of range"),
+        (["--broker", "tcp://127.0.0.1:5555", "--dtype", "int8"], "--dtype"),
+        (["--broker", "tcp://127.0.0.1:5555", "--model", str(tmp_path / "nope")], "does not exist"),
+    ]
+    for args, reason in cases:
+        out = subprocess.run(
+            [sys.executable, "-m", "stage", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 2, (args, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and reason in lines[0], out.stderr
