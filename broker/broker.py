@@ -230,9 +230,7 @@ class Broker:
     def handle(self, frames: list) -> None:
         ident = frames[0].bytes
         try:
-            msg = P.decode(frames[1:], self.config.limits)
-            if msg.cmd not in P.INBOUND[msg.tag]:
-                raise P.ProtocolError(Code.UNKNOWN_COMMAND, f"{msg.cmd.name} is not a {msg.role} command")
+            msg = P.decode(frames[1:], self.config.limits, inbound=True)
         except P.ProtocolError as e:
             self.counters.malformed += 1
             log.warning("malformed_message", code=str(e.code), reason=e.message)
@@ -390,6 +388,7 @@ class Broker:
             self.counters.forwarded_bytes += msg.descs[0].nbytes
             if step.hop < len(self.layer_map.ranges):
                 self.enqueue(step, now)
+                self.dispatch(self.stages[self.layer_map.ranges[step.hop].name])
             else:
                 self.deliver(step, now)
         self.dispatch(stage)

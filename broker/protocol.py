@@ -146,6 +146,8 @@ SCHEMAS: dict[Cmd, dict[str, type | tuple[type, ...]]] = {
     Cmd.JOBS: {},
     Cmd.DRAIN: {"stage": _STR, "token": _STR},
 }
+# A RESULT to a client names its request instead of the broker's step id.
+CLIENT_RESULT_SCHEMA: dict[str, type] = {"rid": str, "seq": int}
 ITEM_SCHEMA: dict[str, type] = {"rid": str, "pos": int, "n": int, "prev": int, "hash": int}
 MAX_RID_LENGTH = 64
 
@@ -222,8 +224,13 @@ def _parse_desc(raw: Any, limits: Limits) -> TensorDesc:
     return TensorDesc(dtype, tuple(shape))
 
 
-def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS, expect: bytes | None = None) -> Message:
-    """Validate and parse one message (without the routing identity). Raises ProtocolError."""
+def decode(
+    frames: Sequence, limits: Limits = DEFAULT_LIMITS, expect: bytes | None = None, inbound: bool = False
+) -> Message:
+    """Validate and parse one message (without the routing identity). Raises ProtocolError.
+
+    `inbound=True` (the broker) also refuses commands the sender's role may not send.
+    """
     if len(frames) < 3:
         raise ProtocolError(Code.MALFORMED, f"message has {len(frames)} frames; need tag, command, header")
     tag = bytes(_buffer(frames[0])) if _length(frames[0]) <= 8 else b""
@@ -239,6 +246,8 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS, expect: bytes | No
         cmd = Cmd(bytes(_buffer(frames[1]))[0])
     except ValueError:
         raise ProtocolError(Code.UNKNOWN_COMMAND, f"unknown command 0x{bytes(_buffer(frames[1]))[0]:02x}") from None
+    if inbound and cmd not in INBOUND[tag]:
+        raise ProtocolError(Code.UNKNOWN_COMMAND, f"{cmd.name} is not a {TAGS[tag]} command")
     if _length(frames[2]) > limits.max_header_bytes:
         raise ProtocolError(
             Code.HEADER_TOO_LARGE, f"header of {_length(frames[2])} bytes exceeds {limits.max_header_bytes}"
@@ -249,7 +258,8 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS, expect: bytes | No
         raise ProtocolError(Code.MALFORMED, f"header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise ProtocolError(Code.MALFORMED, "header must be a JSON object")
-    _check_schema(header, SCHEMAS[cmd], cmd.name)
+    schema = CLIENT_RESULT_SCHEMA if cmd == Cmd.RESULT and tag == CLIENT_TAG else SCHEMAS[cmd]
+    _check_schema(header, schema, cmd.name)
     if cmd == Cmd.FORWARD:
         for item in header["items"]:
             if not isinstance(item, dict):

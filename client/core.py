@@ -1,0 +1,516 @@
+"""`Client` and `AsyncClient`: prompts in, tokens out, over one DEALER socket to the broker.
+
+Both share the request logic (`client.session`) and the connection logic (`client.transport`);
+they differ only in how they wait. `Client` waits in the caller's thread with no helper
+thread, which keeps batch-1 overhead to a poll, a decode and a sample per token.
+`AsyncClient` serves many concurrent requests from one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from broker.protocol import MAX_RID_LENGTH, Cmd
+from client.sampling import Sampler, check_sampling_args
+from client.session import (
+    DEFAULT_MAX_REPLAYS,
+    DETOKENIZE_CONTEXT,
+    ClientError,
+    GenerationResult,
+    Request,
+    RequestTimeout,
+    TextAssembler,
+    check_prompt,
+    encode_prompt,
+)
+from client.transport import AsyncLink, SyncLink
+
+DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+BROKER_ENV = "LAYERLINE_BROKER"
+
+
+def default_broker() -> str:
+    return os.environ.get(BROKER_ENV) or DEFAULT_BROKER
+
+
+def query_broker(broker: str | None, cmd: Cmd, timeout: float = 3.0) -> dict:
+    """The reply header of one STATUS or JOBS, without a tokenizer (for tools and the CLI)."""
+    link = SyncLink(
+        broker or default_broker(),
+        client_id=secrets.token_hex(4),
+        heartbeat=0.25,
+        broker_timeout=timeout,
+        reconnect_timeout=timeout,
+    )
+    try:
+        link.connect(timeout)
+        return link.call(cmd, {}, cmd, timeout).header
+    finally:
+        link.close()
+
+
+class ModelInfo:
+    """What validation and stopping need to know about the served model."""
+
+    def __init__(self, status: dict, tokenizer: Any, local_dir: Path | None):
+        local = _local_config(local_dir)
+        self.path = status.get("model")
+        self.vocab_size = _first_int(status.get("vocab_size"), local.get("vocab_size"))
+        self.context = _first_int(
+            status.get("max_position_embeddings"),
+            local.get("max_position_embeddings"),
+            local.get("n_positions"),
+        )
+        eos: set[int] = set()
+        for source in (
+            status.get("eos_token_id"),
+            local.get("eos_token_id"),
+            _local_json(local_dir, "generation_config.json").get("eos_token_id"),
+            getattr(tokenizer, "eos_token_id", None),
+        ):
+            eos.update(_ids(source))
+        self.eos_ids = frozenset(eos)
+
+
+def _first_int(*values: Any) -> int | None:
+    for v in values:
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def _ids(value: Any) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def _local_json(directory: Path | None, name: str) -> dict:
+    if directory is None:
+        return {}
+    try:
+        data = json.loads((directory / name).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _local_config(directory: Path | None) -> dict:
+    config = _local_json(directory, "config.json")
+    return (
+        {**config, **config.get("text_config", {})}
+        if isinstance(config.get("text_config"), dict)
+        else config
+    )
+
+
+# Files of which a checkpoint directory holds at least one when it ships a tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+    "vocab.txt",
+)
+
+
+def _load_tokenizer(tokenizer: Any, status: dict) -> tuple[Any, Path | None]:
+    """The tokenizer (None for a checkpoint without one) and the local directory it came from."""
+    if tokenizer is not None and not isinstance(tokenizer, str | os.PathLike):
+        return tokenizer, None  # already a tokenizer object
+    if tokenizer is None:
+        path = status.get("model")
+        if not isinstance(path, str) or not Path(path).is_dir():
+            raise ClientError(
+                f"the broker serves the checkpoint {path!r}, which is not on this machine; "
+                "pass tokenizer=DIR (--tokenizer DIR) with a local copy of its tokenizer"
+            )
+        source = Path(path)
+        if not any((source / name).is_file() for name in TOKENIZER_FILES):
+            return None, source  # a bare checkpoint (tests, benchmarks): token ids only
+    else:
+        source = Path(tokenizer).expanduser()
+        if not source.is_dir():
+            raise ClientError(f"tokenizer directory {source} does not exist")
+    from transformers import AutoTokenizer  # deferred: importing it costs a second
+
+    try:
+        loaded = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ClientError(f"cannot load a tokenizer from {source}: {e}") from None
+    return loaded, source
+
+
+class _Frontend:
+    """Validation and request building shared by Client and AsyncClient."""
+
+    def __init__(self, max_replays: int):
+        self.client_id = secrets.token_hex(4)
+        self._counter = itertools.count(1)
+        self._max_replays = max_replays
+        self.tokenizer: Any = None
+        self.model: ModelInfo | None = None
+
+    def _configure(self, status: dict, tokenizer: Any) -> None:
+        self.tokenizer, local_dir = _load_tokenizer(tokenizer, status)
+        self.model = ModelInfo(status, self.tokenizer, local_dir)
+
+    def _request(
+        self,
+        prompt: Any,
+        max_new_tokens: int,
+        temperature: float | None,
+        top_k: int | None,
+        top_p: float | None,
+        repetition_penalty: float | None,
+        seed: int | None,
+        stop: str | Sequence[str] | None,
+        chat: bool,
+        timeout: float | None,
+        ignore_eos: bool,
+    ) -> Request:
+        """Validate everything and build the request; nothing is sent yet."""
+        if (
+            isinstance(max_new_tokens, bool)
+            or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 1
+        ):
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if not all(isinstance(s, str) and s for s in stops):
+            raise ValueError("stop strings must be non-empty strings")
+        if stops and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and the served checkpoint has none")
+        ids = encode_prompt(self.tokenizer, prompt, chat)
+        check_prompt(ids, self.model.vocab_size, self.model.context, max_new_tokens)
+        rid = f"{self.client_id}-{next(self._counter)}"
+        assert len(rid) <= MAX_RID_LENGTH
+        return Request(
+            rid=rid,
+            prompt_ids=ids,
+            max_new_tokens=max_new_tokens,
+            sampler=Sampler(temperature, top_k, top_p, repetition_penalty, seed),
+            assembler=TextAssembler(self.tokenizer, ids[-DETOKENIZE_CONTEXT:], stops),
+            eos_ids=frozenset() if ignore_eos else self.model.eos_ids,
+            max_replays=self._max_replays,
+        )
+
+
+def _timeout_error(req: Request, timeout: float) -> RequestTimeout:
+    return RequestTimeout(
+        f"request {req.rid} did not finish within {timeout} s "
+        f"({len(req.generated)} tokens generated); it was cancelled"
+    )
+
+
+class Client(_Frontend):
+    """Synchronous client. Connects (PING, STATUS, tokenizer) when constructed.
+
+    One thread at a time: for concurrent requests from one process use AsyncClient.
+    """
+
+    def __init__(
+        self,
+        broker: str | None = None,
+        *,
+        tokenizer: Any = None,
+        connect_timeout: float = 3.0,
+        broker_timeout: float = 3.0,
+        heartbeat: float = 0.25,
+        reconnect_timeout: float = 30.0,
+        max_replays: int = DEFAULT_MAX_REPLAYS,
+    ):
+        super().__init__(max_replays)
+        self.broker = broker or default_broker()
+        self.connect_timeout = connect_timeout
+        self._link = SyncLink(
+            self.broker,
+            client_id=self.client_id,
+            heartbeat=heartbeat,
+            broker_timeout=broker_timeout,
+            reconnect_timeout=reconnect_timeout,
+        )
+        try:
+            self._link.connect(connect_timeout)
+            self._configure(self.status(), tokenizer)
+        except BaseException:
+            self._link.close()
+            raise
+
+    def status(self) -> dict:
+        """The broker's STATUS reply: readiness, epoch, layer map, stages, model."""
+        return self._link.call(Cmd.STATUS, {}, Cmd.STATUS, self.connect_timeout).header
+
+    def jobs(self) -> list[dict]:
+        """Recent and active requests as the broker records them."""
+        return self._link.call(Cmd.JOBS, {}, Cmd.JOBS, self.connect_timeout).header.get("jobs", [])
+
+    def generate(
+        self,
+        prompt: Any,
+        max_new_tokens: int = 64,
+        temperature: float | None = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        chat: bool = False,
+        timeout: float | None = None,
+        ignore_eos: bool = False,
+    ) -> GenerationResult:
+        """Generate to the end and return the result."""
+        events = self.stream(
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            stop,
+            chat,
+            timeout,
+            ignore_eos,
+        )
+        for event in events:
+            if event["type"] == "done":
+                return event["result"]
+        raise ClientError("stream ended without a result")  # unreachable: _events always ends so
+
+    def stream(
+        self,
+        prompt: Any,
+        max_new_tokens: int = 64,
+        temperature: float | None = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        chat: bool = False,
+        timeout: float | None = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[dict]:
+        """Events as they arrive: token, reshard/replay, then done. Closing it cancels."""
+        if self._link.closed:
+            raise ClientError("client is closed")
+        req = self._request(
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            stop,
+            chat,
+            timeout,
+            ignore_eos,
+        )
+        return self._events(req, timeout)
+
+    def _events(self, req: Request, timeout: float | None) -> Iterator[dict]:
+        link = self._link
+        deadline = None if timeout is None else req.started + timeout
+        link.add(req, time.perf_counter())
+        try:
+            while True:
+                try:
+                    box = link.next_items(req.rid, deadline)
+                except TimeoutError:
+                    raise _timeout_error(req, timeout) from None
+                item = box.popleft()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item["type"] == "done":
+                    return
+        finally:
+            if not link.closed:
+                link.forget(req.rid)
+
+    def close(self) -> None:
+        """Cancel what is running and close the socket."""
+        self._link.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient(_Frontend):
+    """asyncio client: many concurrent requests over one DEALER socket.
+
+    Connects on first use (or `await connect()`, or `async with`).
+    """
+
+    def __init__(
+        self,
+        broker: str | None = None,
+        *,
+        tokenizer: Any = None,
+        connect_timeout: float = 3.0,
+        broker_timeout: float = 3.0,
+        heartbeat: float = 0.25,
+        reconnect_timeout: float = 30.0,
+        max_replays: int = DEFAULT_MAX_REPLAYS,
+    ):
+        super().__init__(max_replays)
+        self.broker = broker or default_broker()
+        self.connect_timeout = connect_timeout
+        self._tokenizer_arg = tokenizer
+        self._link_args = dict(
+            client_id=self.client_id,
+            heartbeat=heartbeat,
+            broker_timeout=broker_timeout,
+            reconnect_timeout=reconnect_timeout,
+        )
+        self._link: AsyncLink | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._closed = False
+
+    async def connect(self) -> None:
+        """First contact (PING within connect_timeout), STATUS, and the tokenizer."""
+        if self._closed:
+            raise ClientError("client is closed")
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self.model is not None:
+                return
+            link = AsyncLink(self.broker, **self._link_args)
+            try:
+                await link.connect(self.connect_timeout)
+                reply = await link.call(Cmd.STATUS, {}, Cmd.STATUS, self.connect_timeout)
+                await asyncio.to_thread(self._configure, reply.header, self._tokenizer_arg)
+            except BaseException:
+                await link.close()
+                raise
+            self._link = link
+
+    async def status(self) -> dict:
+        await self.connect()
+        return (await self._link.call(Cmd.STATUS, {}, Cmd.STATUS, self.connect_timeout)).header
+
+    async def jobs(self) -> list[dict]:
+        await self.connect()
+        reply = await self._link.call(Cmd.JOBS, {}, Cmd.JOBS, self.connect_timeout)
+        return reply.header.get("jobs", [])
+
+    async def generate(
+        self,
+        prompt: Any,
+        max_new_tokens: int = 64,
+        temperature: float | None = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        chat: bool = False,
+        timeout: float | None = None,
+        ignore_eos: bool = False,
+    ) -> GenerationResult:
+        """Generate to the end and return the result; cancelling the task cancels the request."""
+        events = self.stream(
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            stop,
+            chat,
+            timeout,
+            ignore_eos,
+        )
+        try:
+            async for event in events:
+                if event["type"] == "done":
+                    return event["result"]
+        finally:
+            await events.aclose()
+        raise ClientError("stream ended without a result")
+
+    async def stream(
+        self,
+        prompt: Any,
+        max_new_tokens: int = 64,
+        temperature: float | None = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        chat: bool = False,
+        timeout: float | None = None,
+        ignore_eos: bool = False,
+    ) -> AsyncIterator[dict]:
+        """Events as they arrive: token, reshard/replay, then done. Closing it cancels."""
+        await self.connect()
+        req = self._request(
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            stop,
+            chat,
+            timeout,
+            ignore_eos,
+        )
+        link = self._link
+        link.add(req, time.perf_counter())
+        queue = link.mail[req.rid]
+        timer = None
+        if timeout is not None:
+            # One timer per request wakes the consumer; cheaper than a wait_for per token.
+            timer = asyncio.get_running_loop().call_later(timeout, queue.put_nowait, TimeoutError())
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, TimeoutError) and not isinstance(item, ClientError):
+                    raise _timeout_error(req, timeout)
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item["type"] == "done":
+                    return
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if not link.closed:
+                link.forget(req.rid)
+
+    async def close(self) -> None:
+        """Cancel what is running and close the socket."""
+        self._closed = True
+        if self._link is not None:
+            await self._link.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

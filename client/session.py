@@ -1,0 +1,437 @@
+"""One request's state on the client: its token sequence, the steps it sent, and their replay.
+
+The client is the source of truth for a request, so everything a replay needs lives here: the
+tokens, the rolling prefix hash at every position, and the `(pos, n)` cut of every step sent.
+A `Request` does no I/O: it turns incoming messages into outgoing frames and stream events, and
+the transports (`client.transport`) move the frames.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from broker.protocol import CLIENT_TAG, EMPTY_PREFIX_HASH, Cmd, Code, Message, encode, prefix_hash
+from client.sampling import Sampler
+
+# Replays per request before giving up; the broker enforces the same default (--max-replays).
+DEFAULT_MAX_REPLAYS = 8
+# Errors that mean "a stage lost or never had this request's cache": cured by a replay.
+REPLAY_CODES = frozenset({Code.CACHE_MISS, Code.CACHE_MISMATCH, Code.STALE_EPOCH})
+# Prompt tokens decoded together with the first generated ones, so that a tokenizer which
+# strips a leading space at the start of a decode keeps the space of the first new word.
+DETOKENIZE_CONTEXT = 5
+# Tokens held back while their text ends in U+FFFD (an incomplete UTF-8 character); four
+# covers any character split over single-byte tokens.
+MAX_PENDING_TOKENS = 4
+
+
+class ClientError(Exception):
+    """Base of every error the client raises on purpose."""
+
+
+class BrokerUnreachable(ClientError):
+    """The broker did not answer in time (first contact, or after a reconnect)."""
+
+
+class RequestFailed(ClientError):
+    """The broker or a stage refused the request; `code` is the protocol error code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class BusyError(RequestFailed):
+    """A bounded queue of the broker is full; try again after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float | None):
+        super().__init__(str(Code.BUSY), message)
+        self.retry_after_s = retry_after_s
+
+
+class NotReadyError(RequestFailed):
+    """The live stages cannot cover the model; the message says what is missing."""
+
+    def __init__(self, message: str):
+        super().__init__(str(Code.NOT_READY), message)
+
+
+class RequestTimeout(ClientError, TimeoutError):
+    """The request's `timeout=` ran out; it was cancelled on the broker."""
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    token_ids: list[int]  # generated tokens only, without the eos that ended the request
+    prompt_ids: list[int]
+    text: str  # decoded generated text, without eos and without the stop string
+    finish_reason: str  # "eos" | "stop" | "length"
+    trace: list[dict] = field(default_factory=list)  # one entry per generated token
+    events: list[dict] = field(default_factory=list)  # reshard / replay events
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    rid: str = ""
+
+
+class TextAssembler:
+    """Turns generated ids into text deltas: incremental detokenization plus stop strings.
+
+    Decodes only a short window of recent ids per token (O(1) per token), and holds back any
+    text that could still become a stop string, so the deltas never show a stop string and
+    always add up to the final text.
+    """
+
+    def __init__(self, tokenizer: Any, context: Sequence[int], stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.ids = list(context)
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""
+        self.emitted = 0
+        self.stop = tuple(stop)
+        self.max_stop = max((len(s) for s in self.stop), default=0)
+        self.searched = 0
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""  # a checkpoint without a tokenizer: ids in, ids out
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+    def _advance(self, final: bool) -> None:
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        # A trailing U+FFFD is usually half of a multi-byte character: wait for the next
+        # token, but not forever (a model can emit invalid UTF-8), so the window stays small.
+        pending = len(self.ids) - self.read_offset
+        if not final and full.endswith("\ufffd") and pending < MAX_PENDING_TOKENS:
+            return
+        self.text += full[len(prefix) :]
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        """Add one generated token; return the text that may be shown now."""
+        if self.stopped:
+            return ""
+        self.ids.append(token_id)
+        self._advance(final=False)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """No more tokens: return whatever text was still held back."""
+        if not self.stopped and self.read_offset < len(self.ids):
+            self._advance(final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        safe = len(self.text)
+        if self.stop and not self.stopped:
+            start = max(0, self.searched - self.max_stop + 1)
+            hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.stopped = True
+                safe = len(self.text)
+            else:
+                self.searched = len(self.text)
+                if not final:
+                    safe -= self._held_back()
+        out = self.text[self.emitted : safe]
+        self.emitted = max(self.emitted, safe)
+        return out
+
+    def _held_back(self) -> int:
+        """Length of the longest suffix of the text that begins some stop string."""
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+
+class Request:
+    """A generation request: its sequence, its step history and what it is waiting for."""
+
+    def __init__(
+        self,
+        rid: str,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        sampler: Sampler,
+        assembler: TextAssembler,
+        eos_ids: frozenset[int],
+        max_replays: int = DEFAULT_MAX_REPLAYS,
+    ):
+        self.rid = rid
+        self.prompt_ids = list(prompt_ids)
+        self.max_new_tokens = max_new_tokens
+        self.sampler = sampler
+        self.assembler = assembler
+        self.eos_ids = eos_ids
+        self.max_replays = max_replays
+        self.started = time.perf_counter()
+        self.tokens: list[int] = list(prompt_ids)
+        # hashes[i] is the prefix hash of tokens[:i]; kept per position so every step's
+        # `prev` and `hash` are two lookups, whatever the length of the sequence.
+        self.hashes: list[int] = [EMPTY_PREFIX_HASH]
+        for tok in self.tokens:
+            self.hashes.append(prefix_hash(self.hashes[-1], (tok,)))
+        self.steps: list[tuple[int, int]] = []  # (pos, n) of every step, as first cut
+        self.seq = 0
+        self.awaited = 0  # seq of the step whose logits come next
+        self.oldest_live = 0  # first seq of the latest send (a replay sends many)
+        self.replays = 0
+        self.generated: list[int] = []
+        self.trace: list[dict] = []
+        self.events: list[dict] = []
+        self.sent_at = self.started  # when the step of the awaited token was first sent
+        self.ttft_s = 0.0
+        self.result: GenerationResult | None = None
+        # The repetition penalty reads every id so far; a preallocated buffer saves building
+        # a tensor from the whole list at each token.
+        self.ids_buffer: torch.Tensor | None = None
+        if sampler.uses_history:
+            self.ids_buffer = torch.zeros((1, len(self.tokens) + max_new_tokens), dtype=torch.long)
+            self.ids_buffer[0, : len(self.tokens)] = torch.tensor(self.tokens, dtype=torch.long)
+
+    # --- outgoing ------------------------------------------------------------------------
+
+    def _step_frames(self, pos: int, n: int, logits: bool) -> list:
+        self.seq += 1
+        header = {
+            "rid": self.rid,
+            "seq": self.seq,
+            "pos": pos,
+            "n": n,
+            "prev": self.hashes[pos],
+            "hash": self.hashes[pos + n],
+            "logits": logits,
+        }
+        ids = torch.tensor([self.tokens[pos : pos + n]], dtype=torch.long)
+        return encode(CLIENT_TAG, Cmd.STEP, header, [ids])
+
+    def _next_step(self, pos: int, n: int) -> list:
+        self.steps.append((pos, n))
+        frames = self._step_frames(pos, n, logits=True)
+        self.awaited = self.oldest_live = self.seq
+        self.sent_at = time.perf_counter()
+        return frames
+
+    def start(self) -> list:
+        """The prefill step: the whole prompt as one step."""
+        return self._next_step(0, len(self.tokens))
+
+    def replay(self, event: dict, counted: bool = True) -> list[list]:
+        """Frames that re-send every step as first cut; only the last one asks for logits."""
+        if counted:
+            self.replays += 1
+            if self.replays > self.max_replays:
+                raise RequestFailed(
+                    str(Code.REPLAY_LIMIT),
+                    f"request {self.rid} needed more than {self.max_replays} replays "
+                    f"(last: {event.get('reason') or event['type']}); the cluster is unstable",
+                )
+        self.events.append(event)
+        first = self.seq + 1
+        last = len(self.steps) - 1
+        frames = [self._step_frames(p, n, logits=i == last) for i, (p, n) in enumerate(self.steps)]
+        self.oldest_live, self.awaited = first, self.seq
+        return frames
+
+    def end_frames(self, reason: str) -> list:
+        return encode(CLIENT_TAG, Cmd.END, {"rid": self.rid, "reason": reason})
+
+    # --- incoming ------------------------------------------------------------------------
+
+    def handle(self, msg: Message, now: float) -> tuple[list[list], list[dict]]:
+        """Frames to send and stream events for one message addressed to this request.
+
+        Raises BusyError, NotReadyError or RequestFailed when the request cannot go on.
+        """
+        if msg.cmd == Cmd.RESULT:
+            if msg.header.get("seq") != self.awaited or self.result is not None:
+                return [], []
+            return self._on_result(msg, now)
+        if msg.cmd == Cmd.EVENT:
+            return self._on_event(msg.header)
+        if msg.cmd == Cmd.ERROR:
+            return self._on_error(msg.header)
+        return [], []
+
+    def _on_result(self, msg: Message, now: float) -> tuple[list[list], list[dict]]:
+        header = msg.header
+        logits = msg.tensor(0) if msg.frames else None
+        if logits is None or logits.numel() == 0:
+            raise RequestFailed(str(Code.INTERNAL), f"step {header.get('seq')} returned no logits")
+        t0 = time.perf_counter()
+        history = None
+        if self.ids_buffer is not None:
+            history = self.ids_buffer[:, : len(self.tokens)]
+        token = self.sampler.next_token(
+            logits.reshape(1, -1), history if history is not None else ()
+        )
+        sampling_s = time.perf_counter() - t0
+        index = len(self.generated)
+        if index == 0:
+            self.ttft_s = time.perf_counter() - self.started
+        out: list[list] = []
+        events: list[dict] = []
+        if token in self.eos_ids:
+            reason = "eos"  # the eos itself is neither a generated token nor text
+        else:
+            trace = {
+                "index": index,
+                "stages": header.get("trace", []),
+                "broker_queue_s": header.get("broker_queue_s"),
+                "sampling_s": sampling_s,
+                "latency_s": now - self.sent_at,
+            }
+            self.generated.append(token)
+            self.trace.append(trace)
+            reason = "length" if len(self.generated) >= self.max_new_tokens else None
+            if reason is None:
+                self._append(token)
+                if not self.assembler.stop:
+                    # No stop string to look for: the next step leaves before detokenizing.
+                    out.append(self._next_step(len(self.tokens) - 1, 1))
+            text = self.assembler.push(token)
+            if self.assembler.stopped:
+                reason = "stop"
+            elif reason is None and self.assembler.stop:
+                out.append(self._next_step(len(self.tokens) - 1, 1))
+            events.append(
+                {"type": "token", "index": index, "token_id": token, "text": text, "trace": trace}
+            )
+        if reason is not None:
+            out.append(self.end_frames("done"))
+            # Text held back until the end (a possible stop string's start, a split
+            # character) arrives with the done event.
+            tail = self.assembler.flush()
+            events.append({"type": "done", "text": tail, "result": self._finish(reason)})
+        return out, events
+
+    def _append(self, token: int) -> None:
+        if self.ids_buffer is not None:
+            self.ids_buffer[0, len(self.tokens)] = token
+        self.tokens.append(token)
+        self.hashes.append(prefix_hash(self.hashes[-1], (token,)))
+
+    def _finish(self, reason: str) -> GenerationResult:
+        self.result = GenerationResult(
+            token_ids=list(self.generated),
+            prompt_ids=list(self.prompt_ids),
+            text=self.assembler.text,
+            finish_reason=reason,
+            trace=self.trace,
+            events=self.events,
+            ttft_s=self.ttft_s,
+            total_s=time.perf_counter() - self.started,
+            rid=self.rid,
+        )
+        return self.result
+
+    def _on_event(self, header: dict) -> tuple[list[list], list[dict]]:
+        event = {k: v for k, v in header.items() if k not in ("event", "tensors")}
+        event = {"type": header["event"], **event, "index": len(self.generated)}
+        if header["event"] not in ("reshard", "replay"):
+            return [], [event]  # informational (e.g. a not-ready wait): nothing to redo
+        return self.replay(event), [event]
+
+    def _on_error(self, header: dict) -> tuple[list[list], list[dict]]:
+        seq = header.get("seq")
+        if isinstance(seq, int) and seq < self.oldest_live:
+            return [], []  # about a step that a replay has already superseded
+        code, message = header["code"], header["message"]
+        if code in REPLAY_CODES:
+            event = {
+                "type": "replay",
+                "rid": self.rid,
+                "reason": code,
+                "message": message,
+                "index": len(self.generated),
+            }
+            return self.replay(event), [event]
+        if code == Code.BUSY:
+            retry = header.get("retry_after_s")
+            raise BusyError(message, float(retry) if isinstance(retry, int | float) else None)
+        if code == Code.NOT_READY:
+            raise NotReadyError(message)
+        raise RequestFailed(code, message)
+
+    def reconnected(self) -> tuple[list[list], list[dict]]:
+        """Frames that rebuild this request through a fresh socket (not counted as a replay)."""
+        event = {
+            "type": "replay",
+            "rid": self.rid,
+            "reason": "reconnect",
+            "message": "the broker was silent; reconnected on a fresh socket and replayed",
+            "index": len(self.generated),
+        }
+        return self.replay(event, counted=False), [event]
+
+
+def encode_prompt(tokenizer: Any, prompt: Any, chat: bool) -> list[int]:
+    """Token ids of a prompt: a string, a list of ids, or chat messages."""
+    is_chat = (
+        isinstance(prompt, Sequence) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+    )
+    if tokenizer is None and (isinstance(prompt, str) or is_chat):
+        raise ValueError(
+            "the served checkpoint has no tokenizer: pass the prompt as token ids, "
+            "or a tokenizer directory (tokenizer=DIR, --tokenizer DIR)"
+        )
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt is empty")
+        if not chat:
+            return list(tokenizer(prompt)["input_ids"])
+        prompt, is_chat = [{"role": "user", "content": prompt}], True
+    if is_chat:
+        for m in prompt:
+            if "role" not in m or "content" not in m:
+                raise ValueError("chat messages need a 'role' and a 'content' each")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("this tokenizer has no chat template; pass a plain prompt")
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        # The template writes the special tokens (BOS included) itself.
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if isinstance(prompt, Sequence) and not isinstance(prompt, bytes | bytearray):
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(
+                "a prompt given as a list must hold token ids (int) or chat messages (dict)"
+            )
+        return ids
+    raise ValueError(
+        f"prompt must be a string, a list of token ids or chat messages, not {type(prompt).__name__}"
+    )
+
+
+def check_prompt(
+    ids: Iterable[int], vocab_size: int | None, context: int | None, max_new_tokens: int
+) -> None:
+    ids = list(ids)
+    if not ids:
+        raise ValueError("prompt is empty (it encodes to no tokens)")
+    if vocab_size:
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    if context and len(ids) + max_new_tokens > context:
+        raise ValueError(
+            f"prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} = "
+            f"{len(ids) + max_new_tokens} exceeds the model's context of {context} positions"
+        )
