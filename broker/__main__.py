@@ -40,8 +40,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-replays", type=int, default=D.max_replays)
     p.add_argument("--max-frame-mb", type=int, default=DEFAULT_LIMITS.max_frame_bytes >> 20)
     p.add_argument("--admin-token", default=None, help="token that authorises DRAIN (admin) commands")
+    p.add_argument("--feed", default=None,
+                   help="monitor feed PUB endpoint (default: the --bind port + 1; 'none' disables it)")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
+
+
+def feed_endpoint(bind: str, feed: str | None) -> str | None:
+    """The feed binds next to the ROUTER unless told otherwise: tcp://host:5555 -> :5556."""
+    if feed == "none":
+        return None
+    if feed is not None:
+        return feed
+    host, _, port = bind.rpartition(":")
+    return f"{host}:{int(port) + 1}" if port.isdigit() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         expect_stages=args.expect_stages, settle_s=args.settle, rebalance_cooldown_s=args.rebalance_cooldown,
         limits=dataclasses.replace(DEFAULT_LIMITS, max_frame_bytes=args.max_frame_mb << 20),
         admin_token=args.admin_token,
+        feed=feed_endpoint(args.bind, args.feed),
     )
     try:
         broker = Broker(config, checkpoint)

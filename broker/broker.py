@@ -13,7 +13,6 @@ import errno
 import os
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +66,9 @@ class BrokerConfig:
     history: int = 256
     limits: P.Limits = P.DEFAULT_LIMITS
     admin_token: str | None = None
+    # The monitor feed (PUB): stats snapshots, cluster events and token progress.
+    feed: str | None = None
+    feed_interval_s: float = 0.5
 
 
 @dataclass
@@ -159,6 +161,13 @@ class Broker:
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
         self.socket.bind(config.bind)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.feed: zmq.Socket | None = None
+        if config.feed:
+            self.feed = self.context.socket(zmq.PUB)
+            self.feed.setsockopt(zmq.LINGER, 0)
+            self.feed.setsockopt(zmq.SNDHWM, 10_000)
+            self.feed.bind(config.feed)
+        self.next_feed = 0.0
 
         dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[config.dtype]
         wb = checkpoint.weight_bytes(dtype_bytes)
@@ -183,7 +192,6 @@ class Broker:
         self.started = time.monotonic()
         self.next_heartbeat = 0.0
         self._running = True
-        self.listeners: list[Callable[[str, dict], None]] = []
         self.handlers = {
             Cmd.READY: self.on_ready,
             Cmd.LOADED: self.on_loaded,
@@ -214,6 +222,8 @@ class Broker:
                 self.run_timers()
         finally:
             self.socket.close(linger=0)
+            if self.feed is not None:
+                self.feed.close(linger=0)
             log.info("broker_stopped")
 
     def stop(self) -> None:
@@ -254,13 +264,16 @@ class Broker:
             self.send(ident, P.encode(msg.tag, Cmd.ERROR, P.error_header(e.code, e.message, **_ids(msg.header))))
 
     def next_timer(self) -> float:
-        deadlines = [self.next_heartbeat]
+        deadlines = [self.next_heartbeat, self.next_feed if self.feed is not None else float("inf")]
         if self.rebalance_at is not None:
             deadlines.append(self.rebalance_at)
         return min(deadlines)
 
     def run_timers(self) -> None:
         now = time.monotonic()
+        if now >= self.next_feed and self.feed is not None:
+            self.send_feed(P.FEED_STATS, self.status(requests=True))
+            self.next_feed = now + self.config.feed_interval_s
         if now < self.next_heartbeat and (self.rebalance_at is None or now < self.rebalance_at):
             return
         self.purge_stages(now)
@@ -294,10 +307,17 @@ class Broker:
             self.send(stage.ident, frames)
 
     def publish(self, kind: str, **data) -> None:
-        event = {"ts": time.time(), "kind": kind, **data}
+        event = {"ts": time.time(), "kind": kind, "epoch": self.epoch, **data}
         self.events.append(event)
-        for listener in self.listeners:
-            listener(kind, event)
+        self.send_feed(P.FEED_EVENT, event)
+
+    def send_feed(self, topic: bytes, header: dict, tensors: list = ()) -> None:
+        if self.feed is None:
+            return
+        try:  # a slow monitor loses feed messages, never slows the broker
+            self.feed.send_multipart(P.encode_feed(topic, header, tensors), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            pass
 
     # --- stage handlers ----------------------------------------------------------------------
 
@@ -325,23 +345,43 @@ class Broker:
             raise P.ProtocolError(Code.BAD_REQUEST, "credits must be in [1, 1024]")
         now = time.monotonic()
         old = self.stages.get(name)
-        if old is not None:
-            # The same name from a new identity is that stage restarted or reconnected.
-            self.remove_stage(old)
         held = h.get("held")
         stage = StageRecord(
             name=name, ident=ident, caps=h["caps"], credits=h["credits"], joined=now,
             held=tuple(held) if isinstance(held, list) and len(held) == 2 else None,
             last_seen=now, progress_at=now,
         )
+        if old is not None:
+            # The same name from a new identity is that stage restarted or reconnected.
+            lost = {s.rid for s in [*old.queue, *old.inflight.values()] if not s.dead}
+            self.remove_stage(old)
+            if old.state != "draining" and self.layer_map is not None and self.layer_map.range_of(name):
+                self.restart_in_place(stage, old, lost)
+                return
         self.stages[name] = stage
         self.by_ident[ident] = name
         log.info("stage_joined", stage=name, host=stage.caps.get("host"), device=stage.caps.get("device"),
                  memory_mb=int(stage.caps.get("memory_bytes", 0)) >> 20, credits=stage.credits)
         self.publish("join", stage=name, host=stage.caps.get("host"))
-        if old is not None or self.map_formed:
-            self.schedule_rebalance(cause="join" if old is None else "rejoin", now=now,
-                                    immediate=old is not None or not self.ready)
+        if self.map_formed:
+            self.schedule_rebalance(cause="join", now=now, immediate=not self.ready)
+
+    def restart_in_place(self, stage: StageRecord, old: StageRecord, lost: set[str]) -> None:
+        """A stage came back before it was declared dead: same range, same epoch, empty caches.
+
+        Its requests replay when it refuses their next step (`cache_miss`); the ones that had a
+        step inside the old process are told at once.
+        """
+        self.stages[stage.name] = stage
+        self.by_ident[stage.ident] = stage.name
+        stage.start, stage.end, stage.state = old.start, old.end, "loading"
+        log.info("stage_restarted", stage=stage.name, layers=f"[{stage.start},{stage.end})")
+        self.publish("rejoin", stage=stage.name)
+        self.send(stage.ident, P.encode(P.STAGE_TAG, Cmd.ASSIGN, {
+            "epoch": self.epoch, "start": stage.start, "end": stage.end, "num_layers": self.num_layers,
+            "dtype": self.config.dtype, "map": self.layer_map.to_json()}))
+        for rid in lost:
+            self.replay(rid, event="replay", reason=f"stage {stage.name} restarted")
 
     def on_loaded(self, ident: bytes, msg: P.Message) -> None:
         stage = self.stage_of(ident)
@@ -474,6 +514,11 @@ class Broker:
                     frames=msg.frames, descs=msg.descs, want_logits=item["logits"], created=now)
         self.next_step_id += 1
         request.steps += 1
+        if item["logits"] and self.feed is not None:
+            # Token progress for monitors: the step's own id frame, forwarded, not decoded.
+            last = self.layer_map.ranges[-1].name if self.layer_map else None
+            self.send_feed(P.FEED_TOKEN, {"rid": rid, "pos": pos, "n": n, "stage": last, "ts": time.time()},
+                           list(zip(msg.descs, msg.frames, strict=True)))
         if not self.ready:
             step.enqueued = now
             self.waiting.append(step)
@@ -752,9 +797,9 @@ class Broker:
 
     # --- views -------------------------------------------------------------------------------
 
-    def status(self) -> dict:
+    def status(self, requests: bool = False) -> dict:
         cfg = self.checkpoint.config
-        return {
+        view = {
             "ready": self.ready,
             "reason": None if self.ready else self.not_ready_reason,
             "epoch": self.epoch,
@@ -771,7 +816,18 @@ class Broker:
             "counters": self.counters.__dict__,
             "uptime_s": round(time.monotonic() - self.started, 3),
             "pid": os.getpid(),
+            "ts": time.time(),
         }
+        if requests:
+            now = time.monotonic()
+            view["active"] = [
+                {"rid": r.rid, "tokens": r.tokens, "steps": r.steps, "replays": r.replays,
+                 "age_s": round(now - r.created, 3),
+                 "tokens_per_s": round(r.tokens / max(1e-6, now - (r.first_result_at or now)), 2)
+                 if r.first_result_at else 0.0}
+                for r in list(self.requests.values())[:200]
+            ]
+        return view
 
     def stage_view(self, stage: StageRecord) -> dict:
         now = time.monotonic()

@@ -330,6 +330,28 @@ def tensor_from_frame(frame, desc: TensorDesc) -> torch.Tensor:
     return flat.view(desc.shape)
 
 
+# --- the monitor feed (PUB) ---------------------------------------------------------------
+# [topic][header][tensors...]: topics are subscription prefixes, the rest as in a message.
+FEED_STATS = b"stats"
+FEED_EVENT = b"event"
+FEED_TOKEN = b"token"
+FEED_TOPICS = (FEED_STATS, FEED_EVENT, FEED_TOKEN)
+
+
+def encode_feed(topic: bytes, header: dict[str, Any], tensors: Sequence = ()) -> list:
+    return [topic, *encode(MONITOR_TAG, Cmd.STATUS, header, tensors)[2:]]
+
+
+def decode_feed(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes, Message]:
+    """(topic, message) of one feed message; raises ProtocolError."""
+    if not frames:
+        raise ProtocolError(Code.MALFORMED, "empty feed message")
+    topic = bytes(_buffer(frames[0]))
+    if topic not in FEED_TOPICS:
+        raise ProtocolError(Code.UNKNOWN_COMMAND, f"unknown feed topic {topic!r}")
+    return topic, decode([MONITOR_TAG, bytes((Cmd.STATUS,)), *frames[1:]], limits)
+
+
 def error_header(code: Code, message: str, **extra: Any) -> dict[str, Any]:
     return {"code": str(code), "message": message, **extra}
 

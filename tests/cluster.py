@@ -29,6 +29,7 @@ class Cluster:
         self.model = Path(model)
         self.port = free_port()
         self.url = f"tcp://127.0.0.1:{self.port}"
+        self.feed_url = f"tcp://127.0.0.1:{free_port()}"
         self.n = stages
         self.broker_args = broker_args
         self.stage_args = stage_args
@@ -46,7 +47,7 @@ class Cluster:
 
     def start_broker(self) -> None:
         self.broker = self._spawn("broker", [
-            PY, "-m", "broker", "--bind", self.url, "--model", str(self.model),
+            PY, "-m", "broker", "--bind", self.url, "--feed", self.feed_url, "--model", str(self.model),
             "--expect-stages", str(self.n), *self.broker_args])
 
     def start_stage(self, name: str, *extra: str) -> subprocess.Popen:
