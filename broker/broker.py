@@ -665,11 +665,10 @@ class Broker:
             self.reshard(cause="rebalance")
 
     def pipeline_order(self) -> list[StageRecord]:
+        """Survivors keep their places; newcomers go after them, by held range, then name."""
         live = [s for s in self.stages.values() if s.state not in ("dead", "draining")]
-        if self.layer_map is None:
-            # A fresh broker (or one that restarted) keeps each stage's previous place.
-            return sorted(live, key=lambda s: (s.held[0] if s.held else 1 << 30, s.name))
-        return live
+        rank = {r.name: i for i, r in enumerate(self.layer_map.ranges)} if self.layer_map else {}
+        return sorted(live, key=lambda s: (rank.get(s.name, len(rank)), s.held[0] if s.held else 1 << 30, s.name))
 
     def reshard(self, cause: str, lost: str | None = None) -> None:
         """Compute a new map over the live stages, bump the epoch, and replay every request."""
@@ -835,7 +834,8 @@ class Broker:
         tokens = sum(n for _, _, n in recent)
         times = sorted(c for _, c, _ in recent)
         return {
-            "name": stage.name, "host": stage.caps.get("host"), "device": stage.caps.get("device"),
+            "name": stage.name, "host": stage.caps.get("host"), "pid": stage.caps.get("pid"),
+            "device": stage.caps.get("device"),
             "state": "busy" if stage.state == "ready" and stage.inflight else stage.state,
             "start": stage.start, "end": stage.end, "credits": stage.credits,
             "inflight": len(stage.inflight), "queued": len(stage.queue),

@@ -10,7 +10,11 @@ import sys
 import time
 
 import pytest
+import torch
+import zmq
 
+from broker import protocol as P
+from broker.protocol import Cmd
 from client import AsyncClient, Client, NotReadyError
 from tests.cluster import Cluster
 from tests.test_e2e import prompt_ids, reference_greedy, stage_caches
@@ -78,25 +82,59 @@ def test_frozen_stage_thawed_after_reshard_corrupts_nothing(checkpoints):
             reference_greedy(directory, prompt2, TOKENS)
 
 
+def _send_step(sock, rid, seq, tokens, pos, n, logits=True):
+    prev = P.prefix_hash(0, tokens[:pos])
+    header = {"rid": rid, "seq": seq, "pos": pos, "n": n, "prev": prev,
+              "hash": P.prefix_hash(prev, tokens[pos:pos + n]), "logits": logits}
+    sock.send_multipart(P.encode(P.CLIENT_TAG, Cmd.STEP, header, [torch.tensor([tokens[pos:pos + n]])]))
+
+
+def _recv(sock, timeout_s=30.0) -> P.Message:
+    assert sock.poll(timeout_s * 1000), "no reply from the broker"
+    return P.decode(sock.recv_multipart())
+
+
 @pytest.mark.timeout(180)
 def test_restarted_stage_refuses_unknown_positions_and_the_request_recovers(checkpoints):
+    """A stage process replaced under its name has an empty cache: it refuses the next decode
+    step (cache_miss), the broker tells the client to replay, and the replay gives the same token."""
     directory = checkpoints["llama"]
     prompt = prompt_ids(24)
-    expected = reference_greedy(directory, prompt, TOKENS)
-    with Cluster(directory, 3, broker_args=FAST) as cluster, Client(cluster.url) as client:
-        def on_token(i):
-            if i == 10:
-                # Restart s2 under the same name before the broker can notice it died: the new
-                # process has an empty cache and gets a decode step for position > 0.
-                cluster.kill_stage("s2")
-                cluster.stages["s2"].wait()
-                cluster.start_stage("s2")
-
-        tokens, events = run_stream(client, prompt, TOKENS, on_token)
-        assert tokens == expected
-        assert events, "the request must have been replayed"
-        status = cluster.wait_for(lambda s: s["ready"] and stage_caches(s) == 0, 20, "ready, no caches")
-        assert [r["stage"] for r in status["map"]] == ["s0", "s1", "s2"]
+    expected = reference_greedy(directory, prompt, 2)
+    # dead-after is long so the frozen old process is replaced, not declared dead.
+    with Cluster(directory, 3, broker_args=(*FAST, "--dead-after", "20")) as cluster:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(cluster.url)
+        try:
+            _send_step(sock, "rr-1", 0, prompt, 0, len(prompt))
+            first = _recv(sock)
+            assert first.cmd == Cmd.RESULT and int(first.tensor(0)[0, -1].argmax()) == expected[0]
+            epoch = cluster.status()["epoch"]
+            old = cluster.stages["s2"]
+            old.send_signal(signal.SIGSTOP)
+            new = cluster.start_stage("s2")
+            cluster.wait_for(lambda s: s["ready"] and any(
+                st["name"] == "s2" and st["state"] == "ready" and st["pid"] == new.pid for st in s["stages"]),
+                60, "s2 replaced in place")
+            assert cluster.status()["epoch"] == epoch, "a restart in place keeps the layer map"
+            old.kill()
+            tokens = prompt + [expected[0]]
+            _send_step(sock, "rr-1", 1, tokens, len(prompt), 1)
+            event = _recv(sock)
+            assert event.cmd == Cmd.EVENT and event.header["event"] == "replay"
+            assert "cache" in event.header["reason"]
+            # The replay: the prompt as one prefill, then the decode step, as first cut.
+            _send_step(sock, "rr-1", 2, tokens, 0, len(prompt), logits=False)
+            _send_step(sock, "rr-1", 3, tokens, len(prompt), 1)
+            replies = [_recv(sock), _recv(sock)]
+            assert [r.cmd for r in replies] == [Cmd.RESULT, Cmd.RESULT]
+            assert replies[0].descs[0].shape[1] == 0  # no logits for the replayed prefill
+            assert int(replies[1].tensor(0)[0, -1].argmax()) == expected[1]
+            sock.send_multipart(P.encode(P.CLIENT_TAG, Cmd.END, {"rid": "rr-1"}))
+            cluster.wait_for(lambda s: stage_caches(s) == 0, 10, "caches released")
+        finally:
+            sock.close(0)
 
 
 @pytest.mark.timeout(180)
@@ -166,12 +204,13 @@ def test_all_stages_dead_gives_a_clear_error_in_bounded_time(checkpoints):
 
 
 VANISHING_CLIENT = """
-import sys
+import sys, time
 from client import Client
 c = Client(sys.argv[1])
-for e in c.stream([5, 6, 7, 8], max_new_tokens=100000, ignore_eos=True):
+for e in c.stream([5, 6, 7, 8], max_new_tokens=200, ignore_eos=True):
     if e["type"] == "token" and e["index"] == 3:
         print("streaming", flush=True)
+        time.sleep(600)  # hold the request open until the test kills this process
 """
 
 
