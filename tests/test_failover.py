@@ -245,10 +245,13 @@ def test_chaos_kill_and_restart_random_stages_under_concurrency(checkpoints):
                 return await asyncio.gather(*(
                     client.generate(p, max_new_tokens=64, ignore_eos=True) for p in prompts))
 
+        kills_during_streams = []
+
         async def chaos(done: asyncio.Event):
             for _ in range(3):
                 await asyncio.sleep(2.0)
                 victim = rng.choice(sorted(cluster.stages))
+                kills_during_streams.append(not done.is_set())
                 cluster.kill_stage(victim)
                 await asyncio.to_thread(cluster.stages[victim].wait)
                 cluster.start_stage(victim)
@@ -257,11 +260,14 @@ def test_chaos_kill_and_restart_random_stages_under_concurrency(checkpoints):
             done = asyncio.Event()
             chaos_task = asyncio.create_task(chaos(done))
             results = await clients()
+            done.set()
             await chaos_task
             return results
 
         results = asyncio.run(main())
+        assert kills_during_streams == [True, True, True], "every kill must land while streams run"
         assert [r.token_ids for r in results] == expected
+        assert all(r.events for r in results), "every stream saw the failures"
         status = cluster.wait_for(lambda s: s["ready"] and len(s["map"]) == 4 and stage_caches(s) == 0,
                                   60, "all four stages back, no caches")
         assert status["requests"] == 0
