@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--admin-token", default=None, help="token that authorises DRAIN (admin) commands")
     p.add_argument("--feed", default=None,
                    help="monitor feed PUB endpoint (default: the --bind port + 1; 'none' disables it)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -82,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # zmq bind errors: address in use, bad endpoint
         print(f"broker: cannot bind {args.bind}: {e}", file=sys.stderr)
         return 2
+    if args.metrics_port is not None:
+        try:
+            broker.metrics.serve(args.metrics_port, args.metrics_addr)
+        except OSError as e:
+            print(f"broker: cannot serve metrics on {args.metrics_addr}:{args.metrics_port}: {e}", file=sys.stderr)
+            return 2
+        log.info("metrics_serving", url=f"http://{args.metrics_addr}:{args.metrics_port}/metrics")
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     signal.signal(signal.SIGINT, lambda *_: broker.stop())
     broker.run()

@@ -20,6 +20,7 @@ import structlog
 import zmq
 
 from broker import protocol as P
+from broker.metrics import STAGE_STATES, Metrics
 from broker.protocol import Cmd, Code
 from broker.scheduler import (
     LayerCost,
@@ -147,8 +148,10 @@ class Counters:
 class Broker:
     """The ROUTER loop. `run()` blocks; `stop()` may be called from a signal handler."""
 
-    def __init__(self, config: BrokerConfig, checkpoint: Checkpoint, context: zmq.Context | None = None):
+    def __init__(self, config: BrokerConfig, checkpoint: Checkpoint, context: zmq.Context | None = None,
+                 metrics: Metrics | None = None):
         self.config = config
+        self.metrics = metrics or Metrics()
         self.checkpoint = checkpoint
         self.num_layers = checkpoint.num_layers
         cfg = checkpoint.config
@@ -210,7 +213,7 @@ class Broker:
     # --- the loop ----------------------------------------------------------------------------
 
     def run(self) -> None:
-        log.info("broker_started", bind=self.endpoint, model=str(self.checkpoint.path),
+        self.log.info("broker_started", bind=self.endpoint, model=str(self.checkpoint.path),
                  layers=self.num_layers, fingerprint=self.checkpoint.fingerprint)
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
@@ -224,10 +227,14 @@ class Broker:
             self.socket.close(linger=0)
             if self.feed is not None:
                 self.feed.close(linger=0)
-            log.info("broker_stopped")
+            self.log.info("broker_stopped")
 
     def stop(self) -> None:
         self._running = False
+
+    @property
+    def log(self):
+        return log.bind(epoch=self.epoch)
 
     def drain_socket(self, budget: int = 256) -> None:
         for _ in range(budget):
@@ -243,14 +250,19 @@ class Broker:
             msg = P.decode(frames[1:], self.config.limits, inbound=True)
         except P.ProtocolError as e:
             self.counters.malformed += 1
-            log.warning("malformed_message", code=str(e.code), reason=e.message)
+            self.metrics.malformed.inc()
+            self.log.warning("malformed_message", code=str(e.code), reason=e.message)
             tag = frames[1].bytes if len(frames) > 1 and frames[1].bytes in P.TAGS else P.CLIENT_TAG
             self.send(ident, P.encode(tag, Cmd.ERROR, P.error_header(e.code, e.message)))
             return
         if msg.role == "stage":
             stage = self.stage_of(ident)
             if stage is not None:
-                stage.last_seen = time.monotonic()
+                now = time.monotonic()
+                missed = int((now - stage.last_seen) / self.config.heartbeat_s) - 1
+                if missed > 0:
+                    self.metrics.heartbeat_misses.labels(stage.name).inc(missed)
+                stage.last_seen = now
             elif msg.cmd != Cmd.READY:
                 # A stage we do not know (we restarted, or declared it dead): make it register.
                 self.send(ident, P.encode(P.STAGE_TAG, Cmd.BYE, {"reason": "unknown"}))
@@ -282,6 +294,7 @@ class Broker:
         self.purge_clients(now)
         if now >= self.next_heartbeat:
             self.send_heartbeats()
+            self.update_gauges()
             self.next_heartbeat = now + self.config.heartbeat_s
 
     # --- sending -----------------------------------------------------------------------------
@@ -295,7 +308,7 @@ class Broker:
             self.counters.send_failures += 1
             name = self.by_ident.get(ident)
             if e.errno == errno.EHOSTUNREACH and name is not None:
-                log.warning("stage_unreachable", stage=name)
+                self.log.warning("stage_unreachable", stage=name)
                 self.stage_dead(self.stages[name], cause="unreachable")
             elif e.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 raise
@@ -333,7 +346,7 @@ class Broker:
                 Code.FINGERPRINT,
                 f"stage {name} sees checkpoint {h['fingerprint']} but the broker serves "
                 f"{self.checkpoint.fingerprint} ({self.checkpoint.path}); point --model at the same checkpoint")))
-            log.warning("stage_refused", stage=name, reason="fingerprint")
+            self.log.warning("stage_refused", stage=name, reason="fingerprint")
             return
         dtype = h["caps"].get("dtype", "float32")
         if dtype != self.config.dtype:
@@ -360,7 +373,7 @@ class Broker:
                 return
         self.stages[name] = stage
         self.by_ident[ident] = name
-        log.info("stage_joined", stage=name, host=stage.caps.get("host"), device=stage.caps.get("device"),
+        self.log.info("stage_joined", stage=name, host=stage.caps.get("host"), device=stage.caps.get("device"),
                  memory_mb=int(stage.caps.get("memory_bytes", 0)) >> 20, credits=stage.credits)
         self.publish("join", stage=name, host=stage.caps.get("host"))
         if self.map_formed:
@@ -375,7 +388,7 @@ class Broker:
         self.stages[stage.name] = stage
         self.by_ident[stage.ident] = stage.name
         stage.start, stage.end, stage.state = old.start, old.end, "loading"
-        log.info("stage_restarted", stage=stage.name, layers=f"[{stage.start},{stage.end})")
+        self.log.info("stage_restarted", stage=stage.name, layers=f"[{stage.start},{stage.end})")
         self.publish("rejoin", stage=stage.name)
         self.send(stage.ident, P.encode(P.STAGE_TAG, Cmd.ASSIGN, {
             "epoch": self.epoch, "start": stage.start, "end": stage.end, "num_layers": self.num_layers,
@@ -392,7 +405,7 @@ class Broker:
         stage.loaded_epoch = h["epoch"]
         if stage.state in ("loading", "joining"):
             stage.state = "ready" if stage.end > stage.start else "standby"
-        log.info("stage_loaded", stage=stage.name, start=h["start"], end=h["end"], epoch=h["epoch"],
+        self.log.info("stage_loaded", stage=stage.name, start=h["start"], end=h["end"], epoch=h["epoch"],
                  load_s=h.get("load_s"), weight_mb=int(h.get("weight_bytes", 0)) >> 20)
         if self.ready:
             self.on_map_ready()
@@ -412,6 +425,8 @@ class Broker:
         step.trace.append({"stage": stage.name, "start": stage.start, "end": stage.end,
                            "compute_s": compute, "queue_s": queued,
                            "transfer_s": max(0.0, rtt - compute - queued)})
+        self.metrics.step_seconds.labels(stage.name).observe(compute)
+        self.metrics.hop_seconds.labels(stage.name).observe(rtt)
         n = step.item["n"]
         stage.tokens += n
         stage.step_times.append((now, compute, n))
@@ -419,13 +434,15 @@ class Broker:
         stage.per_token_s = per_token if stage.per_token_s == 0 else 0.9 * stage.per_token_s + 0.1 * per_token
         stage.progress_at = now
         if len(msg.frames) != 1:
-            log.warning("bad_result", stage=stage.name, frames=len(msg.frames))
+            self.log.warning("bad_result", stage=stage.name, frames=len(msg.frames))
             self.fail_step(step, Code.INTERNAL, f"stage {stage.name} returned {len(msg.frames)} outputs for 1 item")
         else:
             step.frames, step.descs = msg.frames, msg.descs
             step.hop += 1
             self.counters.forwarded += 1
             self.counters.forwarded_bytes += msg.descs[0].nbytes
+            self.metrics.forwarded.inc()
+            self.metrics.forwarded_bytes.inc(msg.descs[0].nbytes)
             if step.hop < len(self.layer_map.ranges):
                 self.enqueue(step, now)
                 self.dispatch(self.stages[self.layer_map.ranges[step.hop].name])
@@ -438,7 +455,7 @@ class Broker:
         h = msg.header
         step = stage.inflight.pop(h.get("step"), None) if isinstance(h.get("step"), int) else None
         if step is None:
-            log.warning("stage_error", stage=stage.name, code=h["code"], reason=h["message"])
+            self.log.warning("stage_error", stage=stage.name, code=h["code"], reason=h["message"])
             return
         if not step.dead and h.get("epoch") == self.epoch:
             code = h["code"]
@@ -463,7 +480,7 @@ class Broker:
     def drain_stage(self, stage: StageRecord, cause: str) -> None:
         if stage.state == "draining":
             return
-        log.info("stage_draining", stage=stage.name, cause=cause)
+        self.log.info("stage_draining", stage=stage.name, cause=cause)
         stage.state = "draining"
         self.publish("leave", stage=stage.name, cause=cause)
         if stage.end > stage.start:
@@ -528,6 +545,7 @@ class Broker:
 
     def busy(self, ident: bytes, ids: dict, reason: str) -> None:
         self.counters.busy += 1
+        self.metrics.busy.inc()
         self.send(ident, P.encode(P.CLIENT_TAG, Cmd.ERROR, P.error_header(
             Code.BUSY, f"broker busy: {reason}; retry later", retry_after_s=self.config.busy_retry_s, **ids)))
 
@@ -585,8 +603,9 @@ class Broker:
 
     def deliver(self, step: Step, now: float) -> None:
         request = self.requests.get(step.rid)
-        if request is not None:
-            request.tokens += 1 if step.want_logits else 0
+        if request is not None and step.want_logits:
+            request.tokens += 1
+            self.metrics.tokens.inc()
             if request.first_result_at is None:
                 request.first_result_at = now
         header = {"rid": step.rid, "seq": step.seq, "pos": step.item["pos"], "n": step.item["n"],
@@ -624,6 +643,7 @@ class Broker:
             self.finish_request(request, outcome="failed")
             return
         request.replay_pending = True
+        self.metrics.replays.labels(event).inc()
         body = {"rid": rid, "event": event, "reason": reason, **data}
         request.events.append(body)
         self.send(request.client, P.encode(P.CLIENT_TAG, Cmd.EVENT, body))
@@ -631,7 +651,7 @@ class Broker:
     def stage_dead(self, stage: StageRecord, cause: str) -> None:
         if stage.name not in self.stages or self.stages[stage.name] is not stage:
             return
-        log.warning("stage_dead", stage=stage.name, cause=cause, layers=f"[{stage.start},{stage.end})")
+        self.log.warning("stage_dead", stage=stage.name, cause=cause, layers=f"[{stage.start},{stage.end})")
         self.publish("dead", stage=stage.name, cause=cause)
         had_layers = self.layer_map is not None and self.layer_map.range_of(stage.name) is not None
         self.remove_stage(stage)
@@ -644,6 +664,8 @@ class Broker:
             step.dead = True
         self.stages.pop(stage.name, None)
         self.by_ident.pop(stage.ident, None)
+        if stage.name not in self.stages:
+            self.metrics.forget_stage(stage.name)
 
     def schedule_rebalance(self, cause: str, now: float, immediate: bool) -> None:
         if immediate:
@@ -678,6 +700,7 @@ class Broker:
         self.last_reshard = time.monotonic()
         self.rebalance_at = None
         self.counters.reshards += 1
+        self.metrics.reshards.labels(cause).inc()
         caps = [StageCapacity(s.name, int(s.caps.get("memory_bytes", 0))) for s in order]
         try:
             if not caps:
@@ -687,7 +710,7 @@ class Broker:
         except SchedulerError as e:
             new = None
             self.not_ready_reason = f"the live stages cannot hold the model: {e}"
-            log.warning("not_ready", reason=self.not_ready_reason)
+            self.log.warning("not_ready", reason=self.not_ready_reason)
             self.publish("not_ready", reason=self.not_ready_reason)
         self.layer_map = new
         for stage in order:
@@ -700,7 +723,7 @@ class Broker:
             self.send(stage.ident, P.encode(P.STAGE_TAG, Cmd.ASSIGN, header))
         old_json = old.to_json() if old is not None else []
         new_json = new.to_json() if new is not None else []
-        log.info("reshard", cause=cause, lost=lost, epoch=self.epoch,
+        self.log.info("reshard", cause=cause, lost=lost, epoch=self.epoch,
                  old=old.describe() if old else None, new=new.describe() if new else None)
         self.publish("reshard", cause=cause, lost=lost, epoch=self.epoch, old_map=old_json, new_map=new_json)
         self.kill_steps()
@@ -718,7 +741,7 @@ class Broker:
         )
 
     def on_map_ready(self) -> None:
-        log.info("cluster_ready", epoch=self.epoch, map=self.layer_map.describe())
+        self.log.info("cluster_ready", epoch=self.epoch, map=self.layer_map.describe())
         self.publish("ready", epoch=self.epoch, map=self.layer_map.to_json())
         self.finish_drains()
         now = time.monotonic()
@@ -735,7 +758,7 @@ class Broker:
             if stage.state == "draining" and (self.layer_map is None or self.layer_map.range_of(stage.name) is None) \
                     and (self.ready or self.layer_map is None):
                 self.send(stage.ident, P.encode(P.STAGE_TAG, Cmd.BYE, {"reason": "drained"}))
-                log.info("stage_left", stage=stage.name)
+                self.log.info("stage_left", stage=stage.name)
                 self.remove_stage(stage)
 
     # --- timers ------------------------------------------------------------------------------
@@ -745,7 +768,7 @@ class Broker:
             if now - stage.last_seen > self.config.dead_after_s:
                 self.stage_dead(stage, cause="silent")
             elif self.is_stalled(stage, now):
-                log.warning("stage_stalled", stage=stage.name, since_s=round(now - stage.progress_at, 3))
+                self.log.warning("stage_stalled", stage=stage.name, since_s=round(now - stage.progress_at, 3))
                 self.publish("stalled", stage=stage.name)
                 self.stage_dead(stage, cause="stalled")
 
@@ -771,7 +794,7 @@ class Broker:
         for request in list(self.requests.values()):
             seen = max(request.last_seen, self.clients_seen.get(request.client, 0.0))
             if now - seen > self.config.client_timeout_s:
-                log.info("client_vanished", rid=request.rid, silent_s=round(now - seen, 1))
+                self.log.info("client_vanished", rid=request.rid, silent_s=round(now - seen, 1))
                 self.finish_request(request, outcome="abandoned")
         for ident, seen in list(self.clients_seen.items()):
             if now - seen > self.config.client_timeout_s:
@@ -791,8 +814,26 @@ class Broker:
                              for e in request.events],
                   "finished": time.time()}
         self.history.append(record)
-        log.info("request_finished", rid=request.rid, outcome=outcome, tokens=request.tokens,
+        self.metrics.requests.labels(outcome).inc()
+        self.log.info("request_finished", rid=request.rid, outcome=outcome, tokens=request.tokens,
                  replays=request.replays, duration_s=record["duration_s"])
+
+    def update_gauges(self) -> None:
+        m = self.metrics
+        counts = dict.fromkeys(STAGE_STATES, 0)
+        for stage in self.stages.values():
+            state = "busy" if stage.state == "ready" and stage.inflight else stage.state
+            counts[state] = counts.get(state, 0) + 1
+            m.queue_depth.labels(stage.name).set(len(stage.queue))
+            m.inflight.labels(stage.name).set(len(stage.inflight))
+            for gauge, key in ((m.kv_bytes, "kv_bytes"), (m.rss_bytes, "rss_bytes")):
+                if isinstance(stage.stats.get(key), int):
+                    gauge.labels(stage.name).set(stage.stats[key])
+        for state, n in counts.items():
+            m.stages.labels(state).set(n)
+        m.active_requests.set(len(self.requests))
+        m.ready.set(1 if self.ready else 0)
+        m.epoch.set(self.epoch)
 
     # --- views -------------------------------------------------------------------------------
 
