@@ -21,13 +21,25 @@ D = BrokerConfig()
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m broker", description=__doc__)
     p.add_argument("--bind", default=D.bind, help="ROUTER endpoint (default %(default)s)")
-    p.add_argument("--model", default=str(DEFAULT_DEMO_DIR),
-                   help="local Hugging Face checkpoint directory (default: the built-in demo model)")
+    p.add_argument(
+        "--model",
+        default=str(DEFAULT_DEMO_DIR),
+        help="local Hugging Face checkpoint directory (default: the built-in demo model)",
+    )
     p.add_argument("--strategy", choices=("uniform", "capacity"), default=D.strategy)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=D.dtype)
-    p.add_argument("--expect-stages", type=int, default=D.expect_stages,
-                   help="form the first layer map once this many stages registered (or after --settle)")
-    p.add_argument("--settle", type=float, default=D.settle_s, help="seconds of no joins before forming the map")
+    p.add_argument(
+        "--expect-stages",
+        type=int,
+        default=D.expect_stages,
+        help="form the first layer map once this many stages registered (or after --settle)",
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=D.settle_s,
+        help="seconds of no joins before forming the map",
+    )
     p.add_argument("--heartbeat", type=float, default=D.heartbeat_s)
     p.add_argument("--dead-after", type=float, default=D.dead_after_s)
     p.add_argument("--stall-floor", type=float, default=D.stall_floor_s)
@@ -39,10 +51,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-client-requests", type=int, default=D.max_client_requests)
     p.add_argument("--max-replays", type=int, default=D.max_replays)
     p.add_argument("--max-frame-mb", type=int, default=DEFAULT_LIMITS.max_frame_bytes >> 20)
-    p.add_argument("--admin-token", default=None, help="token that authorises DRAIN (admin) commands")
-    p.add_argument("--feed", default=None,
-                   help="monitor feed PUB endpoint (default: the --bind port + 1; 'none' disables it)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument(
+        "--admin-token", default=None, help="token that authorises DRAIN (admin) commands"
+    )
+    p.add_argument(
+        "--feed",
+        default=None,
+        help="monitor feed PUB endpoint (default: the --bind port + 1; 'none' disables it)",
+    )
+    p.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
+    )
     p.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
@@ -70,11 +89,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"broker: {e}", file=sys.stderr)
         return 2
     config = BrokerConfig(
-        bind=args.bind, strategy=args.strategy, dtype=args.dtype, heartbeat_s=args.heartbeat,
-        dead_after_s=args.dead_after, stall_floor_s=args.stall_floor, ready_wait_s=args.ready_wait,
-        client_timeout_s=args.client_timeout, max_queue=args.max_queue, max_requests=args.max_requests,
-        max_client_requests=args.max_client_requests, max_replays=args.max_replays,
-        expect_stages=args.expect_stages, settle_s=args.settle, rebalance_cooldown_s=args.rebalance_cooldown,
+        bind=args.bind,
+        strategy=args.strategy,
+        dtype=args.dtype,
+        heartbeat_s=args.heartbeat,
+        dead_after_s=args.dead_after,
+        stall_floor_s=args.stall_floor,
+        ready_wait_s=args.ready_wait,
+        client_timeout_s=args.client_timeout,
+        max_queue=args.max_queue,
+        max_requests=args.max_requests,
+        max_client_requests=args.max_client_requests,
+        max_replays=args.max_replays,
+        expect_stages=args.expect_stages,
+        settle_s=args.settle,
+        rebalance_cooldown_s=args.rebalance_cooldown,
         limits=dataclasses.replace(DEFAULT_LIMITS, max_frame_bytes=args.max_frame_mb << 20),
         admin_token=args.admin_token,
         feed=feed_endpoint(args.bind, args.feed),
@@ -88,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             broker.metrics.serve(args.metrics_port, args.metrics_addr)
         except OSError as e:
-            print(f"broker: cannot serve metrics on {args.metrics_addr}:{args.metrics_port}: {e}", file=sys.stderr)
+            print(
+                f"broker: cannot serve metrics on {args.metrics_addr}:{args.metrics_port}: {e}",
+                file=sys.stderr,
+            )
             return 2
         log.info("metrics_serving", url=f"http://{args.metrics_addr}:{args.metrics_port}/metrics")
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())

@@ -9,6 +9,7 @@ through as the `zmq.Frame` objects they arrived in; the broker never builds a te
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import os
 import re
@@ -148,14 +149,21 @@ class Counters:
 class Broker:
     """The ROUTER loop. `run()` blocks; `stop()` may be called from a signal handler."""
 
-    def __init__(self, config: BrokerConfig, checkpoint: Checkpoint, context: zmq.Context | None = None,
-                 metrics: Metrics | None = None):
+    def __init__(
+        self,
+        config: BrokerConfig,
+        checkpoint: Checkpoint,
+        context: zmq.Context | None = None,
+        metrics: Metrics | None = None,
+    ):
         self.config = config
         self.metrics = metrics or Metrics()
         self.checkpoint = checkpoint
         self.num_layers = checkpoint.num_layers
         cfg = checkpoint.config
-        self.max_positions = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 1 << 20))
+        self.max_positions = int(
+            getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 1 << 20)
+        )
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -174,14 +182,18 @@ class Broker:
 
         dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[config.dtype]
         wb = checkpoint.weight_bytes(dtype_bytes)
-        self.cost = LayerCost(layer_bytes=wb["layer"], first_extra_bytes=wb["first"], last_extra_bytes=wb["last"])
+        self.cost = LayerCost(
+            layer_bytes=wb["layer"], first_extra_bytes=wb["first"], last_extra_bytes=wb["last"]
+        )
 
         self.stages: dict[str, StageRecord] = {}  # insertion order is the pipeline order
         self.by_ident: dict[bytes, str] = {}
         self.layer_map: LayerMap | None = None
         # Epochs grow across broker restarts too, so a stage never confuses two incarnations.
         self.epoch = int(time.time() * 1000)
-        self.not_ready_reason = "no stages registered; start one with `python -m stage --broker URL`"
+        self.not_ready_reason = (
+            "no stages registered; start one with `python -m stage --broker URL`"
+        )
         self.map_formed = False
         self.last_reshard = 0.0
         self.rebalance_at: float | None = None
@@ -213,8 +225,13 @@ class Broker:
     # --- the loop ----------------------------------------------------------------------------
 
     def run(self) -> None:
-        self.log.info("broker_started", bind=self.endpoint, model=str(self.checkpoint.path),
-                 layers=self.num_layers, fingerprint=self.checkpoint.fingerprint)
+        self.log.info(
+            "broker_started",
+            bind=self.endpoint,
+            model=str(self.checkpoint.path),
+            layers=self.num_layers,
+            fingerprint=self.checkpoint.fingerprint,
+        )
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         try:
@@ -273,7 +290,10 @@ class Broker:
             self.handlers[msg.cmd](ident, msg)
         except P.ProtocolError as e:
             self.counters.malformed += 1
-            self.send(ident, P.encode(msg.tag, Cmd.ERROR, P.error_header(e.code, e.message, **_ids(msg.header))))
+            self.send(
+                ident,
+                P.encode(msg.tag, Cmd.ERROR, P.error_header(e.code, e.message, **_ids(msg.header))),
+            )
 
     def next_timer(self) -> float:
         deadlines = [self.next_heartbeat, self.next_feed if self.feed is not None else float("inf")]
@@ -327,10 +347,11 @@ class Broker:
     def send_feed(self, topic: bytes, header: dict, tensors: list = ()) -> None:
         if self.feed is None:
             return
-        try:  # a slow monitor loses feed messages, never slows the broker
-            self.feed.send_multipart(P.encode_feed(topic, header, tensors), flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            pass
+        # A slow monitor loses feed messages; it never slows the broker.
+        with contextlib.suppress(zmq.Again):
+            self.feed.send_multipart(
+                P.encode_feed(topic, header, tensors), flags=zmq.NOBLOCK, copy=False
+            )
 
     # --- stage handlers ----------------------------------------------------------------------
 
@@ -342,17 +363,34 @@ class Broker:
         h = msg.header
         name = h["name"]
         if h["fingerprint"] != self.checkpoint.fingerprint:
-            self.send(ident, P.encode(P.STAGE_TAG, Cmd.ERROR, P.error_header(
-                Code.FINGERPRINT,
-                f"stage {name} sees checkpoint {h['fingerprint']} but the broker serves "
-                f"{self.checkpoint.fingerprint} ({self.checkpoint.path}); point --model at the same checkpoint")))
+            self.send(
+                ident,
+                P.encode(
+                    P.STAGE_TAG,
+                    Cmd.ERROR,
+                    P.error_header(
+                        Code.FINGERPRINT,
+                        f"stage {name} sees checkpoint {h['fingerprint']} but the broker serves "
+                        f"{self.checkpoint.fingerprint} ({self.checkpoint.path}); point --model at the same checkpoint",
+                    ),
+                ),
+            )
             self.log.warning("stage_refused", stage=name, reason="fingerprint")
             return
         dtype = h["caps"].get("dtype", "float32")
         if dtype != self.config.dtype:
-            self.send(ident, P.encode(P.STAGE_TAG, Cmd.ERROR, P.error_header(
-                Code.FINGERPRINT, f"stage {name} runs {dtype} but the cluster runs {self.config.dtype}; "
-                f"start it with --dtype {self.config.dtype}")))
+            self.send(
+                ident,
+                P.encode(
+                    P.STAGE_TAG,
+                    Cmd.ERROR,
+                    P.error_header(
+                        Code.FINGERPRINT,
+                        f"stage {name} runs {dtype} but the cluster runs {self.config.dtype}; "
+                        f"start it with --dtype {self.config.dtype}",
+                    ),
+                ),
+            )
             return
         if not 1 <= h["credits"] <= 1024:
             raise P.ProtocolError(Code.BAD_REQUEST, "credits must be in [1, 1024]")
@@ -360,21 +398,36 @@ class Broker:
         old = self.stages.get(name)
         held = h.get("held")
         stage = StageRecord(
-            name=name, ident=ident, caps=h["caps"], credits=h["credits"], joined=now,
+            name=name,
+            ident=ident,
+            caps=h["caps"],
+            credits=h["credits"],
+            joined=now,
             held=tuple(held) if isinstance(held, list) and len(held) == 2 else None,
-            last_seen=now, progress_at=now,
+            last_seen=now,
+            progress_at=now,
         )
         if old is not None:
             # The same name from a new identity is that stage restarted or reconnected.
             lost = {s.rid for s in [*old.queue, *old.inflight.values()] if not s.dead}
             self.remove_stage(old)
-            if old.state != "draining" and self.layer_map is not None and self.layer_map.range_of(name):
+            if (
+                old.state != "draining"
+                and self.layer_map is not None
+                and self.layer_map.range_of(name)
+            ):
                 self.restart_in_place(stage, old, lost)
                 return
         self.stages[name] = stage
         self.by_ident[ident] = name
-        self.log.info("stage_joined", stage=name, host=stage.caps.get("host"), device=stage.caps.get("device"),
-                 memory_mb=int(stage.caps.get("memory_bytes", 0)) >> 20, credits=stage.credits)
+        self.log.info(
+            "stage_joined",
+            stage=name,
+            host=stage.caps.get("host"),
+            device=stage.caps.get("device"),
+            memory_mb=int(stage.caps.get("memory_bytes", 0)) >> 20,
+            credits=stage.credits,
+        )
         self.publish("join", stage=name, host=stage.caps.get("host"))
         if self.map_formed:
             self.schedule_rebalance(cause="join", now=now, immediate=not self.ready)
@@ -390,9 +443,21 @@ class Broker:
         stage.start, stage.end, stage.state = old.start, old.end, "loading"
         self.log.info("stage_restarted", stage=stage.name, layers=f"[{stage.start},{stage.end})")
         self.publish("rejoin", stage=stage.name)
-        self.send(stage.ident, P.encode(P.STAGE_TAG, Cmd.ASSIGN, {
-            "epoch": self.epoch, "start": stage.start, "end": stage.end, "num_layers": self.num_layers,
-            "dtype": self.config.dtype, "map": self.layer_map.to_json()}))
+        self.send(
+            stage.ident,
+            P.encode(
+                P.STAGE_TAG,
+                Cmd.ASSIGN,
+                {
+                    "epoch": self.epoch,
+                    "start": stage.start,
+                    "end": stage.end,
+                    "num_layers": self.num_layers,
+                    "dtype": self.config.dtype,
+                    "map": self.layer_map.to_json(),
+                },
+            ),
+        )
         for rid in lost:
             self.replay(rid, event="replay", reason=f"stage {stage.name} restarted")
 
@@ -405,8 +470,15 @@ class Broker:
         stage.loaded_epoch = h["epoch"]
         if stage.state in ("loading", "joining"):
             stage.state = "ready" if stage.end > stage.start else "standby"
-        self.log.info("stage_loaded", stage=stage.name, start=h["start"], end=h["end"], epoch=h["epoch"],
-                 load_s=h.get("load_s"), weight_mb=int(h.get("weight_bytes", 0)) >> 20)
+        self.log.info(
+            "stage_loaded",
+            stage=stage.name,
+            start=h["start"],
+            end=h["end"],
+            epoch=h["epoch"],
+            load_s=h.get("load_s"),
+            weight_mb=int(h.get("weight_bytes", 0)) >> 20,
+        )
         if self.ready:
             self.on_map_ready()
 
@@ -422,20 +494,33 @@ class Broker:
         compute = float(h.get("compute_s", 0.0))
         queued = float(h.get("queue_s", 0.0))
         rtt = now - step.sent
-        step.trace.append({"stage": stage.name, "start": stage.start, "end": stage.end,
-                           "compute_s": compute, "queue_s": queued,
-                           "transfer_s": max(0.0, rtt - compute - queued)})
+        step.trace.append(
+            {
+                "stage": stage.name,
+                "start": stage.start,
+                "end": stage.end,
+                "compute_s": compute,
+                "queue_s": queued,
+                "transfer_s": max(0.0, rtt - compute - queued),
+            }
+        )
         self.metrics.step_seconds.labels(stage.name).observe(compute)
         self.metrics.hop_seconds.labels(stage.name).observe(rtt)
         n = step.item["n"]
         stage.tokens += n
         stage.step_times.append((now, compute, n))
         per_token = compute / max(1, n)
-        stage.per_token_s = per_token if stage.per_token_s == 0 else 0.9 * stage.per_token_s + 0.1 * per_token
+        stage.per_token_s = (
+            per_token if stage.per_token_s == 0 else 0.9 * stage.per_token_s + 0.1 * per_token
+        )
         stage.progress_at = now
         if len(msg.frames) != 1:
             self.log.warning("bad_result", stage=stage.name, frames=len(msg.frames))
-            self.fail_step(step, Code.INTERNAL, f"stage {stage.name} returned {len(msg.frames)} outputs for 1 item")
+            self.fail_step(
+                step,
+                Code.INTERNAL,
+                f"stage {stage.name} returned {len(msg.frames)} outputs for 1 item",
+            )
         else:
             step.frames, step.descs = msg.frames, msg.descs
             step.hop += 1
@@ -462,8 +547,11 @@ class Broker:
             if code in (Code.CACHE_MISS, Code.CACHE_MISMATCH, Code.STALE_EPOCH):
                 self.replay(step.rid, event="replay", reason=f"stage {stage.name}: {h['message']}")
             else:
-                self.fail_step(step, Code(code) if code in Code.__members__.values() else Code.INTERNAL,
-                               f"stage {stage.name}: {h['message']}")
+                self.fail_step(
+                    step,
+                    Code(code) if code in Code.__members__.values() else Code.INTERNAL,
+                    f"stage {stage.name}: {h['message']}",
+                )
         self.dispatch(stage)
 
     def on_heartbeat(self, ident: bytes, msg: P.Message) -> None:
@@ -495,47 +583,92 @@ class Broker:
         rid, pos, n = h["rid"], h["pos"], h["n"]
         ids = _ids(h)
         if not RID_PATTERN.match(rid):
-            raise P.ProtocolError(Code.BAD_REQUEST, "rid must be 1-64 characters of [A-Za-z0-9_.:-]")
+            raise P.ProtocolError(
+                Code.BAD_REQUEST, "rid must be 1-64 characters of [A-Za-z0-9_.:-]"
+            )
         if pos < 0 or n < 1:
-            raise P.ProtocolError(Code.BAD_REQUEST, f"need pos >= 0 and n >= 1, got pos={pos} n={n}")
+            raise P.ProtocolError(
+                Code.BAD_REQUEST, f"need pos >= 0 and n >= 1, got pos={pos} n={n}"
+            )
         if len(msg.descs) != 1 or msg.descs[0].dtype != "int64" or msg.descs[0].shape != (1, n):
-            raise P.ProtocolError(Code.BAD_REQUEST, f"STEP carries one int64 tensor of shape [1, {n}]")
+            raise P.ProtocolError(
+                Code.BAD_REQUEST, f"STEP carries one int64 tensor of shape [1, {n}]"
+            )
         if pos + n > self.max_positions:
-            raise P.ProtocolError(Code.CONTEXT_OVERFLOW,
-                                  f"positions up to {pos + n} exceed the model's context of {self.max_positions}")
+            raise P.ProtocolError(
+                Code.CONTEXT_OVERFLOW,
+                f"positions up to {pos + n} exceed the model's context of {self.max_positions}",
+            )
         now = time.monotonic()
         request = self.requests.get(rid)
         if request is None:
             if pos != 0:
                 # The broker restarted or released it: the client must replay from the start.
-                self.send(ident, P.encode(P.CLIENT_TAG, Cmd.EVENT, {"rid": rid, "event": "replay",
-                                                                      "reason": "request unknown to the broker"}))
+                self.send(
+                    ident,
+                    P.encode(
+                        P.CLIENT_TAG,
+                        Cmd.EVENT,
+                        {"rid": rid, "event": "replay", "reason": "request unknown to the broker"},
+                    ),
+                )
                 return
             if len(self.requests) >= self.config.max_requests:
-                return self.busy(ident, ids, f"{len(self.requests)} requests active (limit {self.config.max_requests})")
+                return self.busy(
+                    ident,
+                    ids,
+                    f"{len(self.requests)} requests active (limit {self.config.max_requests})",
+                )
             mine = sum(1 for r in self.requests.values() if r.client == ident)
             if mine >= self.config.max_client_requests:
-                return self.busy(ident, ids, f"this client has {mine} requests active "
-                                             f"(limit {self.config.max_client_requests})")
-            request = self.requests[rid] = Request(rid=rid, client=ident, created=now, last_seen=now)
+                return self.busy(
+                    ident,
+                    ids,
+                    f"this client has {mine} requests active "
+                    f"(limit {self.config.max_client_requests})",
+                )
+            request = self.requests[rid] = Request(
+                rid=rid, client=ident, created=now, last_seen=now
+            )
         request.client, request.last_seen = ident, now
         if request.replay_pending:
             if pos != 0:
                 return  # superseded by the replay the client was told to make
             request.replay_pending = False
-        if self.layer_map is not None and len(self.stages[self.layer_map.ranges[0].name].queue) >= self.config.max_queue:
+        if (
+            self.layer_map is not None
+            and len(self.stages[self.layer_map.ranges[0].name].queue) >= self.config.max_queue
+        ):
             return self.busy(ident, ids, f"stage queue full ({self.config.max_queue} steps)")
-        item = {"rid": rid, "pos": pos, "n": n, "prev": h["prev"], "hash": h["hash"],
-                "logits": bool(h.get("logits", True))}
-        step = Step(id=self.next_step_id, rid=rid, seq=h["seq"], client=ident, item=item,
-                    frames=msg.frames, descs=msg.descs, want_logits=item["logits"], created=now)
+        item = {
+            "rid": rid,
+            "pos": pos,
+            "n": n,
+            "prev": h["prev"],
+            "hash": h["hash"],
+            "logits": bool(h.get("logits", True)),
+        }
+        step = Step(
+            id=self.next_step_id,
+            rid=rid,
+            seq=h["seq"],
+            client=ident,
+            item=item,
+            frames=msg.frames,
+            descs=msg.descs,
+            want_logits=item["logits"],
+            created=now,
+        )
         self.next_step_id += 1
         request.steps += 1
         if item["logits"] and self.feed is not None:
             # Token progress for monitors: the step's own id frame, forwarded, not decoded.
             last = self.layer_map.ranges[-1].name if self.layer_map else None
-            self.send_feed(P.FEED_TOKEN, {"rid": rid, "pos": pos, "n": n, "stage": last, "ts": time.time()},
-                           list(zip(msg.descs, msg.frames, strict=True)))
+            self.send_feed(
+                P.FEED_TOKEN,
+                {"rid": rid, "pos": pos, "n": n, "stage": last, "ts": time.time()},
+                list(zip(msg.descs, msg.frames, strict=True)),
+            )
         if not self.ready:
             step.enqueued = now
             self.waiting.append(step)
@@ -546,8 +679,19 @@ class Broker:
     def busy(self, ident: bytes, ids: dict, reason: str) -> None:
         self.counters.busy += 1
         self.metrics.busy.inc()
-        self.send(ident, P.encode(P.CLIENT_TAG, Cmd.ERROR, P.error_header(
-            Code.BUSY, f"broker busy: {reason}; retry later", retry_after_s=self.config.busy_retry_s, **ids)))
+        self.send(
+            ident,
+            P.encode(
+                P.CLIENT_TAG,
+                Cmd.ERROR,
+                P.error_header(
+                    Code.BUSY,
+                    f"broker busy: {reason}; retry later",
+                    retry_after_s=self.config.busy_retry_s,
+                    **ids,
+                ),
+            ),
+        )
 
     def on_end(self, ident: bytes, msg: P.Message) -> None:
         request = self.requests.get(msg.header["rid"])
@@ -564,15 +708,25 @@ class Broker:
         self.send(ident, P.encode(msg.tag, Cmd.STATUS, self.status()))
 
     def on_jobs(self, ident: bytes, msg: P.Message) -> None:
-        active = [{"rid": r.rid, "outcome": "active", "steps": r.steps, "tokens": r.tokens,
-                   "replays": r.replays, "age_s": round(time.monotonic() - r.created, 3)}
-                  for r in self.requests.values()]
+        active = [
+            {
+                "rid": r.rid,
+                "outcome": "active",
+                "steps": r.steps,
+                "tokens": r.tokens,
+                "replays": r.replays,
+                "age_s": round(time.monotonic() - r.created, 3),
+            }
+            for r in self.requests.values()
+        ]
         self.send(ident, P.encode(msg.tag, Cmd.JOBS, {"jobs": list(self.history) + active}))
 
     def on_drain(self, ident: bytes, msg: P.Message) -> None:
         h = msg.header
         if self.config.admin_token is None or h["token"] != self.config.admin_token:
-            raise P.ProtocolError(Code.UNAUTHORIZED, "DRAIN needs the broker's admin token (--admin-token)")
+            raise P.ProtocolError(
+                Code.UNAUTHORIZED, "DRAIN needs the broker's admin token (--admin-token)"
+            )
         stage = self.stages.get(h["stage"])
         if stage is None:
             raise P.ProtocolError(Code.BAD_REQUEST, f"no stage named {h['stage']!r}")
@@ -588,7 +742,11 @@ class Broker:
 
     def dispatch(self, stage: StageRecord) -> None:
         """Send queued steps to a stage while it has credits."""
-        while stage.queue and len(stage.inflight) < stage.credits and stage.state in ("ready", "draining"):
+        while (
+            stage.queue
+            and len(stage.inflight) < stage.credits
+            and stage.state in ("ready", "draining")
+        ):
             step = stage.queue.popleft()
             if step.dead:
                 continue
@@ -597,8 +755,15 @@ class Broker:
             step.sent = now
             stage.inflight[step.id] = step
             header = {"step": step.id, "epoch": step.epoch, "items": [step.item]}
-            if not self.send(stage.ident, P.encode(P.STAGE_TAG, Cmd.FORWARD, header,
-                                                   list(zip(step.descs, step.frames, strict=True)))):
+            if not self.send(
+                stage.ident,
+                P.encode(
+                    P.STAGE_TAG,
+                    Cmd.FORWARD,
+                    header,
+                    list(zip(step.descs, step.frames, strict=True)),
+                ),
+            ):
                 return
 
     def deliver(self, step: Step, now: float) -> None:
@@ -608,15 +773,30 @@ class Broker:
             self.metrics.tokens.inc()
             if request.first_result_at is None:
                 request.first_result_at = now
-        header = {"rid": step.rid, "seq": step.seq, "pos": step.item["pos"], "n": step.item["n"],
-                  "epoch": step.epoch, "trace": step.trace, "broker_queue_s": step.broker_queue_s}
-        self.send(step.client, P.encode(P.CLIENT_TAG, Cmd.RESULT, header,
-                                        list(zip(step.descs, step.frames, strict=True))))
+        header = {
+            "rid": step.rid,
+            "seq": step.seq,
+            "pos": step.item["pos"],
+            "n": step.item["n"],
+            "epoch": step.epoch,
+            "trace": step.trace,
+            "broker_queue_s": step.broker_queue_s,
+        }
+        self.send(
+            step.client,
+            P.encode(
+                P.CLIENT_TAG, Cmd.RESULT, header, list(zip(step.descs, step.frames, strict=True))
+            ),
+        )
 
     def fail_step(self, step: Step, code: Code, message: str) -> None:
         step.dead = True
-        self.send(step.client, P.encode(P.CLIENT_TAG, Cmd.ERROR, P.error_header(
-            code, message, rid=step.rid, seq=step.seq)))
+        self.send(
+            step.client,
+            P.encode(
+                P.CLIENT_TAG, Cmd.ERROR, P.error_header(code, message, rid=step.rid, seq=step.seq)
+            ),
+        )
 
     def kill_steps(self, rid: str | None = None) -> None:
         """Drop queued and in-flight steps (of one request, or all); credits return on reply."""
@@ -625,7 +805,9 @@ class Broker:
                 if rid is None or step.rid == rid:
                     step.dead = True
             stage.queue = collections.deque(s for s in stage.queue if not s.dead)
-        self.waiting = collections.deque(s for s in self.waiting if not (rid is None or s.rid == rid))
+        self.waiting = collections.deque(
+            s for s in self.waiting if not (rid is None or s.rid == rid)
+        )
 
     # --- recovery ----------------------------------------------------------------------------
 
@@ -637,9 +819,19 @@ class Broker:
         self.kill_steps(rid)
         request.replays += 1
         if request.replays > self.config.max_replays:
-            self.send(request.client, P.encode(P.CLIENT_TAG, Cmd.ERROR, P.error_header(
-                Code.REPLAY_LIMIT, f"request {rid} was replayed {request.replays - 1} times "
-                f"(limit {self.config.max_replays}); the cluster is unstable", rid=rid)))
+            self.send(
+                request.client,
+                P.encode(
+                    P.CLIENT_TAG,
+                    Cmd.ERROR,
+                    P.error_header(
+                        Code.REPLAY_LIMIT,
+                        f"request {rid} was replayed {request.replays - 1} times "
+                        f"(limit {self.config.max_replays}); the cluster is unstable",
+                        rid=rid,
+                    ),
+                ),
+            )
             self.finish_request(request, outcome="failed")
             return
         request.replay_pending = True
@@ -651,7 +843,9 @@ class Broker:
     def stage_dead(self, stage: StageRecord, cause: str) -> None:
         if stage.name not in self.stages or self.stages[stage.name] is not stage:
             return
-        self.log.warning("stage_dead", stage=stage.name, cause=cause, layers=f"[{stage.start},{stage.end})")
+        self.log.warning(
+            "stage_dead", stage=stage.name, cause=cause, layers=f"[{stage.start},{stage.end})"
+        )
         self.publish("dead", stage=stage.name, cause=cause)
         had_layers = self.layer_map is not None and self.layer_map.range_of(stage.name) is not None
         self.remove_stage(stage)
@@ -690,7 +884,10 @@ class Broker:
         """Survivors keep their places; newcomers go after them, by held range, then name."""
         live = [s for s in self.stages.values() if s.state not in ("dead", "draining")]
         rank = {r.name: i for i, r in enumerate(self.layer_map.ranges)} if self.layer_map else {}
-        return sorted(live, key=lambda s: (rank.get(s.name, len(rank)), s.held[0] if s.held else 1 << 30, s.name))
+        return sorted(
+            live,
+            key=lambda s: (rank.get(s.name, len(rank)), s.held[0] if s.held else 1 << 30, s.name),
+        )
 
     def reshard(self, cause: str, lost: str | None = None) -> None:
         """Compute a new map over the live stages, bump the epoch, and replay every request."""
@@ -704,7 +901,9 @@ class Broker:
         caps = [StageCapacity(s.name, int(s.caps.get("memory_bytes", 0))) for s in order]
         try:
             if not caps:
-                raise SchedulerError("no live stages; start one with `python -m stage --broker URL`")
+                raise SchedulerError(
+                    "no live stages; start one with `python -m stage --broker URL`"
+                )
             new = plan(caps, self.num_layers, self.config.strategy, self.cost, epoch=self.epoch)
             self.not_ready_reason = "waiting for stages to load their layers"
         except SchedulerError as e:
@@ -718,18 +917,40 @@ class Broker:
             stage.start, stage.end = (r.start, r.end) if r is not None else (0, 0)
             stage.state = "loading"
             stage.loaded_epoch = -1
-            header = {"epoch": self.epoch, "start": stage.start, "end": stage.end, "num_layers": self.num_layers,
-                      "dtype": self.config.dtype, "map": new.to_json() if new is not None else []}
+            header = {
+                "epoch": self.epoch,
+                "start": stage.start,
+                "end": stage.end,
+                "num_layers": self.num_layers,
+                "dtype": self.config.dtype,
+                "map": new.to_json() if new is not None else [],
+            }
             self.send(stage.ident, P.encode(P.STAGE_TAG, Cmd.ASSIGN, header))
         old_json = old.to_json() if old is not None else []
         new_json = new.to_json() if new is not None else []
-        self.log.info("reshard", cause=cause, lost=lost, epoch=self.epoch,
-                 old=old.describe() if old else None, new=new.describe() if new else None)
-        self.publish("reshard", cause=cause, lost=lost, epoch=self.epoch, old_map=old_json, new_map=new_json)
+        self.log.info(
+            "reshard",
+            cause=cause,
+            lost=lost,
+            epoch=self.epoch,
+            old=old.describe() if old else None,
+            new=new.describe() if new else None,
+        )
+        self.publish(
+            "reshard", cause=cause, lost=lost, epoch=self.epoch, old_map=old_json, new_map=new_json
+        )
         self.kill_steps()
         for rid in list(self.requests):
-            self.replay(rid, event="reshard", reason=cause, epoch=self.epoch, lost=lost, cause=cause,
-                        old_map=old_json, new_map=new_json)
+            self.replay(
+                rid,
+                event="reshard",
+                reason=cause,
+                epoch=self.epoch,
+                lost=lost,
+                cause=cause,
+                old_map=old_json,
+                new_map=new_json,
+            )
 
     @property
     def ready(self) -> bool:
@@ -755,8 +976,11 @@ class Broker:
     def finish_drains(self) -> None:
         """A draining stage goes once the map no longer needs it."""
         for stage in list(self.stages.values()):
-            if stage.state == "draining" and (self.layer_map is None or self.layer_map.range_of(stage.name) is None) \
-                    and (self.ready or self.layer_map is None):
+            if (
+                stage.state == "draining"
+                and (self.layer_map is None or self.layer_map.range_of(stage.name) is None)
+                and (self.ready or self.layer_map is None)
+            ):
                 self.send(stage.ident, P.encode(P.STAGE_TAG, Cmd.BYE, {"reason": "drained"}))
                 self.log.info("stage_left", stage=stage.name)
                 self.remove_stage(stage)
@@ -768,7 +992,9 @@ class Broker:
             if now - stage.last_seen > self.config.dead_after_s:
                 self.stage_dead(stage, cause="silent")
             elif self.is_stalled(stage, now):
-                self.log.warning("stage_stalled", stage=stage.name, since_s=round(now - stage.progress_at, 3))
+                self.log.warning(
+                    "stage_stalled", stage=stage.name, since_s=round(now - stage.progress_at, 3)
+                )
                 self.publish("stalled", stage=stage.name)
                 self.stage_dead(stage, cause="stalled")
 
@@ -778,8 +1004,11 @@ class Broker:
             return False
         tokens = sum(s.item["n"] for s in live)
         expected = stage.per_token_s * tokens
-        deadline = (max(self.config.stall_floor_s, self.config.stall_factor * expected)
-                    if stage.per_token_s > 0 else self.config.stall_first_s)
+        deadline = (
+            max(self.config.stall_floor_s, self.config.stall_factor * expected)
+            if stage.per_token_s > 0
+            else self.config.stall_first_s
+        )
         oldest = min(s.sent for s in live)
         return now - max(oldest, stage.progress_at) > deadline
 
@@ -787,8 +1016,12 @@ class Broker:
         while self.waiting and now - self.waiting[0].enqueued > self.config.ready_wait_s:
             step = self.waiting.popleft()
             if not step.dead:
-                self.fail_step(step, Code.NOT_READY, f"cluster not ready after {self.config.ready_wait_s:.0f} s: "
-                               f"{self.not_ready_reason}")
+                self.fail_step(
+                    step,
+                    Code.NOT_READY,
+                    f"cluster not ready after {self.config.ready_wait_s:.0f} s: "
+                    f"{self.not_ready_reason}",
+                )
 
     def purge_clients(self, now: float) -> None:
         for request in list(self.requests.values()):
@@ -807,16 +1040,32 @@ class Broker:
         for stage in self.stages.values():
             self.send(stage.ident, release)
         now = time.monotonic()
-        record = {"rid": request.rid, "outcome": outcome, "steps": request.steps, "tokens": request.tokens,
-                  "replays": request.replays, "duration_s": round(now - request.created, 4),
-                  "ttft_s": round(request.first_result_at - request.created, 4) if request.first_result_at else None,
-                  "events": [{k: v for k, v in e.items() if k in ("event", "reason", "lost", "epoch")}
-                             for e in request.events],
-                  "finished": time.time()}
+        record = {
+            "rid": request.rid,
+            "outcome": outcome,
+            "steps": request.steps,
+            "tokens": request.tokens,
+            "replays": request.replays,
+            "duration_s": round(now - request.created, 4),
+            "ttft_s": round(request.first_result_at - request.created, 4)
+            if request.first_result_at
+            else None,
+            "events": [
+                {k: v for k, v in e.items() if k in ("event", "reason", "lost", "epoch")}
+                for e in request.events
+            ],
+            "finished": time.time(),
+        }
         self.history.append(record)
         self.metrics.requests.labels(outcome).inc()
-        self.log.info("request_finished", rid=request.rid, outcome=outcome, tokens=request.tokens,
-                 replays=request.replays, duration_s=record["duration_s"])
+        self.log.info(
+            "request_finished",
+            rid=request.rid,
+            outcome=outcome,
+            tokens=request.tokens,
+            replays=request.replays,
+            duration_s=record["duration_s"],
+        )
 
     def update_gauges(self) -> None:
         m = self.metrics
@@ -861,10 +1110,16 @@ class Broker:
         if requests:
             now = time.monotonic()
             view["active"] = [
-                {"rid": r.rid, "tokens": r.tokens, "steps": r.steps, "replays": r.replays,
-                 "age_s": round(now - r.created, 3),
-                 "tokens_per_s": round(r.tokens / max(1e-6, now - (r.first_result_at or now)), 2)
-                 if r.first_result_at else 0.0}
+                {
+                    "rid": r.rid,
+                    "tokens": r.tokens,
+                    "steps": r.steps,
+                    "replays": r.replays,
+                    "age_s": round(now - r.created, 3),
+                    "tokens_per_s": round(r.tokens / max(1e-6, now - (r.first_result_at or now)), 2)
+                    if r.first_result_at
+                    else 0.0,
+                }
                 for r in list(self.requests.values())[:200]
             ]
         return view
@@ -875,16 +1130,23 @@ class Broker:
         tokens = sum(n for _, _, n in recent)
         times = sorted(c for _, c, _ in recent)
         return {
-            "name": stage.name, "host": stage.caps.get("host"), "pid": stage.caps.get("pid"),
+            "name": stage.name,
+            "host": stage.caps.get("host"),
+            "pid": stage.caps.get("pid"),
             "device": stage.caps.get("device"),
             "state": "busy" if stage.state == "ready" and stage.inflight else stage.state,
-            "start": stage.start, "end": stage.end, "credits": stage.credits,
-            "inflight": len(stage.inflight), "queued": len(stage.queue),
+            "start": stage.start,
+            "end": stage.end,
+            "credits": stage.credits,
+            "inflight": len(stage.inflight),
+            "queued": len(stage.queue),
             "tokens_per_s": round(tokens / 10.0, 2),
             "p50_s": times[len(times) // 2] if times else None,
             "p99_s": times[min(len(times) - 1, int(len(times) * 0.99))] if times else None,
-            "kv_bytes": stage.stats.get("kv_bytes"), "kv_requests": stage.stats.get("kv_requests"),
-            "rss_bytes": stage.stats.get("rss_bytes"), "memory_bytes": stage.caps.get("memory_bytes"),
+            "kv_bytes": stage.stats.get("kv_bytes"),
+            "kv_requests": stage.stats.get("kv_requests"),
+            "rss_bytes": stage.stats.get("rss_bytes"),
+            "memory_bytes": stage.caps.get("memory_bytes"),
             "last_seen_s": round(now - stage.last_seen, 3),
         }
 

@@ -46,7 +46,9 @@ def wait_ready(url: str, procs: list[subprocess.Popen], timeout_s: float) -> dic
     while time.monotonic() < deadline:
         for p in procs:
             if p.poll() is not None:
-                raise RuntimeError(f"{' '.join(p.args[:3])} exited with code {p.returncode} before the cluster was ready")
+                raise RuntimeError(
+                    f"{' '.join(p.args[:3])} exited with code {p.returncode} before the cluster was ready"
+                )
         status = query_status(url)
         if status is not None and status["ready"]:
             return status
@@ -74,9 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", type=int, default=int(os.environ.get("STAGES", 3)))
     p.add_argument("--model", default=os.environ.get("MODEL") or str(DEFAULT_DEMO_DIR))
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", 5555)))
-    p.add_argument("--threads", type=int, default=None, help="torch threads per stage (default: cores / stages)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per stage (default: cores / stages)",
+    )
     p.add_argument("--no-demo", action="store_true", help="skip the demo generation")
-    p.add_argument("--exit-after-demo", action="store_true", help="stop the cluster after the demo (for tests)")
+    p.add_argument(
+        "--exit-after-demo", action="store_true", help="stop the cluster after the demo (for tests)"
+    )
     args = p.parse_args(argv)
     if args.stages < 1:
         p.error("--stages must be at least 1")
@@ -93,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def spawn(name: str, cmd: list[str]) -> None:
         out = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
-        procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
 
     def stop_all(*_: object) -> None:
         for proc in procs:
@@ -110,13 +123,42 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (timeout, a supervisor) must also stop the children, as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        spawn("broker", [py, "-m", "broker", "--bind", url, "--model", str(model),
-                         "--expect-stages", str(args.stages)])
+        spawn(
+            "broker",
+            [
+                py,
+                "-m",
+                "broker",
+                "--bind",
+                url,
+                "--model",
+                str(model),
+                "--expect-stages",
+                str(args.stages),
+            ],
+        )
         for i in range(args.stages):
-            spawn(f"s{i}", [py, "-m", "stage", "--broker", url, "--model", str(model), "--name", f"s{i}",
-                            "--threads", str(threads)])
-        print(f"started a broker on {url} and {args.stages} stages ({threads} torch thread(s) each); "
-              f"logs in {logs}/", flush=True)
+            spawn(
+                f"s{i}",
+                [
+                    py,
+                    "-m",
+                    "stage",
+                    "--broker",
+                    url,
+                    "--model",
+                    str(model),
+                    "--name",
+                    f"s{i}",
+                    "--threads",
+                    str(threads),
+                ],
+            )
+        print(
+            f"started a broker on {url} and {args.stages} stages ({threads} torch thread(s) each); "
+            f"logs in {logs}/",
+            flush=True,
+        )
         status = wait_ready(url, procs, READY_TIMEOUT_S)
         print(format_map(status), flush=True)
         if not args.no_demo:
@@ -126,19 +168,28 @@ def main(argv: list[str] | None = None) -> int:
                 prompt = "The river carries"
                 result = client.generate(prompt, max_new_tokens=48)
                 tps = len(result.token_ids) / result.total_s if result.total_s else 0.0
-                print(f"\ndemo generation ({len(result.token_ids)} tokens, {tps:.0f} tokens/s, "
-                      f"finish: {result.finish_reason}):\n  {prompt}{result.text}\n", flush=True)
-        print("The demo model's weights are random, so its text is meaningless. Submit more with:\n"
-              f"  .venv/bin/python -m client --broker {url} --prompt 'hello' --stream\n"
-              f"  .venv/bin/python -c \"from client import Client; print(Client('{url}').generate('hello').text)\"\n"
-              f"  make tui BROKER={url}\n"
-              "Ctrl-C stops the cluster.", flush=True)
+                print(
+                    f"\ndemo generation ({len(result.token_ids)} tokens, {tps:.0f} tokens/s, "
+                    f"finish: {result.finish_reason}):\n  {prompt}{result.text}\n",
+                    flush=True,
+                )
+        print(
+            "The demo model's weights are random, so its text is meaningless. Submit more with:\n"
+            f"  .venv/bin/python -m client --broker {url} --prompt 'hello' --stream\n"
+            f"  .venv/bin/python -c \"from client import Client; print(Client('{url}').generate('hello').text)\"\n"
+            f"  make tui BROKER={url}\n"
+            "Ctrl-C stops the cluster.",
+            flush=True,
+        )
         if args.exit_after_demo:
             return 0
         while all(proc.poll() is None for proc in procs):
             time.sleep(0.5)  # idle supervision; Ctrl-C interrupts it
         dead = [proc for proc in procs if proc.poll() is not None]
-        print(f"a cluster process exited (code {dead[0].returncode}); stopping the rest", file=sys.stderr)
+        print(
+            f"a cluster process exited (code {dead[0].returncode}); stopping the rest",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("\nstopping the cluster", flush=True)

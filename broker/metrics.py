@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # Decode steps take from a fraction of a millisecond (a tiny model) to seconds (a long prefill
@@ -15,36 +17,85 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.step_seconds = Histogram("layerline_stage_step_seconds", "Stage compute time per step",
-                                      ["stage"], buckets=STEP_BUCKETS, registry=r)
-        self.hop_seconds = Histogram("layerline_stage_hop_seconds", "Broker-to-broker time of one hop "
-                                     "(queue, compute and transfer)", ["stage"], buckets=STEP_BUCKETS, registry=r)
-        self.tokens = Counter("layerline_tokens_generated_total", "Tokens whose logits reached a client",
-                              registry=r)
-        self.requests = Counter("layerline_requests_total", "Finished requests by outcome", ["outcome"],
-                                registry=r)
-        self.reshards = Counter("layerline_reshards_total", "Layer-map changes by cause", ["cause"], registry=r)
-        self.replays = Counter("layerline_replays_total", "Replays asked of clients", ["event"], registry=r)
-        self.queue_depth = Gauge("layerline_stage_queue_depth", "Steps waiting in the broker for a stage",
-                                 ["stage"], registry=r)
-        self.inflight = Gauge("layerline_stage_inflight", "Steps outstanding at a stage", ["stage"], registry=r)
-        self.forwarded = Counter("layerline_forwarded_messages_total", "Tensor messages forwarded", registry=r)
-        self.forwarded_bytes = Counter("layerline_forwarded_bytes_total", "Tensor bytes forwarded", registry=r)
-        self.heartbeat_misses = Counter("layerline_heartbeat_misses_total", "Heartbeat periods a stage was silent",
-                                        ["stage"], registry=r)
+        self.step_seconds = Histogram(
+            "layerline_stage_step_seconds",
+            "Stage compute time per step",
+            ["stage"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.hop_seconds = Histogram(
+            "layerline_stage_hop_seconds",
+            "Broker-to-broker time of one hop (queue, compute and transfer)",
+            ["stage"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "layerline_tokens_generated_total", "Tokens whose logits reached a client", registry=r
+        )
+        self.requests = Counter(
+            "layerline_requests_total", "Finished requests by outcome", ["outcome"], registry=r
+        )
+        self.reshards = Counter(
+            "layerline_reshards_total", "Layer-map changes by cause", ["cause"], registry=r
+        )
+        self.replays = Counter(
+            "layerline_replays_total", "Replays asked of clients", ["event"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "layerline_stage_queue_depth",
+            "Steps waiting in the broker for a stage",
+            ["stage"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "layerline_stage_inflight", "Steps outstanding at a stage", ["stage"], registry=r
+        )
+        self.forwarded = Counter(
+            "layerline_forwarded_messages_total", "Tensor messages forwarded", registry=r
+        )
+        self.forwarded_bytes = Counter(
+            "layerline_forwarded_bytes_total", "Tensor bytes forwarded", registry=r
+        )
+        self.heartbeat_misses = Counter(
+            "layerline_heartbeat_misses_total",
+            "Heartbeat periods a stage was silent",
+            ["stage"],
+            registry=r,
+        )
         self.stages = Gauge("layerline_stages", "Stages by state", ["state"], registry=r)
-        self.kv_bytes = Gauge("layerline_stage_kv_cache_bytes", "KV cache held by a stage", ["stage"], registry=r)
-        self.rss_bytes = Gauge("layerline_stage_resident_memory_bytes", "Resident memory of a stage", ["stage"],
-                               registry=r)
-        self.malformed = Counter("layerline_malformed_messages_total", "Messages refused as malformed",
-                                 registry=r)
-        self.busy = Counter("layerline_busy_refusals_total", "Steps refused because a limit was reached",
-                            registry=r)
-        self.active_requests = Gauge("layerline_active_requests", "Requests in progress", registry=r)
-        self.ready = Gauge("layerline_cluster_ready", "1 when the layer map is complete and loaded", registry=r)
+        self.kv_bytes = Gauge(
+            "layerline_stage_kv_cache_bytes", "KV cache held by a stage", ["stage"], registry=r
+        )
+        self.rss_bytes = Gauge(
+            "layerline_stage_resident_memory_bytes",
+            "Resident memory of a stage",
+            ["stage"],
+            registry=r,
+        )
+        self.malformed = Counter(
+            "layerline_malformed_messages_total", "Messages refused as malformed", registry=r
+        )
+        self.busy = Counter(
+            "layerline_busy_refusals_total", "Steps refused because a limit was reached", registry=r
+        )
+        self.active_requests = Gauge(
+            "layerline_active_requests", "Requests in progress", registry=r
+        )
+        self.ready = Gauge(
+            "layerline_cluster_ready", "1 when the layer map is complete and loaded", registry=r
+        )
         self.epoch = Gauge("layerline_epoch", "Current layer-map epoch", registry=r)
-        self._per_stage = (self.step_seconds, self.hop_seconds, self.queue_depth, self.inflight,
-                           self.heartbeat_misses, self.kv_bytes, self.rss_bytes)
+        self._per_stage = (
+            self.step_seconds,
+            self.hop_seconds,
+            self.queue_depth,
+            self.inflight,
+            self.heartbeat_misses,
+            self.kv_bytes,
+            self.rss_bytes,
+        )
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
@@ -52,7 +103,5 @@ class Metrics:
     def forget_stage(self, name: str) -> None:
         """A departed stage's series go with it, so dashboards show no ghosts."""
         for metric in self._per_stage:
-            try:
+            with contextlib.suppress(KeyError):
                 metric.remove(name)
-            except KeyError:
-                pass

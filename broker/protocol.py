@@ -201,7 +201,11 @@ def _check_schema(header: dict, schema: dict[str, type | tuple[type, ...]], what
     for key, kind in schema.items():
         value = header.get(key)
         # bool is an int subclass; a flag is never a valid position or id.
-        if value is None or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        if (
+            value is None
+            or not isinstance(value, kind)
+            or (kind is int and isinstance(value, bool))
+        ):
             raise ProtocolError(Code.BAD_REQUEST, f"{what}: field {key!r} must be {_name(kind)}")
 
 
@@ -214,43 +218,60 @@ def _parse_desc(raw: Any, limits: Limits) -> TensorDesc:
         raise ProtocolError(Code.BAD_REQUEST, "tensor descriptor must be an object")
     dtype, shape = raw.get("dtype"), raw.get("shape")
     if dtype not in DTYPES:
-        raise ProtocolError(Code.BAD_REQUEST, f"tensor dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        raise ProtocolError(
+            Code.BAD_REQUEST, f"tensor dtype {dtype!r} is not one of {sorted(DTYPES)}"
+        )
     if (
         not isinstance(shape, list)
         or len(shape) > limits.max_dims
-        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape)
+        or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape
+        )
     ):
         raise ProtocolError(Code.BAD_REQUEST, f"tensor shape {shape!r} is invalid")
     return TensorDesc(dtype, tuple(shape))
 
 
 def decode(
-    frames: Sequence, limits: Limits = DEFAULT_LIMITS, expect: bytes | None = None, inbound: bool = False
+    frames: Sequence,
+    limits: Limits = DEFAULT_LIMITS,
+    expect: bytes | None = None,
+    inbound: bool = False,
 ) -> Message:
     """Validate and parse one message (without the routing identity). Raises ProtocolError.
 
     `inbound=True` (the broker) also refuses commands the sender's role may not send.
     """
     if len(frames) < 3:
-        raise ProtocolError(Code.MALFORMED, f"message has {len(frames)} frames; need tag, command, header")
+        raise ProtocolError(
+            Code.MALFORMED, f"message has {len(frames)} frames; need tag, command, header"
+        )
     tag = bytes(_buffer(frames[0])) if _length(frames[0]) <= 8 else b""
     if tag not in TAGS:
         if tag[:2] == b"LL":
-            raise ProtocolError(Code.BAD_VERSION, f"protocol {tag!r} is not supported; this broker speaks version {VERSION}")
+            raise ProtocolError(
+                Code.BAD_VERSION,
+                f"protocol {tag!r} is not supported; this broker speaks version {VERSION}",
+            )
         raise ProtocolError(Code.BAD_VERSION, "unknown protocol tag; not a layerline peer")
     if expect is not None and tag != expect:
-        raise ProtocolError(Code.BAD_VERSION, f"expected {TAGS.get(expect)} messages, got {TAGS[tag]}")
+        raise ProtocolError(
+            Code.BAD_VERSION, f"expected {TAGS.get(expect)} messages, got {TAGS[tag]}"
+        )
     if _length(frames[1]) != 1:
         raise ProtocolError(Code.MALFORMED, "command frame must be exactly one byte")
     try:
         cmd = Cmd(bytes(_buffer(frames[1]))[0])
     except ValueError:
-        raise ProtocolError(Code.UNKNOWN_COMMAND, f"unknown command 0x{bytes(_buffer(frames[1]))[0]:02x}") from None
+        raise ProtocolError(
+            Code.UNKNOWN_COMMAND, f"unknown command 0x{bytes(_buffer(frames[1]))[0]:02x}"
+        ) from None
     if inbound and cmd not in INBOUND[tag]:
         raise ProtocolError(Code.UNKNOWN_COMMAND, f"{cmd.name} is not a {TAGS[tag]} command")
     if _length(frames[2]) > limits.max_header_bytes:
         raise ProtocolError(
-            Code.HEADER_TOO_LARGE, f"header of {_length(frames[2])} bytes exceeds {limits.max_header_bytes}"
+            Code.HEADER_TOO_LARGE,
+            f"header of {_length(frames[2])} bytes exceeds {limits.max_header_bytes}",
         )
     try:
         header = orjson.loads(_buffer(frames[2]))
@@ -267,19 +288,23 @@ def decode(
             _check_schema(item, ITEM_SCHEMA, "FORWARD item")
     raw_descs = header.get("tensors", [])
     if not isinstance(raw_descs, list) or len(raw_descs) > limits.max_tensors:
-        raise ProtocolError(Code.BAD_REQUEST, "header 'tensors' must be a list of at most "
-                            f"{limits.max_tensors} descriptors")
+        raise ProtocolError(
+            Code.BAD_REQUEST,
+            f"header 'tensors' must be a list of at most {limits.max_tensors} descriptors",
+        )
     tensor_frames = list(frames[3:])
     if len(raw_descs) != len(tensor_frames):
         raise ProtocolError(
-            Code.TENSOR_MISMATCH, f"header describes {len(raw_descs)} tensors but {len(tensor_frames)} frames follow"
+            Code.TENSOR_MISMATCH,
+            f"header describes {len(raw_descs)} tensors but {len(tensor_frames)} frames follow",
         )
     descs = [_parse_desc(d, limits) for d in raw_descs]
     for i, (desc, frame) in enumerate(zip(descs, tensor_frames, strict=True)):
         size = _length(frame)
         if size > limits.max_frame_bytes:
             raise ProtocolError(
-                Code.FRAME_TOO_LARGE, f"tensor frame {i} of {size} bytes exceeds {limits.max_frame_bytes}"
+                Code.FRAME_TOO_LARGE,
+                f"tensor frame {i} of {size} bytes exceeds {limits.max_frame_bytes}",
             )
         if size != desc.nbytes:
             raise ProtocolError(

@@ -17,8 +17,20 @@ SINGLE_FILE = "model.safetensors"
 # above this is a corrupt or hostile file, not a checkpoint.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 class CheckpointError(ValueError):
@@ -44,7 +56,9 @@ def _read_header(path: Path) -> dict:
         with path.open("rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
-                raise CheckpointError(f"{path} is truncated (no safetensors header); re-download it")
+                raise CheckpointError(
+                    f"{path} is truncated (no safetensors header); re-download it"
+                )
             (length,) = struct.unpack("<Q", raw)
             if length > MAX_HEADER_BYTES:
                 raise CheckpointError(f"{path} has a corrupt safetensors header ({length} bytes)")
@@ -105,7 +119,11 @@ class Checkpoint:
             k.startswith("lm_head") for k in self.tensors
         ):
             last += max(
-                (self.tensors[k].numel * (dtype_bytes or 4) for k in self.tensors if "embed_tokens" in k or k.endswith("wte.weight")),
+                (
+                    self.tensors[k].numel * (dtype_bytes or 4)
+                    for k in self.tensors
+                    if "embed_tokens" in k or k.endswith("wte.weight")
+                ),
                 default=0,
             )
         return {"layer": max(per_layer.values(), default=0), "first": first, "last": last}
@@ -168,5 +186,9 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
         digest.update(_sample(file))
         for key, info in header.items():
             if key != "__metadata__":
-                tensors[key] = TensorInfo(file=name, dtype=info["dtype"], shape=tuple(info["shape"]))
-    return Checkpoint(path=path, config=config, tensors=tensors, fingerprint=digest.hexdigest()[:16])
+                tensors[key] = TensorInfo(
+                    file=name, dtype=info["dtype"], shape=tuple(info["shape"])
+                )
+    return Checkpoint(
+        path=path, config=config, tensors=tensors, fingerprint=digest.hexdigest()[:16]
+    )

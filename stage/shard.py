@@ -56,7 +56,9 @@ def check_device(device: str | torch.device, dtype: torch.dtype) -> torch.device
     """Refuse a device or a dtype that cannot run here, before any weight is read."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ShardError(f"device {device} requested but CUDA is not available here; use --device cpu")
+        raise ShardError(
+            f"device {device} requested but CUDA is not available here; use --device cpu"
+        )
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ShardError(f"{device} cannot run bfloat16; use --dtype float16 or float32")
     try:  # a one-element probe catches dtypes the backend has no kernels for
@@ -232,8 +234,15 @@ def _load_tensors(
     return out
 
 
-def _fill(module: nn.Module, local_prefix: str, ckpt_prefix: str, checkpoint: Checkpoint,
-          dtype: torch.dtype, device: torch.device, fallback: dict[str, str] | None = None) -> None:
+def _fill(
+    module: nn.Module,
+    local_prefix: str,
+    ckpt_prefix: str,
+    checkpoint: Checkpoint,
+    dtype: torch.dtype,
+    device: torch.device,
+    fallback: dict[str, str] | None = None,
+) -> None:
     wanted: dict[str, str] = {}
     for name in module.state_dict():
         key = _checkpoint_key(checkpoint, f"{ckpt_prefix}.{name}")
@@ -249,7 +258,9 @@ def _fill(module: nn.Module, local_prefix: str, ckpt_prefix: str, checkpoint: Ch
     try:
         module.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{checkpoint.path}: tensors for {ckpt_prefix} do not fit: {e}") from e
+        raise CheckpointError(
+            f"{checkpoint.path}: tensors for {ckpt_prefix} do not fit: {e}"
+        ) from e
     _materialize_buffers(module, device)
 
 
@@ -260,8 +271,9 @@ def _materialize_buffers(module: nn.Module, device: torch.device) -> None:
             if not buf.is_meta:
                 continue
             if name == "embed_scale" and hasattr(sub, "scalar_embed_scale"):
-                sub.register_buffer(name, torch.tensor(sub.scalar_embed_scale, device=device),
-                                    persistent=False)
+                sub.register_buffer(
+                    name, torch.tensor(sub.scalar_embed_scale, device=device), persistent=False
+                )
             else:
                 raise ShardError(f"{type(sub).__name__}.{name} has no value after loading")
 
@@ -287,7 +299,9 @@ def load_shard(
     if start >= end:
         raise ShardError(f"layer range [{start},{end}) is empty or inverted; need start < end")
     if start < 0 or end > num_layers:
-        raise ShardError(f"layer range [{start},{end}) is outside the model's layers [0,{num_layers})")
+        raise ShardError(
+            f"layer range [{start},{end}) is outside the model's layers [0,{num_layers})"
+        )
     torch_dtype = resolve_dtype(dtype)
     dev = check_device(device, torch_dtype)
     adapter = adapter_for(ckpt.config)
@@ -304,8 +318,11 @@ def load_shard(
     full_config._attn_implementation = shard_config._attn_implementation
     layers = adapter.module(skeleton, "layers")
     layer_cls = type(layers[0])
-    if reuse is not None and (reuse.checkpoint.fingerprint != ckpt.fingerprint
-                              or reuse.dtype != torch_dtype or reuse.device != dev):
+    if reuse is not None and (
+        reuse.checkpoint.fingerprint != ckpt.fingerprint
+        or reuse.dtype != torch_dtype
+        or reuse.device != dev
+    ):
         reuse = None
     rebuilt = nn.ModuleList()
     for i in range(end - start):
@@ -318,7 +335,12 @@ def load_shard(
             _fill(layer, f"layers.{i}", f"{adapter.layers}.{g}", ckpt, torch_dtype, dev)
         rebuilt.append(layer)
 
-    parts: dict[str, nn.Module | None] = {"embed": None, "positions": None, "norm": None, "head": None}
+    parts: dict[str, nn.Module | None] = {
+        "embed": None,
+        "positions": None,
+        "norm": None,
+        "head": None,
+    }
     if start == 0:
         for role in ("embed", "positions"):
             module = adapter.module(skeleton, role)
@@ -334,10 +356,16 @@ def load_shard(
         _fill(parts["norm"], "norm", adapter.norm, ckpt, torch_dtype, dev)
         head = adapter.module(skeleton, "head")
         tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
-        if tied and parts["embed"] is not None and _checkpoint_key(ckpt, f"{adapter.head}.weight") is None:
+        if (
+            tied
+            and parts["embed"] is not None
+            and _checkpoint_key(ckpt, f"{adapter.head}.weight") is None
+        ):
             head.weight = parts["embed"].weight  # one matrix, as in the monolithic model
         else:
-            fallback = {"weight": _checkpoint_key(ckpt, f"{adapter.embed}.weight")} if tied else None
+            fallback = (
+                {"weight": _checkpoint_key(ckpt, f"{adapter.embed}.weight")} if tied else None
+            )
             _fill(head, "head", adapter.head, ckpt, torch_dtype, dev, fallback)
         parts["head"] = head
 
@@ -361,8 +389,10 @@ def load_shard(
         dtype=torch_dtype,
         rotary=rotary,
         kinds=tuple(adapter.attention_kind(ckpt.config, start + i) for i in range(end - start)),
-        max_positions=int(getattr(ckpt.config, "max_position_embeddings", None)
-                          or getattr(ckpt.config, "n_positions", 1 << 30)),
+        max_positions=int(
+            getattr(ckpt.config, "max_position_embeddings", None)
+            or getattr(ckpt.config, "n_positions", 1 << 30)
+        ),
         vocab_size=int(ckpt.config.vocab_size),
         **parts,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -24,8 +25,15 @@ def free_port() -> int:
 class Cluster:
     """Broker + named stages as subprocesses. Use as a context manager."""
 
-    def __init__(self, model: Path, stages: int = 3, *, broker_args: tuple[str, ...] = (),
-                 stage_args: tuple[str, ...] = (), log_dir: Path | None = None):
+    def __init__(
+        self,
+        model: Path,
+        stages: int = 3,
+        *,
+        broker_args: tuple[str, ...] = (),
+        stage_args: tuple[str, ...] = (),
+        log_dir: Path | None = None,
+    ):
         self.model = Path(model)
         self.port = free_port()
         self.url = f"tcp://127.0.0.1:{self.port}"
@@ -46,13 +54,43 @@ class Cluster:
         return subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT)
 
     def start_broker(self) -> None:
-        self.broker = self._spawn("broker", [
-            PY, "-m", "broker", "--bind", self.url, "--feed", self.feed_url, "--model", str(self.model),
-            "--expect-stages", str(self.n), *self.broker_args])
+        self.broker = self._spawn(
+            "broker",
+            [
+                PY,
+                "-m",
+                "broker",
+                "--bind",
+                self.url,
+                "--feed",
+                self.feed_url,
+                "--model",
+                str(self.model),
+                "--expect-stages",
+                str(self.n),
+                *self.broker_args,
+            ],
+        )
 
     def start_stage(self, name: str, *extra: str) -> subprocess.Popen:
-        proc = self._spawn(name, [PY, "-m", "stage", "--broker", self.url, "--model", str(self.model),
-                                  "--name", name, "--threads", "1", *self.stage_args, *extra])
+        proc = self._spawn(
+            name,
+            [
+                PY,
+                "-m",
+                "stage",
+                "--broker",
+                self.url,
+                "--model",
+                str(self.model),
+                "--name",
+                name,
+                "--threads",
+                "1",
+                *self.stage_args,
+                *extra,
+            ],
+        )
         self.stages[name] = proc
         return proc
 
@@ -85,7 +123,9 @@ class Cluster:
 
     def wait_ready(self, timeout_s: float = 90.0, stages: int | None = None) -> dict:
         want = self.n if stages is None else stages
-        return self.wait_for(lambda s: s["ready"] and len(s["map"]) == want, timeout_s, f"ready with {want} stages")
+        return self.wait_for(
+            lambda s: s["ready"] and len(s["map"]) == want, timeout_s, f"ready with {want} stages"
+        )
 
     def kill_stage(self, name: str, sig: int = signal.SIGKILL) -> None:
         self.stages[name].send_signal(sig)
@@ -100,7 +140,5 @@ class Cluster:
                 except ProcessLookupError:
                     pass
         for p in procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass

@@ -35,7 +35,7 @@ def _generate(directory, prompt: list[int], n: int, eos: bool) -> list[int]:
         model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def prompt_ids(seed: int, length: int = 7) -> list[int]:
@@ -56,12 +56,16 @@ def test_greedy_through_the_broker_equals_generate(checkpoints, arch, stages):
     expected = reference_greedy(directory, prompt, NEW_TOKENS)
     with Cluster(directory, stages) as cluster, Client(cluster.url, tokenizer=None) as client:
         status = cluster.status()
-        assert [(r["start"], r["end"]) for r in status["map"]][0][0] == 0 and len(status["map"]) == stages
+        assert [(r["start"], r["end"]) for r in status["map"]][0][0] == 0 and len(
+            status["map"]
+        ) == stages
         result = client.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
         assert result.token_ids == expected
         assert result.finish_reason == "length"
         assert len(result.trace) == NEW_TOKENS
-        assert [t["stage"] for t in result.trace[0]["stages"]] == [r["stage"] for r in status["map"]]
+        assert [t["stage"] for t in result.trace[0]["stages"]] == [
+            r["stage"] for r in status["map"]
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +82,12 @@ def test_sixteen_concurrent_requests_from_four_clients(checkpoints, llama_cluste
 
     async def one_client(k: int) -> list[list[int]]:
         async with AsyncClient(llama_cluster.url) as client:
-            results = await asyncio.gather(*(
-                client.generate(prompts[i], max_new_tokens=16, ignore_eos=True) for i in range(k, 16, 4)))
+            results = await asyncio.gather(
+                *(
+                    client.generate(prompts[i], max_new_tokens=16, ignore_eos=True)
+                    for i in range(k, 16, 4)
+                )
+            )
             return [r.token_ids for r in results]
 
     async def all_clients():
@@ -102,8 +110,11 @@ def test_endings_eos_stop_and_length(checkpoints, llama_cluster):
         r = client.generate(prompt, max_new_tokens=5, ignore_eos=True)
         assert r.finish_reason == "length" and r.token_ids == free_run[:5]
         # EOS: a prompt whose greedy continuation reaches the model's eos token (id 2)
-        eos_prompt = next(p for p in (prompt_ids(s) for s in range(300))
-                          if 2 in reference_greedy(directory, p, 20)[1:])
+        eos_prompt = next(
+            p
+            for p in (prompt_ids(s) for s in range(300))
+            if 2 in reference_greedy(directory, p, 20)[1:]
+        )
         expected = reference_greedy(directory, eos_prompt, 20, eos=True)
         r = client.generate(eos_prompt, max_new_tokens=20)
         assert r.finish_reason == "eos"
@@ -118,7 +129,7 @@ def test_stop_string_with_demo_tokenizer(tmp_path):
     with Cluster(demo, 2) as cluster, Client(cluster.url) as client:
         free = client.generate("The river", max_new_tokens=24)
         assert free.finish_reason in ("length", "eos") and free.text
-        stop = free.text[len(free.text) // 2:][:3]
+        stop = free.text[len(free.text) // 2 :][:3]
         r = client.generate("The river", max_new_tokens=24, stop=[stop])
         assert r.finish_reason == "stop"
         assert stop not in r.text and free.text.startswith(r.text)
@@ -134,10 +145,14 @@ def test_cancel_mid_stream_frees_every_cache(llama_cluster):
                 seen += 1
                 if seen == 5:
                     # One cache per stage while it runs (stage stats travel in heartbeats).
-                    llama_cluster.wait_for(lambda s: stage_caches(s) == 3, 5, "a cache on every stage")
+                    llama_cluster.wait_for(
+                        lambda s: stage_caches(s) == 3, 5, "a cache on every stage"
+                    )
                     break
         stream.close()
-    status = llama_cluster.wait_for(lambda s: stage_caches(s) == 0, 10, "caches released after cancel")
+    status = llama_cluster.wait_for(
+        lambda s: stage_caches(s) == 0, 10, "caches released after cancel"
+    )
     assert status["requests"] == 0
 
 
@@ -156,17 +171,31 @@ def _reply(sock, timeout_s: float = 5.0) -> P.Message:
 @pytest.mark.timeout(120)
 def test_hostile_input_gets_errors_and_the_broker_keeps_serving(checkpoints, llama_cluster):
     sock = _raw(llama_cluster.url)
-    step = {"rid": "raw-1", "seq": 0, "pos": 0, "n": 3, "prev": 0,
-            "hash": P.prefix_hash(0, [5, 6, 7])}
+    step = {
+        "rid": "raw-1",
+        "seq": 0,
+        "pos": 0,
+        "n": 3,
+        "prev": 0,
+        "hash": P.prefix_hash(0, [5, 6, 7]),
+    }
     ids = torch.tensor([[5, 6, 7]])
     cases = [
         ([P.CLIENT_TAG], Code.MALFORMED),
         ([P.CLIENT_TAG, b"\x7f", b"{}"], Code.UNKNOWN_COMMAND),
         ([b"LLC7", bytes((Cmd.PING,)), b"{}"], Code.BAD_VERSION),
         ([P.CLIENT_TAG, bytes((Cmd.PING,)), b"{" + b" " * 70_000 + b"}"], Code.HEADER_TOO_LARGE),
-        ([P.CLIENT_TAG, bytes((Cmd.READY,)), b"{}"], Code.UNKNOWN_COMMAND),  # a stage command from a client
+        (
+            [P.CLIENT_TAG, bytes((Cmd.READY,)), b"{}"],
+            Code.UNKNOWN_COMMAND,
+        ),  # a stage command from a client
         (P.encode(P.CLIENT_TAG, Cmd.STEP, step, [ids])[:3] + [b"\x00" * 23], Code.TENSOR_MISMATCH),
-        (P.encode(P.CLIENT_TAG, Cmd.STEP, {**step, "n": 0}, [torch.zeros(1, 0, dtype=torch.int64)]), Code.BAD_REQUEST),
+        (
+            P.encode(
+                P.CLIENT_TAG, Cmd.STEP, {**step, "n": 0}, [torch.zeros(1, 0, dtype=torch.int64)]
+            ),
+            Code.BAD_REQUEST,
+        ),
         (P.encode(P.CLIENT_TAG, Cmd.STEP, {**step, "rid": "bad rid!"}, [ids]), Code.BAD_REQUEST),
         (P.encode(P.CLIENT_TAG, Cmd.STEP, step, [ids.to(torch.int32)]), Code.BAD_REQUEST),
         (P.encode(P.CLIENT_TAG, Cmd.STEP, {**step, "pos": 255}, [ids]), Code.CONTEXT_OVERFLOW),
@@ -182,8 +211,9 @@ def test_hostile_input_gets_errors_and_the_broker_keeps_serving(checkpoints, lla
     sock.close(0)
     with Client(llama_cluster.url) as client:
         prompt = prompt_ids(11)
-        assert client.generate(prompt, max_new_tokens=8, ignore_eos=True).token_ids == \
-            reference_greedy(checkpoints["llama"], prompt, 8)
+        assert client.generate(
+            prompt, max_new_tokens=8, ignore_eos=True
+        ).token_ids == reference_greedy(checkpoints["llama"], prompt, 8)
         with pytest.raises(ValueError, match="context"):
             client.generate(prompt_ids(1, length=250), max_new_tokens=20)
         with pytest.raises(ValueError, match="empty"):
@@ -201,7 +231,9 @@ def test_unreachable_broker_is_reported_quickly():
     from tests.cluster import free_port
 
     t0 = time.monotonic()
-    with pytest.raises(BrokerUnreachable, match="did not answer"):
-        with Client(f"tcp://127.0.0.1:{free_port()}", connect_timeout=2.0) as client:
-            client.generate([1, 2, 3], max_new_tokens=2)
+    with (
+        pytest.raises(BrokerUnreachable, match="did not answer"),
+        Client(f"tcp://127.0.0.1:{free_port()}", connect_timeout=2.0) as client,
+    ):
+        client.generate([1, 2, 3], max_new_tokens=2)
     assert time.monotonic() - t0 < 5.0

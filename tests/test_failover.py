@@ -57,7 +57,9 @@ def test_killed_stage_mid_stream(checkpoints):
         assert reshards[0]["lost"] == "s1"
         assert [r["stage"] for r in reshards[0]["old_map"]] == ["s0", "s1", "s2"]
         assert [r["stage"] for r in reshards[0]["new_map"]] == ["s0", "s2"]
-        status = cluster.wait_for(lambda s: stage_caches(s) == 0 and s["ready"], 10, "no caches left")
+        status = cluster.wait_for(
+            lambda s: stage_caches(s) == 0 and s["ready"], 10, "no caches left"
+        )
         assert [r["stage"] for r in status["map"]] == ["s0", "s2"]
 
 
@@ -67,6 +69,7 @@ def test_frozen_stage_thawed_after_reshard_corrupts_nothing(checkpoints):
     prompt = prompt_ids(22)
     expected = reference_greedy(directory, prompt, TOKENS)
     with Cluster(directory, 3, broker_args=FAST) as cluster, Client(cluster.url) as client:
+
         def on_token(i):
             if i == 8:
                 cluster.kill_stage("s1", signal.SIGSTOP)
@@ -78,15 +81,25 @@ def test_frozen_stage_thawed_after_reshard_corrupts_nothing(checkpoints):
         cluster.kill_stage("s1", signal.SIGCONT)
         cluster.wait_for(lambda s: s["ready"] and len(s["map"]) == 3, 30, "s1 back in the map")
         prompt2 = prompt_ids(23)
-        assert client.generate(prompt2, max_new_tokens=TOKENS, ignore_eos=True).token_ids == \
-            reference_greedy(directory, prompt2, TOKENS)
+        assert client.generate(
+            prompt2, max_new_tokens=TOKENS, ignore_eos=True
+        ).token_ids == reference_greedy(directory, prompt2, TOKENS)
 
 
 def _send_step(sock, rid, seq, tokens, pos, n, logits=True):
     prev = P.prefix_hash(0, tokens[:pos])
-    header = {"rid": rid, "seq": seq, "pos": pos, "n": n, "prev": prev,
-              "hash": P.prefix_hash(prev, tokens[pos:pos + n]), "logits": logits}
-    sock.send_multipart(P.encode(P.CLIENT_TAG, Cmd.STEP, header, [torch.tensor([tokens[pos:pos + n]])]))
+    header = {
+        "rid": rid,
+        "seq": seq,
+        "pos": pos,
+        "n": n,
+        "prev": prev,
+        "hash": P.prefix_hash(prev, tokens[pos : pos + n]),
+        "logits": logits,
+    }
+    sock.send_multipart(
+        P.encode(P.CLIENT_TAG, Cmd.STEP, header, [torch.tensor([tokens[pos : pos + n]])])
+    )
 
 
 def _recv(sock, timeout_s=30.0) -> P.Message:
@@ -114,9 +127,17 @@ def test_restarted_stage_refuses_unknown_positions_and_the_request_recovers(chec
             old = cluster.stages["s2"]
             old.send_signal(signal.SIGSTOP)
             new = cluster.start_stage("s2")
-            cluster.wait_for(lambda s: s["ready"] and any(
-                st["name"] == "s2" and st["state"] == "ready" and st["pid"] == new.pid for st in s["stages"]),
-                60, "s2 replaced in place")
+            cluster.wait_for(
+                lambda s: (
+                    s["ready"]
+                    and any(
+                        st["name"] == "s2" and st["state"] == "ready" and st["pid"] == new.pid
+                        for st in s["stages"]
+                    )
+                ),
+                60,
+                "s2 replaced in place",
+            )
             assert cluster.status()["epoch"] == epoch, "a restart in place keeps the layer map"
             old.kill()
             tokens = prompt + [expected[0]]
@@ -143,6 +164,7 @@ def test_stage_joins_mid_stream(checkpoints):
     prompt = prompt_ids(25)
     expected = reference_greedy(directory, prompt, 80)
     with Cluster(directory, 2, broker_args=FAST) as cluster, Client(cluster.url) as client:
+
         def on_token(i):
             if i == 5:
                 cluster.start_stage("s9")
@@ -159,6 +181,7 @@ def test_sigterm_drains_a_stage_and_no_request_fails(checkpoints):
     prompt = prompt_ids(26)
     expected = reference_greedy(directory, prompt, TOKENS)
     with Cluster(directory, 3, broker_args=FAST) as cluster, Client(cluster.url) as client:
+
         def on_token(i):
             if i == 10:
                 cluster.kill_stage("s0", signal.SIGTERM)
@@ -177,6 +200,7 @@ def test_broker_restart_mid_stream(checkpoints):
     prompt = prompt_ids(27)
     expected = reference_greedy(directory, prompt, TOKENS)
     with Cluster(directory, 3, broker_args=FAST) as cluster, Client(cluster.url) as client:
+
         def on_token(i):
             if i == 10:
                 cluster.broker.kill()
@@ -192,8 +216,10 @@ def test_broker_restart_mid_stream(checkpoints):
 @pytest.mark.timeout(120)
 def test_all_stages_dead_gives_a_clear_error_in_bounded_time(checkpoints):
     directory = checkpoints["llama"]
-    with Cluster(directory, 2, broker_args=(*FAST, "--ready-wait", "3")) as cluster, \
-            Client(cluster.url) as client:
+    with (
+        Cluster(directory, 2, broker_args=(*FAST, "--ready-wait", "3")) as cluster,
+        Client(cluster.url) as client,
+    ):
         assert client.generate(prompt_ids(1), max_new_tokens=4, ignore_eos=True).token_ids
         for name in ("s0", "s1"):
             cluster.kill_stage(name)
@@ -218,15 +244,22 @@ for e in c.stream([5, 6, 7, 8], max_new_tokens=200, ignore_eos=True):
 def test_vanished_client_caches_are_freed(checkpoints):
     directory = checkpoints["llama"]
     with Cluster(directory, 2, broker_args=(*FAST, "--client-timeout", "2")) as cluster:
-        proc = subprocess.Popen([sys.executable, "-c", VANISHING_CLIENT, cluster.url],
-                                stdout=subprocess.PIPE, text=True, env=cluster.env)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", VANISHING_CLIENT, cluster.url],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=cluster.env,
+        )
         try:
             assert proc.stdout.readline().strip() == "streaming"
             cluster.wait_for(lambda s: stage_caches(s) == 2, 10, "a cache on each stage")
             proc.kill()
             proc.wait()
-            status = cluster.wait_for(lambda s: stage_caches(s) == 0 and s["requests"] == 0, 15,
-                                      "caches freed after the client vanished")
+            status = cluster.wait_for(
+                lambda s: stage_caches(s) == 0 and s["requests"] == 0,
+                15,
+                "caches freed after the client vanished",
+            )
             assert status["ready"]
         finally:
             proc.kill()
@@ -240,10 +273,12 @@ def test_chaos_kill_and_restart_random_stages_under_concurrency(checkpoints):
     rng = random.Random(1234)
     broker_args = (*FAST, "--max-replays", "40")
     with Cluster(directory, 4, broker_args=broker_args) as cluster:
+
         async def clients():
             async with AsyncClient(cluster.url, max_replays=40) as client:
-                return await asyncio.gather(*(
-                    client.generate(p, max_new_tokens=64, ignore_eos=True) for p in prompts))
+                return await asyncio.gather(
+                    *(client.generate(p, max_new_tokens=64, ignore_eos=True) for p in prompts)
+                )
 
         kills_during_streams = []
 
@@ -268,6 +303,9 @@ def test_chaos_kill_and_restart_random_stages_under_concurrency(checkpoints):
         assert kills_during_streams == [True, True, True], "every kill must land while streams run"
         assert [r.token_ids for r in results] == expected
         assert all(r.events for r in results), "every stream saw the failures"
-        status = cluster.wait_for(lambda s: s["ready"] and len(s["map"]) == 4 and stage_caches(s) == 0,
-                                  60, "all four stages back, no caches")
+        status = cluster.wait_for(
+            lambda s: s["ready"] and len(s["map"]) == 4 and stage_caches(s) == 0,
+            60,
+            "all four stages back, no caches",
+        )
         assert status["requests"] == 0

@@ -29,7 +29,10 @@ def value(samples, name, **labels) -> float:
 def test_metrics_follow_a_stage_death(checkpoints):
     port = free_port()
     args = ("--metrics-port", str(port), "--rebalance-cooldown", "1")
-    with Cluster(checkpoints["llama"], 3, broker_args=args) as cluster, Client(cluster.url) as client:
+    with (
+        Cluster(checkpoints["llama"], 3, broker_args=args) as cluster,
+        Client(cluster.url) as client,
+    ):
         tokens = 0
         for event in client.stream(prompt_ids(5), max_new_tokens=30, ignore_eos=True):
             if event["type"] == "token":
@@ -40,16 +43,23 @@ def test_metrics_follow_a_stage_death(checkpoints):
         cluster.wait_for(lambda s: s["ready"] and len(s["map"]) == 2, 20, "resharded")
         m = scrape(port)
         names = {name for name, _ in m}
-        assert all(n.startswith("layerline_") for n in names if not n.startswith(("python_", "process_")))
+        assert all(
+            n.startswith("layerline_") for n in names if not n.startswith(("python_", "process_"))
+        )
         assert value(m, "layerline_tokens_generated_total") >= 30
         assert value(m, "layerline_requests_total", outcome="done") == 1
-        assert sum(v for (n, lab), v in m.items() if n == "layerline_reshards_total") >= 2  # start + death
+        assert (
+            sum(v for (n, lab), v in m.items() if n == "layerline_reshards_total") >= 2
+        )  # start + death
         assert value(m, "layerline_reshards_total", cause="start") == 1
         assert value(m, "layerline_replays_total", event="reshard") >= 1
         assert value(m, "layerline_stage_step_seconds_count", stage="s0") > 0
         assert value(m, "layerline_stage_step_seconds_bucket", stage="s0", le="0.005") > 0
         assert value(m, "layerline_forwarded_bytes_total") > 0
-        assert value(m, "layerline_stages", state="ready") + value(m, "layerline_stages", state="busy") == 2
+        assert (
+            value(m, "layerline_stages", state="ready") + value(m, "layerline_stages", state="busy")
+            == 2
+        )
         # The dead stage's series are gone; the survivors' remain.
         labelled = {dict(lab).get("stage") for _, lab in m if dict(lab).get("stage")}
         assert labelled == {"s0", "s2"}

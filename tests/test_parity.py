@@ -64,9 +64,11 @@ def test_prefill_and_decode_bit_exact(checkpoints, arch, split):
                 assert torch.equal(hidden, out.hidden_states[layer]), (
                     f"{arch} split {split}: hidden state at layer {layer} differs at step {step}"
                 )
-            assert torch.equal(logits, out.logits), f"{arch} split {split}: logits differ at step {step}"
+            assert torch.equal(logits, out.logits), (
+                f"{arch} split {split}: logits differ at step {step}"
+            )
             ids = out.logits[:, -1:].argmax(-1)
-    for shard, state in zip(shards, states, strict=True):
+    for _shard, state in zip(shards, states, strict=True):
         assert state.length == PROMPT_LEN + DECODE_STEPS
 
 
@@ -100,7 +102,9 @@ def test_bfloat16_greedy_equals_generate(checkpoints, arch):
     prompt = _prompt(seed=3)
     expected = ref.generate(prompt, do_sample=False, max_new_tokens=GREEDY_TOKENS)[0, PROMPT_LEN:]
     shards = [load_shard(directory, a, b, dtype="bfloat16") for a, b in SPLITS["3"]]
-    assert all(p.dtype == torch.bfloat16 for s in shards for m in s.modules() for p in m.parameters())
+    assert all(
+        p.dtype == torch.bfloat16 for s in shards for m in s.modules() for p in m.parameters()
+    )
     assert _greedy(shards, prompt, GREEDY_TOKENS) == expected.tolist()
 
 

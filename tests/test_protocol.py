@@ -113,14 +113,42 @@ def test_prefix_hash_does_not_depend_on_cuts():
 
 frame_bytes = st.binary(max_size=64)
 header_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=8) | st.floats(allow_nan=False),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(max_size=8)
+    | st.floats(allow_nan=False),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 headers = st.dictionaries(
-    st.sampled_from(["rid", "seq", "pos", "n", "prev", "hash", "tensors", "step", "epoch", "items", "name",
-                     "fingerprint", "caps", "credits", "code", "message", "rids", "event", "x"]),
-    header_values, max_size=8,
+    st.sampled_from(
+        [
+            "rid",
+            "seq",
+            "pos",
+            "n",
+            "prev",
+            "hash",
+            "tensors",
+            "step",
+            "epoch",
+            "items",
+            "name",
+            "fingerprint",
+            "caps",
+            "credits",
+            "code",
+            "message",
+            "rids",
+            "event",
+            "x",
+        ]
+    ),
+    header_values,
+    max_size=8,
 )
 
 

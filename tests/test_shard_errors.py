@@ -107,8 +107,13 @@ def test_wrong_shape_tensor(llama):
 
 @pytest.mark.parametrize(
     "start,end,message",
-    [(2, 2, "empty or inverted"), (3, 1, "empty or inverted"), (-1, 2, "outside"), (0, 6, "outside"),
-     (0.5, 2, "integers")],
+    [
+        (2, 2, "empty or inverted"),
+        (3, 1, "empty or inverted"),
+        (-1, 2, "outside"),
+        (0, 6, "outside"),
+        (0.5, 2, "integers"),
+    ],
 )
 def test_bad_layer_range(checkpoints, start, end, message):
     with pytest.raises(ShardError, match=message):

@@ -44,8 +44,13 @@ print(json.dumps({"base": base, "peak": peak, "weights": shard.weight_bytes()}))
 def layer_heavy_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=256, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False,
+        vocab_size=256,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
     )
     directory = tmp_path_factory.mktemp("heavy")
     LlamaForCausalLM(config).save_pretrained(directory, max_shard_size="40MB")
@@ -55,7 +60,10 @@ def layer_heavy_checkpoint(tmp_path_factory):
 def _measure(directory, start, end) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", MEASURE, str(directory), str(start), str(end)],
-        capture_output=True, text=True, check=True, timeout=120,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

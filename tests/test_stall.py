@@ -34,8 +34,15 @@ class FakeStage:
         self.sock.send_multipart(P.encode(P.STAGE_TAG, cmd, header, tensors))
 
     def register(self):
-        self.send(Cmd.READY, {"name": self.name, "fingerprint": self.ckpt.fingerprint, "credits": 4,
-                              "caps": {"device": "cpu", "dtype": "float32", "memory_bytes": 1 << 30}})
+        self.send(
+            Cmd.READY,
+            {
+                "name": self.name,
+                "fingerprint": self.ckpt.fingerprint,
+                "credits": 4,
+                "caps": {"device": "cpu", "dtype": "float32", "memory_bytes": 1 << 30},
+            },
+        )
 
     def heartbeat(self):
         self.send(Cmd.HEARTBEAT, {"state": "busy", "progress": self.progress})
@@ -54,15 +61,29 @@ class FakeStage:
                 pending.remove((due, msg))
                 self.progress += 1
                 logits = torch.zeros(1, 1, self.ckpt.config.vocab_size)
-                self.send(Cmd.RESULT, {"step": msg.header["step"], "epoch": msg.header["epoch"],
-                                       "items": msg.header["items"], "compute_s": answer_after,
-                                       "queue_s": 0.0}, [logits])
+                self.send(
+                    Cmd.RESULT,
+                    {
+                        "step": msg.header["step"],
+                        "epoch": msg.header["epoch"],
+                        "items": msg.header["items"],
+                        "compute_s": answer_after,
+                        "queue_s": 0.0,
+                    },
+                    [logits],
+                )
             if self.sock.poll(50):
                 msg = P.decode(self.sock.recv_multipart())
                 if msg.cmd == Cmd.ASSIGN:
                     self.epoch = msg.header["epoch"]
-                    self.send(Cmd.LOADED, {"epoch": self.epoch, "start": msg.header["start"],
-                                           "end": msg.header["end"]})
+                    self.send(
+                        Cmd.LOADED,
+                        {
+                            "epoch": self.epoch,
+                            "start": msg.header["start"],
+                            "end": msg.header["end"],
+                        },
+                    )
                 elif msg.cmd == Cmd.FORWARD and answer_after is not None:
                     pending.append((time.monotonic() + answer_after, msg))
 

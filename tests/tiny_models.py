@@ -36,21 +36,31 @@ CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON, tie_word_embeddings=False),
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=12, tie_word_embeddings=False),
     "qwen2": lambda: Qwen2Config(
-        **COMMON, use_sliding_window=True, sliding_window=12, max_window_layers=2,
+        **COMMON,
+        use_sliding_window=True,
+        sliding_window=12,
+        max_window_layers=2,
         tie_word_embeddings=True,
     ),
     "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=False),
     "phi3": lambda: Phi3Config(**COMMON, tie_word_embeddings=False),
     "gemma": lambda: GemmaConfig(**COMMON, head_dim=16),
     "gpt2": lambda: GPT2Config(
-        vocab_size=VOCAB, n_embd=64, n_layer=5, n_head=4, n_positions=256,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=5,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=1,
+        eos_token_id=2,
     ),
 }
 ARCHITECTURES = tuple(CONFIGS)
 
 
-def make_checkpoint(arch: str, directory: Path, *, max_shard_size: str = "60KB", seed: int = 0) -> Path:
+def make_checkpoint(
+    arch: str, directory: Path, *, max_shard_size: str = "60KB", seed: int = 0
+) -> Path:
     """Write a tiny random checkpoint of `arch` into `directory`, in several safetensors files."""
     torch.manual_seed(seed)
     config = CONFIGS[arch]()
