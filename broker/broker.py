@@ -1143,6 +1143,8 @@ class Broker:
             "tokens_per_s": round(tokens / 10.0, 2),
             "p50_s": times[len(times) // 2] if times else None,
             "p99_s": times[min(len(times) - 1, int(len(times) * 0.99))] if times else None,
+            "batches": stage.stats.get("batches"),
+            "batched_items": stage.stats.get("batched_items"),
             "kv_bytes": stage.stats.get("kv_bytes"),
             "kv_requests": stage.stats.get("kv_requests"),
             "rss_bytes": stage.stats.get("rss_bytes"),

@@ -64,7 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.cpu_count() or 1,
         help="torch intra-op threads (default: all cores)",
     )
-    p.add_argument("--credits", type=int, default=4, help="FORWARDs held at once")
+    p.add_argument(
+        "--credits", type=int, default=32, help="FORWARDs held at once (default %(default)s)"
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=32,
+        help="decode steps of different requests run as one batch (1: off, batch-invariant)",
+    )
     p.add_argument("--kv-mb", type=int, default=1024, help="KV cache memory before LRU eviction")
     p.add_argument("--heartbeat", type=float, default=0.25, help="heartbeat interval, seconds")
     p.add_argument(
@@ -103,6 +111,8 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError("--threads must be at least 1")
     if args.credits < 1:
         raise UsageError("--credits must be at least 1")
+    if args.max_batch < 1:
+        raise UsageError("--max-batch must be at least 1")
     if args.kv_mb < 0:
         raise UsageError("--kv-mb must not be negative")
     if args.memory_mb is not None and args.memory_mb < 1:
@@ -193,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         threads=args.threads,
         credits=args.credits,
+        max_batch=args.max_batch,
         kv_bytes=args.kv_mb * 1024 * 1024,
         heartbeat=args.heartbeat,
         dead_after=args.dead_after,

@@ -170,6 +170,66 @@ class Shard:
             hidden = hidden[:, -1:, :]
         return self.head(hidden)
 
+    @property
+    def batchable(self) -> bool:
+        """Whether decode steps of several requests can run as one batch on this shard.
+
+        Sliding-window caches keep a per-layer window that a padded batch cannot share.
+        """
+        return all(kind == "full_attention" for kind in self.kinds)
+
+    @torch.inference_mode()
+    def forward_batch(
+        self, inputs: list[torch.Tensor], states: list[KVState]
+    ) -> list[torch.Tensor]:
+        """One decode position for each of several requests, as one batched forward.
+
+        Each request's cache is left-padded to the longest, the padding masked out, and the new
+        key/value column appended back to each request's own cache. Matrix products over a
+        batch may round differently from batch 1: results are equal in value to `forward`, not
+        always in every bit (run with a batch limit of 1 for batch-invariant results).
+        """
+        lengths = [s.length for s in states]
+        if min(lengths) < 1 or any(x.shape[1] != 1 for x in inputs):
+            raise ShardError("batched steps are decode steps on existing caches")
+        longest = max(lengths)
+        dev = self.device
+        position_ids = torch.tensor(lengths, device=dev).unsqueeze(1)
+        if self.first:
+            hidden = self.embed(torch.cat(inputs))
+            if self.positions is not None:
+                hidden = hidden + self.positions(position_ids)
+        else:
+            hidden = torch.cat(inputs)
+        batch_cache = DynamicCache(config=self.shard_config)
+        for j in range(len(self.layers)):
+            keys, values = [], []
+            for state, length in zip(states, lengths, strict=True):
+                layer = state.cache.layers[j]
+                pad = (0, 0, longest - length, 0)
+                keys.append(torch.nn.functional.pad(layer.keys, pad))
+                values.append(torch.nn.functional.pad(layer.values, pad))
+            batch_cache.update(torch.cat(keys), torch.cat(values), j)
+        # Additive mask over [pad..., cached..., new]: padding gets the dtype's minimum.
+        columns = torch.arange(longest + 1, device=dev)
+        starts = torch.tensor([longest - n for n in lengths], device=dev).unsqueeze(1)
+        mask = torch.zeros(len(states), 1, 1, longest + 1, dtype=hidden.dtype, device=dev)
+        mask.masked_fill_((columns < starts)[:, None, None, :], torch.finfo(hidden.dtype).min)
+        rotary = self.rotary(hidden, position_ids) if self.rotary is not None else None
+        for layer in self.layers:
+            hidden = self.adapter.run_layer(layer, hidden, mask, position_ids, rotary, batch_cache)
+        for j in range(len(self.layers)):
+            layer = batch_cache.layers[j]
+            for i, state in enumerate(states):
+                state.cache.update(
+                    layer.keys[i : i + 1, :, longest:], layer.values[i : i + 1, :, longest:], j
+                )
+        for state in states:
+            state.length += 1
+        if self.last:
+            hidden = self.head(self.norm(hidden))
+        return list(hidden.split(1))
+
     def check_inputs(self, inputs: torch.Tensor, state: KVState, start_pos: int) -> None:
         """Refuse a step that does not continue this cache; never compute on wrong state."""
         if start_pos != state.length:

@@ -43,7 +43,12 @@ from stage.kvcache import KVStore
 from stage.shard import ContextOverflow, Shard, ShardError, load_shard, resolve_dtype
 
 # Defaults, as in docs/protocol.md ("Limits and timeouts").
-DEFAULT_CREDITS = 4
+# Credits bound the steps a stage holds; batching needs several of them queued at once, and
+# 32 covers 16 streams with room for replays while keeping a bounded queue.
+DEFAULT_CREDITS = 32
+# Decode steps of different requests run as one batch up to this size; 1 turns batching off
+# (batch-invariant results, bit-exact with the monolithic forward under any load).
+DEFAULT_MAX_BATCH = 32
 DEFAULT_KV_MB = 1024
 DEFAULT_HEARTBEAT_S = 0.25
 DEFAULT_DEAD_AFTER_S = 1.0
@@ -85,6 +90,7 @@ class StageConfig:
     dtype: str = "float32"
     threads: int = 1
     credits: int = DEFAULT_CREDITS
+    max_batch: int = DEFAULT_MAX_BATCH
     kv_bytes: int = DEFAULT_KV_MB * 1024 * 1024
     heartbeat: float = DEFAULT_HEARTBEAT_S
     dead_after: float = DEFAULT_DEAD_AFTER_S
@@ -136,6 +142,8 @@ class _Stats:
 
     progress: int = 0
     tokens: int = 0
+    batches: int = 0  # batched forwards of more than one request
+    batched_items: int = 0
     running: str | None = None  # "forward" or "load"
     running_since: float = 0.0
 
@@ -445,6 +453,8 @@ class StageWorker:
             "kv_evictions": self._store.evictions,
             "rss_bytes": self._process.memory_info().rss,
             "tokens": stats.tokens,
+            "batches": stats.batches,
+            "batched_items": stats.batched_items,
         }
 
     def _void_connection(self) -> None:
@@ -481,31 +491,65 @@ class StageWorker:
         out.setsockopt(zmq.LINGER, 0)
         out.connect(self._results_addr)
         stats = self._stats
+        carry: Any = _NOTHING
         try:
             with torch.inference_mode():
                 while True:
-                    job = self._jobs.get()
+                    job = self._jobs.get() if carry is _NOTHING else carry
+                    carry = _NOTHING
                     if job is None or self._closing:
                         return
                     generation = getattr(job, "generation", self._generation)
                     if generation != self._generation:
                         continue  # its connection is gone; nobody waits for the answer
+                    jobs = [job]
+                    if isinstance(job, ForwardJob):
+                        jobs, carry = self._gather_round(job)
                     stats.running = "load" if isinstance(job, LoadJob) else "forward"
                     stats.running_since = time.monotonic()
                     try:
-                        frames = self._run_job(job)
+                        replies = (
+                            self._forward_round(jobs)
+                            if isinstance(job, ForwardJob)
+                            else [self._run_job(job)]
+                        )
                     except Exception as e:  # a bug or an exhausted resource: answer, go on
-                        frames = self._internal_error(job, e)
+                        replies = [self._internal_error(j, e) for j in jobs]
                     finally:
                         stats.running = None
-                    if frames is not None:
-                        out.send_multipart([generation.to_bytes(8, "little"), *frames], copy=False)
+                    for frames in replies:
+                        if frames is not None:
+                            out.send_multipart(
+                                [generation.to_bytes(8, "little"), *frames], copy=False
+                            )
         finally:
             out.close(linger=0)
 
+    def _gather_round(self, first: ForwardJob) -> tuple[list[ForwardJob], Any]:
+        """The FORWARDs already queued behind `first` that can run with it as one round.
+
+        A round holds each request at most once, so every check can be made before anything
+        runs; it ends at the first other job, which is returned to run next.
+        """
+        jobs = [first]
+        rids = _rids(first)
+        items = len(rids)
+        while items < self.config.max_batch:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return jobs, _NOTHING
+            if not isinstance(job, ForwardJob) or job.generation != first.generation:
+                return jobs, job
+            more = _rids(job)
+            if more & rids:
+                return jobs, job
+            jobs.append(job)
+            rids |= more
+            items += len(more)
+        return jobs, _NOTHING
+
     def _run_job(self, job) -> list | None:
-        if isinstance(job, ForwardJob):
-            return self._forward(job)
         if isinstance(job, LoadJob):
             return self._load(job)
         if isinstance(job, ReleaseJob):
@@ -591,51 +635,91 @@ class StageWorker:
         }
         return encode(STAGE_TAG, Cmd.LOADED, header)
 
-    def _forward(self, job: ForwardJob) -> list:
+    def _forward_round(self, jobs: list[ForwardJob]) -> list[list]:
+        """Check every FORWARD of a round, run the decode steps as one batch, reply to each."""
         started = time.perf_counter()
-        msg = job.msg
-        header = msg.header
-        step, epoch, items = header["step"], header["epoch"], header["items"]
+        shard, store = self._shard, self._store
+        checked: list[list | Refusal] = []
+        for job in jobs:
+            try:
+                checked.append(self._check_forward(job.msg))
+            except Refusal as r:
+                checked.append(r)
+        outputs: dict[tuple[int, int], torch.Tensor] = {}
+        batch: list[tuple[tuple[int, int], torch.Tensor, Any]] = []
         try:
-            plan = self._check_forward(msg)
-        except Refusal as r:
-            return encode(
-                STAGE_TAG,
-                Cmd.ERROR,
-                error_header(r.code, r.message, step=step, epoch=epoch, rid=r.rid),
+            for j, plan in enumerate(checked):
+                if isinstance(plan, Refusal):
+                    continue
+                for i, (item, x, fresh) in enumerate(plan):
+                    entry = (
+                        store.start(item["rid"], fresh)
+                        if fresh is not None
+                        else store.get(item["rid"])
+                    )
+                    if x.device != shard.device:
+                        x = x.to(shard.device)
+                    if fresh is None and item["n"] == 1 and shard.batchable:
+                        batch.append(((j, i), x, entry.state))
+                    else:
+                        outputs[(j, i)] = shard.forward(x, entry.state, logits="last")
+            if len(batch) == 1:
+                key, x, state = batch[0]
+                outputs[key] = shard.forward(x, state, logits="last")
+            elif batch:
+                results = shard.forward_batch([x for _, x, _ in batch], [st for _, _, st in batch])
+                outputs.update(zip((key for key, _, _ in batch), results, strict=True))
+        except Exception:
+            # A cache may hold some of this round's layers but not all: never reuse it.
+            store.release(
+                item["rid"]
+                for plan in checked
+                if not isinstance(plan, Refusal)
+                for item, _, _ in plan
             )
-        shard = self._shard
-        store = self._store
-        outputs = []
-        tokens = 0
-        try:
-            for item, x, fresh in plan:
-                rid = item["rid"]
-                entry = store.start(rid, fresh) if fresh is not None else store.get(rid)
-                if x.device != shard.device:
-                    x = x.to(shard.device)
-                out = shard.forward(x, entry.state, logits="last")
+            raise
+        done = time.perf_counter()
+        replies = []
+        for j, (job, plan) in enumerate(zip(jobs, checked, strict=True)):
+            header = job.msg.header
+            if isinstance(plan, Refusal):
+                replies.append(
+                    encode(
+                        STAGE_TAG,
+                        Cmd.ERROR,
+                        error_header(
+                            plan.code,
+                            plan.message,
+                            step=header["step"],
+                            epoch=header["epoch"],
+                            rid=plan.rid,
+                        ),
+                    )
+                )
+                continue
+            tensors = []
+            for i, (item, _, _) in enumerate(plan):
+                out = outputs[(j, i)]
                 if shard.last and not item.get("logits", True):
                     out = out[:, :0]
-                store.commit(rid, item["hash"])
-                outputs.append(out)
-                tokens += item["n"]
-        except Exception:
-            # A cache may hold some of this step's layers but not all: never reuse it.
-            store.release(planned[0]["rid"] for planned in plan)
-            raise
-        store.evict(keep={item["rid"] for item in items})
-        self._stats.progress += len(items)
-        self._stats.tokens += tokens
-        done = time.perf_counter()
-        reply = {
-            "step": step,
-            "epoch": epoch,
-            "items": items,
-            "compute_s": done - started,
-            "queue_s": started - job.received,
-        }
-        return encode(STAGE_TAG, Cmd.RESULT, reply, outputs)
+                store.commit(item["rid"], item["hash"])
+                tensors.append(out)
+                self._stats.tokens += item["n"]
+            self._stats.progress += len(plan)
+            reply = {
+                "step": header["step"],
+                "epoch": header["epoch"],
+                "items": header["items"],
+                "compute_s": done - started,
+                "queue_s": started - job.received,
+                "batch": len(batch),
+            }
+            replies.append(encode(STAGE_TAG, Cmd.RESULT, reply, tensors))
+        if len(batch) > 1:
+            self._stats.batches += 1
+            self._stats.batched_items += len(batch)
+        store.evict(keep=set().union(*(_rids(job) for job in jobs)))
+        return replies
 
     def _check_forward(self, msg: Message) -> list[tuple[dict, torch.Tensor, Any]]:
         """Check every item before anything is computed; return (item, input, fresh cache)."""
@@ -724,6 +808,13 @@ class StageWorker:
                 )
             plan.append((item, x, fresh))
         return plan
+
+
+_NOTHING = object()  # no job carried over to the next round
+
+
+def _rids(job: ForwardJob) -> set[str]:
+    return {item["rid"] for item in job.msg.header["items"]}
 
 
 def _cores() -> int:

@@ -98,6 +98,10 @@ def test_sixteen_concurrent_requests_from_four_clients(checkpoints, llama_cluste
         assert tokens == [expected[i] for i in range(k, 16, 4)]
     status = llama_cluster.wait_for(lambda s: stage_caches(s) == 0, 10, "caches released")
     assert status["requests"] == 0
+    # The concurrent decode steps ran as batches on every stage.
+    status = llama_cluster.wait_for(lambda s: all((st["batched_items"] or 0) > 0 for st in s["stages"]),
+                                    5, "batches on every stage")
+    assert all(st["batched_items"] > st["batches"] > 0 for st in status["stages"])
 
 
 @pytest.mark.timeout(120)

@@ -260,7 +260,7 @@ def test_ready_and_loaded(llama_stage, checkpoints):
     ready, loaded = llama_stage.ready, llama_stage.loaded
     assert ready["name"] == "s0"
     assert ready["fingerprint"] == open_checkpoint(checkpoints["llama"]).fingerprint
-    assert ready["credits"] == 4
+    assert ready["credits"] == 32  # the default
     assert ready["held"] is None
     caps = ready["caps"]
     assert caps["device"] == "cpu" and caps["dtype"] == "float32" and caps["threads"] == 1

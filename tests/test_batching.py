@@ -1,0 +1,86 @@
+"""Batched decode: several requests' steps in one forward, each with its own cache and positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stage.shard import ShardError, load_shard
+from tests.test_parity import _reference
+from tests.tiny_models import ARCHITECTURES, VOCAB
+
+BATCHABLE = [a for a in ARCHITECTURES if a not in ("mistral", "qwen2")]  # sliding-window caches
+LENGTHS = (3, 11, 6, 1, 8)
+STEPS = 16
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(42)
+    return [torch.randint(3, VOCAB, (1, n), generator=g) for n in LENGTHS]
+
+
+def _prefill(shards, prompt):
+    states = [s.new_cache() for s in shards]
+    x = prompt
+    for shard, state in zip(shards, states, strict=True):
+        x = shard.forward(x, state)
+    return states, int(x[0, -1].argmax())
+
+
+@pytest.mark.parametrize("arch", BATCHABLE)
+def test_mixed_batches_equal_generate_for_each_request_alone(checkpoints, arch):
+    directory = checkpoints[arch]
+    ref = _reference(directory)
+    prompts = _prompts()
+    expected = [ref.generate(p, do_sample=False, max_new_tokens=STEPS + 1)[0, p.shape[1]:].tolist() for p in prompts]
+    shards = [load_shard(directory, 0, 2), load_shard(directory, 2, 5)]
+    assert all(s.batchable for s in shards)
+    states, tokens = [], []
+    for p in prompts:
+        st, tok = _prefill(shards, p)
+        states.append(st)
+        tokens.append([tok])
+    # Batches change at every step: requests leave and rejoin, lengths all differ.
+    for step in range(STEPS):
+        members = [i for i in range(len(prompts)) if (i + step) % 4 != 0]
+        x = [torch.tensor([[tokens[i][-1]]]) for i in members]
+        for k, shard in enumerate(shards):
+            x = shard.forward_batch(x, [states[i][k] for i in members])
+        for i, out in zip(members, x, strict=True):
+            tokens[i].append(int(out[0, -1].argmax()))
+        for i in set(range(len(prompts))) - set(members):  # the others step alone
+            y = torch.tensor([[tokens[i][-1]]])
+            for k, shard in enumerate(shards):
+                y = shard.forward(y, states[i][k])
+            tokens[i].append(int(y[0, -1].argmax()))
+    for i, p in enumerate(prompts):
+        assert tokens[i] == expected[i], f"{arch}: request {i} (prompt {p.shape[1]} tokens) diverged"
+        assert all(st.length == p.shape[1] + STEPS for st in states[i])
+
+
+def test_batched_values_match_unbatched(checkpoints):
+    """Same values as batch 1 (bits may differ: batch-1 stays the exact path)."""
+    directory = checkpoints["llama"]
+    shard = load_shard(directory, 0, 5)
+    prompts = _prompts()
+    solo, batched = [], []
+    for p in prompts:
+        a, b = shard.new_cache(), shard.new_cache()
+        shard.forward(p, a)
+        shard.forward(p, b)
+        solo.append((a, shard.forward(torch.tensor([[7]]), a)))
+        batched.append(b)
+    outs = shard.forward_batch([torch.tensor([[7]])] * len(prompts), batched)
+    for (_, want), got in zip(solo, outs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_shards_do_not_batch(checkpoints):
+    shard = load_shard(checkpoints["mistral"], 0, 5)
+    assert not shard.batchable
+
+
+def test_batch_needs_existing_caches(checkpoints):
+    shard = load_shard(checkpoints["llama"], 0, 5)
+    with pytest.raises(ShardError, match="decode steps"):
+        shard.forward_batch([torch.tensor([[5]]), torch.tensor([[6]])], [shard.new_cache(), shard.new_cache()])
