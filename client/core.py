@@ -22,6 +22,7 @@ from broker.protocol import MAX_RID_LENGTH, Cmd
 from client.sampling import Sampler, check_sampling_args
 from client.session import (
     DEFAULT_MAX_REPLAYS,
+    DEFAULT_PREFILL_CHUNK,
     DETOKENIZE_CONTEXT,
     ClientError,
     GenerationResult,
@@ -155,10 +156,13 @@ def _load_tokenizer(tokenizer: Any, status: dict) -> tuple[Any, Path | None]:
 class _Frontend:
     """Validation and request building shared by Client and AsyncClient."""
 
-    def __init__(self, max_replays: int):
+    def __init__(self, max_replays: int, prefill_chunk: int):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.client_id = secrets.token_hex(4)
         self._counter = itertools.count(1)
         self._max_replays = max_replays
+        self._prefill_chunk = prefill_chunk
         self.tokenizer: Any = None
         self.model: ModelInfo | None = None
 
@@ -207,6 +211,7 @@ class _Frontend:
             assembler=TextAssembler(self.tokenizer, ids[-DETOKENIZE_CONTEXT:], stops),
             eos_ids=frozenset() if ignore_eos else self.model.eos_ids,
             max_replays=self._max_replays,
+            prefill_chunk=self._prefill_chunk,
         )
 
 
@@ -233,8 +238,9 @@ class Client(_Frontend):
         heartbeat: float = 0.25,
         reconnect_timeout: float = 30.0,
         max_replays: int = DEFAULT_MAX_REPLAYS,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
-        super().__init__(max_replays)
+        super().__init__(max_replays, prefill_chunk)
         self.broker = broker or default_broker()
         self.connect_timeout = connect_timeout
         self._link = SyncLink(
@@ -371,8 +377,9 @@ class AsyncClient(_Frontend):
         heartbeat: float = 0.25,
         reconnect_timeout: float = 30.0,
         max_replays: int = DEFAULT_MAX_REPLAYS,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
-        super().__init__(max_replays)
+        super().__init__(max_replays, prefill_chunk)
         self.broker = broker or default_broker()
         self.connect_timeout = connect_timeout
         self._tokenizer_arg = tokenizer

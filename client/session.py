@@ -20,6 +20,11 @@ from client.sampling import Sampler
 
 # Replays per request before giving up; the broker enforces the same default (--max-replays).
 DEFAULT_MAX_REPLAYS = 8
+# Prompts longer than this are prefilled in chunks sent back to back: the chunks flow through
+# the pipeline together (stage 2 works on one while stage 1 works on the next) and other
+# requests' decode steps interleave between them. Prompts up to this length take one step,
+# the same computation as the monolithic forward.
+DEFAULT_PREFILL_CHUNK = 512
 # Errors that mean "a stage lost or never had this request's cache": cured by a replay.
 REPLAY_CODES = frozenset({Code.CACHE_MISS, Code.CACHE_MISMATCH, Code.STALE_EPOCH})
 # Prompt tokens decoded together with the first generated ones, so that a tokenizer which
@@ -172,8 +177,10 @@ class Request:
         assembler: TextAssembler,
         eos_ids: frozenset[int],
         max_replays: int = DEFAULT_MAX_REPLAYS,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         self.rid = rid
+        self.prefill_chunk = prefill_chunk
         self.prompt_ids = list(prompt_ids)
         self.max_new_tokens = max_new_tokens
         self.sampler = sampler
@@ -228,9 +235,19 @@ class Request:
         self.sent_at = time.perf_counter()
         return frames
 
-    def start(self) -> list:
-        """The prefill step: the whole prompt as one step."""
-        return self._next_step(0, len(self.tokens))
+    def start(self) -> list[list]:
+        """The prefill: the prompt as one step, or as chunks of `prefill_chunk` tokens sent at
+        once; only the last chunk asks for logits."""
+        n, chunk = len(self.tokens), self.prefill_chunk
+        cuts = [(pos, min(chunk, n - pos)) for pos in range(0, n, chunk)]
+        frames = []
+        for pos, size in cuts[:-1]:
+            self.steps.append((pos, size))
+            frames.append(self._step_frames(pos, size, logits=False))
+        first = self.seq + 1
+        frames.append(self._next_step(*cuts[-1]))
+        self.oldest_live = first
+        return frames
 
     def replay(self, event: dict, counted: bool = True) -> list[list]:
         """Frames that re-send every step as first cut; only the last one asks for logits."""

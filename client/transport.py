@@ -129,7 +129,8 @@ class Link:
         if not self.requests:
             self.quiet_since = now
         self.requests[req.rid] = req
-        self.send(req.start())
+        for frames in req.start():
+            self.send(frames)
 
     def cancel(self, rid: str, reason: str = "cancelled") -> None:
         """Forget a request and tell the broker, so every stage frees its cache."""

@@ -99,8 +99,11 @@ def test_sixteen_concurrent_requests_from_four_clients(checkpoints, llama_cluste
     status = llama_cluster.wait_for(lambda s: stage_caches(s) == 0, 10, "caches released")
     assert status["requests"] == 0
     # The concurrent decode steps ran as batches on every stage.
-    status = llama_cluster.wait_for(lambda s: all((st["batched_items"] or 0) > 0 for st in s["stages"]),
-                                    5, "batches on every stage")
+    status = llama_cluster.wait_for(
+        lambda s: all((st["batched_items"] or 0) > 0 for st in s["stages"]),
+        5,
+        "batches on every stage",
+    )
     assert all(st["batched_items"] > st["batches"] > 0 for st in status["stages"])
 
 
@@ -241,3 +244,17 @@ def test_unreachable_broker_is_reported_quickly():
     ):
         client.generate([1, 2, 3], max_new_tokens=2)
     assert time.monotonic() - t0 < 5.0
+
+
+@pytest.mark.timeout(120)
+def test_chunked_prefill_flows_through_the_pipeline(checkpoints, llama_cluster):
+    directory = checkpoints["llama"]
+    prompt = prompt_ids(31, length=100)
+    expected = reference_greedy(directory, prompt, 12)
+    with Client(llama_cluster.url, prefill_chunk=24) as client:
+        result = client.generate(prompt, max_new_tokens=12, ignore_eos=True)
+        assert result.token_ids == expected
+        jobs = {j["rid"]: j for j in client.jobs()}
+    # 5 prefill chunks (24+24+24+24+4), then one decode step per token after the first.
+    assert jobs[result.rid]["steps"] == 5 + 11
+    assert jobs[result.rid]["tokens"] == 12
