@@ -363,35 +363,19 @@ class Broker:
         h = msg.header
         name = h["name"]
         if h["fingerprint"] != self.checkpoint.fingerprint:
-            self.send(
-                ident,
-                P.encode(
-                    P.STAGE_TAG,
-                    Cmd.ERROR,
-                    P.error_header(
-                        Code.FINGERPRINT,
-                        f"stage {name} sees checkpoint {h['fingerprint']} but the broker serves "
-                        f"{self.checkpoint.fingerprint} ({self.checkpoint.path}); point --model at the same checkpoint",
-                    ),
-                ),
-            )
             self.log.warning("stage_refused", stage=name, reason="fingerprint")
-            return
+            return self.refuse_stage(
+                ident,
+                f"stage {name} sees checkpoint {h['fingerprint']} but the broker serves "
+                f"{self.checkpoint.fingerprint} ({self.checkpoint.path}); point --model at the same checkpoint",
+            )
         dtype = h["caps"].get("dtype", "float32")
         if dtype != self.config.dtype:
-            self.send(
+            return self.refuse_stage(
                 ident,
-                P.encode(
-                    P.STAGE_TAG,
-                    Cmd.ERROR,
-                    P.error_header(
-                        Code.FINGERPRINT,
-                        f"stage {name} runs {dtype} but the cluster runs {self.config.dtype}; "
-                        f"start it with --dtype {self.config.dtype}",
-                    ),
-                ),
+                f"stage {name} runs {dtype} but the cluster runs {self.config.dtype}; "
+                f"start it with --dtype {self.config.dtype}",
             )
-            return
         if not 1 <= h["credits"] <= 1024:
             raise P.ProtocolError(Code.BAD_REQUEST, "credits must be in [1, 1024]")
         now = time.monotonic()
@@ -460,6 +444,10 @@ class Broker:
         )
         for rid in lost:
             self.replay(rid, event="replay", reason=f"stage {stage.name} restarted")
+
+    def refuse_stage(self, ident: bytes, reason: str) -> None:
+        """A stage that must not join this cluster: it exits with the reason."""
+        self.send(ident, P.encode(P.STAGE_TAG, Cmd.ERROR, P.error_header(Code.FINGERPRINT, reason)))
 
     def on_loaded(self, ident: bytes, msg: P.Message) -> None:
         stage = self.stage_of(ident)

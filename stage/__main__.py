@@ -7,7 +7,6 @@ broker (another checkpoint or dtype), 128+N killed by a second signal N.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import re
 import signal
@@ -128,25 +127,9 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 
 def configure_logging(level: str) -> None:
-    import structlog
+    from broker.logs import configure_logging as configure
 
-    renderer = (
-        structlog.dev.ConsoleRenderer()
-        if sys.stderr.isatty()
-        else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
-    )
+    configure(level)
 
 
 def main(argv: list[str] | None = None) -> int:

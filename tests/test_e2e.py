@@ -258,3 +258,33 @@ def test_chunked_prefill_flows_through_the_pipeline(checkpoints, llama_cluster):
     # 5 prefill chunks (24+24+24+24+4), then one decode step per token after the first.
     assert jobs[result.rid]["steps"] == 5 + 11
     assert jobs[result.rid]["tokens"] == 12
+
+
+@pytest.mark.timeout(120)
+def test_stage_with_another_checkpoint_is_refused(checkpoints, llama_cluster):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stage",
+            "--broker",
+            llama_cluster.url,
+            "--model",
+            str(checkpoints["gpt2"]),
+            "--name",
+            "intruder",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=llama_cluster.env,
+    )
+    assert proc.returncode == 3
+    assert "point --model at the same checkpoint" in proc.stdout + proc.stderr
+    status = llama_cluster.status()
+    assert status["ready"] and all(s["name"] != "intruder" for s in status["stages"])
