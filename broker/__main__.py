@@ -9,6 +9,7 @@ import sys
 
 import structlog
 
+from broker import protocol
 from broker.broker import Broker, BrokerConfig
 from broker.logs import configure_logging
 from broker.protocol import DEFAULT_LIMITS
@@ -68,13 +69,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def feed_endpoint(bind: str, feed: str | None) -> str | None:
-    """The feed binds next to the ROUTER unless told otherwise: tcp://host:5555 -> :5556."""
+    """The --feed endpoint: given, derived from --bind, or none."""
     if feed == "none":
         return None
     if feed is not None:
         return feed
-    host, _, port = bind.rpartition(":")
-    return f"{host}:{int(port) + 1}" if port.isdigit() else None
+    try:
+        return protocol.feed_endpoint(bind)
+    except ValueError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

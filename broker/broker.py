@@ -693,7 +693,11 @@ class Broker:
         self.send(ident, P.encode(msg.tag, Cmd.PONG, {"ready": self.ready, "epoch": self.epoch}))
 
     def on_status(self, ident: bytes, msg: P.Message) -> None:
-        self.send(ident, P.encode(msg.tag, Cmd.STATUS, self.status()))
+        # A monitor's snapshot on connect carries the recent cluster events too.
+        self.send(
+            ident,
+            P.encode(msg.tag, Cmd.STATUS, {**self.status(), "events": list(self.events)[-100:]}),
+        )
 
     def on_jobs(self, ident: bytes, msg: P.Message) -> None:
         active = [

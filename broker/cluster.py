@@ -183,12 +183,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.exit_after_demo:
             return 0
-        while all(proc.poll() is None for proc in procs):
+        # Stages may die or be killed to watch a reshard; the cluster lives as long as its broker.
+        reported: set[int] = set()
+        while procs[0].poll() is None:
+            for i, proc in enumerate(procs[1:]):
+                if proc.poll() is not None and i not in reported:
+                    reported.add(i)
+                    print(
+                        f"stage s{i} exited (code {proc.returncode}); the broker reshards "
+                        "its layers onto the others",
+                        flush=True,
+                    )
             time.sleep(0.5)  # idle supervision; Ctrl-C interrupts it
-        dead = [proc for proc in procs if proc.poll() is not None]
         print(
-            f"a cluster process exited (code {dead[0].returncode}); stopping the rest",
-            file=sys.stderr,
+            f"the broker exited (code {procs[0].returncode}); stopping the stages", file=sys.stderr
         )
         return 1
     except KeyboardInterrupt:

@@ -363,6 +363,14 @@ FEED_TOKEN = b"token"
 FEED_TOPICS = (FEED_STATS, FEED_EVENT, FEED_TOKEN)
 
 
+def feed_endpoint(bind: str) -> str:
+    """The feed binds next to the ROUTER unless told otherwise: tcp://host:5555 -> :5556."""
+    host, _, port = bind.rpartition(":")
+    if not port.isdigit():
+        raise ValueError(f"cannot derive the feed endpoint from {bind!r}; pass --feed URL")
+    return f"{host}:{int(port) + 1}"
+
+
 def encode_feed(topic: bytes, header: dict[str, Any], tensors: Sequence = ()) -> list:
     return [topic, *encode(MONITOR_TAG, Cmd.STATUS, header, tensors)[2:]]
 

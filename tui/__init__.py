@@ -1,0 +1,9 @@
+"""layerline's Textual monitor (`python -m tui`): a read-only view of the broker's feed.
+
+`LayerlineApp(source, clock)` renders what `source` (a `FeedReader`, or a fake in tests) posts.
+"""
+
+from tui.app import LayerlineApp
+from tui.feed import ClusterState, FeedReader, FeedSource
+
+__all__ = ["ClusterState", "FeedReader", "FeedSource", "LayerlineApp"]
