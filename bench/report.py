@@ -1,0 +1,306 @@
+"""What a run leaves behind: a table on the terminal, a JSON file with every figure, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+# Stage parts of the per-token latency, then the parts outside any stage, in stacking order.
+STAGE_PARTS = (
+    ("compute_s", "compute", "#4c72b0"),
+    ("queue_s", "stage queue", "#dd8452"),
+    ("transfer_s", "transfer (wire + broker + stage I/O)", "#55a868"),
+)
+OTHER_PARTS = (
+    ("broker_queue", "broker queue", "#c44e52"),
+    ("client_broker_legs", "client<->broker legs", "#8172b3"),
+    ("sampling", "client sampling", "#937860"),
+)
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * 1e3:.2f}"
+
+
+def _us(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * 1e6:.0f}"
+
+
+def _num(x: float | None, fmt: str = ".1f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    line = "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))
+    out = [line, "-" * len(line)]
+    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def text(rep: dict) -> str:
+    parts = []
+    m = rep["model"]
+    parts.append(
+        f"model {m['preset']}: {m['num_layers']} layers, hidden {m['hidden_size']}, "
+        f"{m['params'] / 1e6:.1f} M params; machine: {rep['machine']['cpu_model']}, "
+        f"{rep['machine']['cores']} cores"
+    )
+    if rep["summary"]:
+        rows = [
+            [
+                str(s["stages"]),
+                str(s["threads"]),
+                s["omp_wait_policy"],
+                str(s["concurrency"]),
+                str(s["rounds"]),
+                _num(s["tokens_per_s"]),
+                _num(s["monolithic_tokens_per_s"]),
+                _num(s["ratio_to_monolithic"], ".3f"),
+                _ms(s["ttft_p50_s"]),
+                _ms(s["tpot_p50_s"]),
+                _ms(s["tpot_p99_s"]),
+                _us(s["transfer_p50_s"]),
+                _us(s["floor_one_way_s"]),
+                _us(s["broker_hop_s"]),
+                _num(s["transfer_ratio"], ".2f"),
+                _num(s["broker_messages_per_s"], ".0f"),
+                _num(s["broker_cpu_us_per_message"], ".0f"),
+            ]
+            for s in rep["summary"]
+        ]
+        parts.append("\npipeline (medians over rounds; tok/s: C=1 median request, C>1 aggregate)")
+        parts.append(
+            _table(
+                [
+                    "stages",
+                    "thr",
+                    "omp",
+                    "C",
+                    "rnd",
+                    "tok/s",
+                    "mono",
+                    "ratio",
+                    "TTFT ms",
+                    "TPOT p50",
+                    "TPOT p99",
+                    "hop us",
+                    "floor us",
+                    "fake hop us",
+                    "hop/floor",
+                    "brk msg/s",
+                    "brk us/msg",
+                ],
+                rows,
+            )
+        )
+        parts.append("\nper-token latency breakdown, decode (ms, mean; representative round)")
+        for s in rep["summary"]:
+            rec = rep["pipeline"][s["representative"]]
+            b = rec["breakdown"]
+            stages = "  ".join(
+                f"{st['stage']}[{st['start']},{st['end']}) c={_ms(st['compute_s'])} "
+                f"q={_ms(st['queue_s'])} t={_ms(st['transfer_s'])}"
+                for st in b["stages"]
+            )
+            pt = b["per_token_s"]
+            parts.append(
+                f"  {s['stages']}st t{s['threads']} {s['omp_wait_policy']} C={s['concurrency']}: "
+                f"latency {_ms(pt['latency'])} = {stages}  broker-queue={_ms(pt['broker_queue'])} "
+                f"legs={_ms(pt['client_broker_legs'])}; sampling {_ms(pt['sampling'])}"
+            )
+        seen = set()
+        for s in rep["summary"]:
+            key = (s["stages"], s["threads"], s["omp_wait_policy"])
+            if key in seen:
+                continue
+            seen.add(key)
+            rec = rep["pipeline"][s["representative"]]
+            peaks = " ".join(
+                f"{r['stage']}={(r['peak_rss_bytes'] or 0) / 2**20:.0f}"
+                for r in rec.get("stage_memory", [])
+            )
+            parts.append(
+                f"  stage peak RSS, MiB ({s['stages']}st t{s['threads']} {s['omp_wait_policy']}): {peaks}"
+            )
+    bc = rep.get("broker_cpu")
+    if bc:
+        rows = [
+            [
+                f"{p['payload_bytes'] >> 10} KiB",
+                _num(p["messages_per_s"], ".0f"),
+                _num(p["us_per_message"]),
+                _num(p["main_thread_us_per_message"]),
+                _num(p["cpu_utilisation"], ".2f"),
+            ]
+            for p in bc["points"]
+        ]
+        parts.append(
+            f"\nbroker CPU with {bc['stages']} fake stages, {bc['inflight']} requests in flight "
+            f"(errors: {bc['error_count']})"
+        )
+        parts.append(_table(["payload", "msg/s", "us/msg", "main-thread us/msg", "cpu util"], rows))
+    mem = rep.get("memory")
+    if mem:
+        rows = [
+            [
+                r["stage"],
+                f"[{r['start']},{r['end']})",
+                f"{r['share_bytes'] / 2**20:.0f}",
+                f"{(r['peak_rss_bytes'] or 0) / 2**20:.0f}",
+                f"{r['limit_bytes'] / 2**20:.0f}",
+                f"{(r['rss_file_bytes'] or 0) / 2**20:.0f}",
+                "yes" if r["met"] else "NO",
+            ]
+            for r in mem["stages"]
+        ]
+        parts.append(f"\nstage memory, {mem['preset']} (MiB)")
+        parts.append(
+            _table(
+                ["stage", "layers", "share", "peak RSS", "limit", "file-backed now", "met"], rows
+            )
+        )
+    if rep["targets"]:
+        parts.append("\ntargets")
+        parts.append(
+            _table(
+                ["target", "config", "figure", "limit", "met"],
+                [
+                    [
+                        t["target"],
+                        t["config"],
+                        _num(t["figure"], ".3f"),
+                        _num(t["limit"], ".2f"),
+                        "yes" if t["met"] else "NO",
+                    ]
+                    for t in rep["targets"]
+                ],
+            )
+        )
+    return "\n".join(parts)
+
+
+def write_json(rep: dict, path: Path) -> None:
+    def clean(x):
+        if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    path.write_text(json.dumps(clean(rep), indent=1))
+
+
+def plots(rep: dict, out: Path, stamp: str) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files: dict[str, str] = {}
+    if rep["summary"]:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        lines: dict[tuple, list] = {}
+        for s in rep["summary"]:
+            lines.setdefault((s["stages"], s["threads"], s["omp_wait_policy"]), []).append(s)
+        for (stages, threads, omp), pts in lines.items():
+            pts = sorted(pts, key=lambda s: s["concurrency"])
+            ax.plot(
+                [p["concurrency"] for p in pts],
+                [p["tokens_per_s"] for p in pts],
+                marker="o",
+                label=f"layerline {stages} stages, {threads} thr, OMP {omp}",
+            )
+        mono: dict[tuple, dict[int, list[float]]] = {}
+        for m in rep["monolithic"]:
+            mono.setdefault((m["threads"], m["omp_wait_policy"]), {}).setdefault(
+                m["batch"], []
+            ).append(m["tokens_per_s"])
+        for (threads, omp), by_batch in mono.items():
+            xs = sorted(by_batch)
+            ys = [sorted(by_batch[x])[(len(by_batch[x]) - 1) // 2] for x in xs]
+            ax.plot(
+                xs,
+                ys,
+                linestyle="--",
+                marker="s",
+                label=f"monolithic generate, {threads} thr, OMP {omp}",
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams (monolithic: batch size)")
+        ax.set_ylabel("aggregate tokens/s")
+        ax.set_title(f"Throughput vs concurrency ({rep['model']['preset']})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        files["throughput"] = _save(fig, out / f"{stamp}-throughput.png", plt)
+
+        groups = [s for s in rep["summary"]]
+        cols = min(3, len(groups))
+        rows = math.ceil(len(groups) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+        for ax, s in zip(axes.flat, groups, strict=False):
+            b = rep["pipeline"][s["representative"]]["breakdown"]
+            names = [st["stage"] for st in b["stages"]] + ["outside\nstages"]
+            bottom = [0.0] * len(names)
+            for key, label, color in STAGE_PARTS:
+                vals = [_finite(st[key]) * 1e3 for st in b["stages"]] + [0.0]
+                ax.bar(names, vals, bottom=bottom, label=label, color=color)
+                bottom = [a + v for a, v in zip(bottom, vals, strict=True)]
+            for key, label, color in OTHER_PARTS:
+                vals = [0.0] * len(b["stages"]) + [_finite(b["per_token_s"][key]) * 1e3]
+                ax.bar(names, vals, bottom=bottom, label=label, color=color)
+                bottom = [a + v for a, v in zip(bottom, vals, strict=True)]
+            ax.set_title(
+                f"{s['stages']} stages, {s['threads']} thr, OMP {s['omp_wait_policy']}, C={s['concurrency']}",
+                fontsize=8,
+            )
+            ax.set_ylabel("ms per decode token (mean)")
+        for ax in list(axes.flat)[len(groups) :]:
+            ax.axis("off")
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
+        files["breakdown"] = _save(fig, out / f"{stamp}-breakdown.png", plt)
+
+    bc = rep.get("broker_cpu")
+    if bc and bc["points"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [p["payload_bytes"] for p in bc["points"]]
+        ax.plot(
+            xs,
+            [p["us_per_message"] for p in bc["points"]],
+            marker="o",
+            label="broker process (all threads)",
+        )
+        ax.plot(
+            xs,
+            [p["main_thread_us_per_message"] for p in bc["points"]],
+            marker="s",
+            label="broker main thread (Python loop)",
+        )
+        ax.axhline(50, color="gray", linestyle=":", label="target 50 us")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("payload per message (bytes)")
+        ax.set_ylabel("CPU us per forwarded message")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        files["broker_cpu"] = _save(fig, out / f"{stamp}-broker-cpu.png", plt)
+    return files
+
+
+def _finite(x: float | None) -> float:
+    return 0.0 if x is None or math.isnan(x) else x
+
+
+def _save(fig, path: Path, plt) -> str:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,599 @@
+"""One benchmark run: every scenario asked for, the baselines in the same run, then targets.
+
+Scenarios are measured in rounds: each round runs every configuration (threads x OpenMP
+wait policy x stage count) once, with the monolithic baseline and the zmq floor of the same
+round beside it, so that a ratio never compares figures taken minutes apart under other
+load. Summaries take the median over rounds.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import itertools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from bench import brokercpu, pipeline, presets
+from bench.cluster import Cluster, bench_env, proc_status
+from bench.stats import median, ratio, summary
+
+SCENARIOS = ("pipeline", "monolithic", "zmq", "broker-cpu", "memory")
+DEFAULT_SCENARIOS = ("pipeline", "monolithic", "zmq")
+
+# Targets (docs/performance.md has one table per target).
+BATCH1_RATIO_TARGET = 0.95  # tokens/s of layerline / monolithic generate, batch 1
+HOP_RATIO_TARGET = 1.5  # per-hop overhead / raw pyzmq one-way latency
+BROKER_US_TARGET = 50.0  # broker CPU per forwarded message
+# "Flat": the cost per message at the largest payload is within this factor of the smallest.
+BROKER_FLAT_TARGET = 1.5
+MEMORY_FACTOR = 1.15  # peak RSS <= 1.15 x weight share + 350 MB
+MEMORY_FIXED_BYTES = 350_000_000
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Options:
+    preset: str = "small"
+    stages: tuple[int, ...] = (3,)
+    concurrency: tuple[int, ...] = (1,)
+    requests: int = 8
+    prompt_len: int = 32
+    gen_len: int = 64
+    stream: bool = False
+    threads: tuple[int, ...] = (1,)
+    omp_wait_policy: tuple[str, ...] = ("PASSIVE",)
+    dtype: str = "float32"
+    device: str = "cpu"
+    scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
+    rounds: int = 1
+    mono_repeats: int = 5
+    zmq_iters: int = 3000
+    broker_payloads: tuple[int, ...] = (4 << 10, 64 << 10, 1 << 20, 16 << 20)
+    broker_seconds: float = 3.0
+    broker_warmup_s: float = 1.0
+    memory_preset: str = "tinyllama"
+    memory_stages: int = 3
+    smoke: bool = False
+
+
+@dataclass
+class Run:
+    opts: Options
+    out: Path
+    stamp: str
+    started: float = field(default_factory=time.monotonic)
+    report: dict = field(default_factory=dict)
+
+    def log(self, text: str) -> None:
+        print(
+            f"[bench {time.monotonic() - self.started:6.1f}s] {text}", file=sys.stderr, flush=True
+        )
+
+    @property
+    def logs(self) -> Path:
+        return self.out / f"{self.stamp}-logs"
+
+
+def machine() -> dict:
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    model = None
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        model = next(
+            (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")),
+            None,
+        )
+    except (OSError, subprocess.SubprocessError):
+        pass
+    os_name = platform.platform()
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                os_name = f"{line.split('=', 1)[1].strip(chr(34))} (kernel {platform.release()})"
+    except OSError:
+        pass
+    import zmq
+
+    return {
+        "cpu_model": model or platform.processor(),
+        "cores": os.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "os": os_name,
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+        "pyzmq": zmq.__version__,
+        "libzmq": zmq.zmq_version(),
+        "gpu": _gpu(),
+    }
+
+
+def _gpu() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def stage_shares(model_path: Path, layer_map: list[dict], dtype: str) -> dict[str, int]:
+    """Bytes of weights each stage of the map must hold: its layers, plus embeddings if
+    first and final norm + head if last, at the run's dtype."""
+    from stage.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(model_path)
+    size = DTYPE_BYTES[dtype]
+    layers: dict[int, int] = {}
+    first = last = 0
+    for key, info in ckpt.tensors.items():
+        nbytes = info.numel * size
+        layer = ckpt.layer_of(key)
+        if layer is not None:
+            layers[layer] = layers.get(layer, 0) + nbytes
+        elif "embed" in key:
+            first += nbytes
+        else:
+            last += nbytes
+    out = {}
+    for r in layer_map:
+        share = sum(layers.get(i, 0) for i in range(r["start"], r["end"]))
+        share += first if r["start"] == 0 else 0
+        share += last if r["end"] == ckpt.num_layers else 0
+        out[r["stage"]] = share
+    return out
+
+
+def stage_memory(cluster: Cluster, status: dict, model_path: Path, dtype: str) -> list[dict]:
+    shares = stage_shares(model_path, status["map"], dtype)
+    rows = []
+    for r in status["map"]:
+        pid = cluster.stages[r["stage"]].pid
+        mem = proc_status(pid)
+        share = shares[r["stage"]]
+        limit = MEMORY_FACTOR * share + MEMORY_FIXED_BYTES
+        hwm = mem.get("VmHWM")
+        rows.append(
+            {
+                "stage": r["stage"],
+                "start": r["start"],
+                "end": r["end"],
+                "pid": pid,
+                "share_bytes": share,
+                "peak_rss_bytes": hwm,
+                "rss_bytes": mem.get("VmRSS"),
+                "rss_anon_bytes": mem.get("RssAnon"),
+                "rss_file_bytes": mem.get("RssFile"),
+                "limit_bytes": limit,
+                "overhead_bytes": hwm - share if hwm else None,
+                "met": hwm is not None and hwm <= limit,
+            }
+        )
+    return rows
+
+
+# --- scenarios ---------------------------------------------------------------------------------
+
+
+def run_monolithic(run: Run, model: presets.Model, threads: int, omp: str) -> dict:
+    o = run.opts
+    batches = ",".join(str(c) for c in sorted(set(o.concurrency)))
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.monolithic",
+        "--model",
+        str(model.path),
+        "--threads",
+        str(threads),
+        "--dtype",
+        o.dtype,
+        "--device",
+        o.device,
+        "--prompt-len",
+        str(o.prompt_len),
+        "--gen-len",
+        str(o.gen_len),
+        "--batch",
+        batches,
+        "--repeats",
+        str(o.mono_repeats),
+    ]
+    busy0, kids0, t0 = pipeline.busy_cpu_s(), _children_cpu_s(), time.monotonic()
+    with open(run.logs / "monolithic.log", "ab") as err:
+        out = subprocess.run(
+            cmd, env=bench_env(omp), stdout=subprocess.PIPE, stderr=err, check=False
+        )
+    if out.returncode != 0:
+        raise RuntimeError(
+            f"monolithic baseline failed (code {out.returncode}); see {run.logs}/monolithic.log"
+        )
+    result = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    foreign = max(0.0, pipeline.busy_cpu_s() - busy0 - (_children_cpu_s() - kids0))
+    result["foreign_cpu_share"] = foreign / ((time.monotonic() - t0) * (os.cpu_count() or 1))
+    return result
+
+
+def _children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_zmq(run: Run, payload: int) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.zmqfloor",
+        "--payload",
+        str(payload),
+        "--iters",
+        str(run.opts.zmq_iters),
+        "--warmup",
+        str(max(50, run.opts.zmq_iters // 10)),
+    ]
+    out = subprocess.run(cmd, env=bench_env(), capture_output=True, check=True, timeout=300)
+    raw = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    rtt = summary(raw["rtt_s"])
+    return {"payload_bytes": payload, "rtt_s": rtt, "one_way_s": rtt["p50"] / 2}
+
+
+def run_pipeline(run: Run, model: presets.Model, stages: int, threads: int, omp: str) -> list[dict]:
+    o = run.opts
+    name = f"{model.preset}-{stages}st-t{threads}-{omp}"
+    run.log(f"pipeline {name}: starting broker + {stages} stages")
+    records = []
+    with Cluster(
+        model.path,
+        stages,
+        threads=threads,
+        dtype=o.dtype,
+        device=o.device,
+        omp_wait_policy=omp,
+        log_dir=run.logs / name,
+    ) as cluster:
+        status = cluster.status(5.0)
+        pipeline.warm_up(cluster.url, model.vocab_size, o.prompt_len)
+        names = [r["stage"] for r in status["map"]]
+        for c in o.concurrency:
+            n = max(o.requests, c) if c == 1 else max(o.requests, 2 * c)
+            phase = pipeline.run_phase(
+                cluster.url,
+                cluster.broker.pid,
+                concurrency=c,
+                requests=n,
+                prompt_len=o.prompt_len,
+                gen_len=o.gen_len,
+                vocab=model.vocab_size,
+                stream=o.stream,
+                pids=list(cluster.pids().values()),
+            )
+            fig = pipeline.analyse(phase, names)
+            run.log(
+                f"  {name} C={c}: {fig['tokens_per_s']:.1f} tokens/s, TTFT p50 {fig['ttft_s']['p50'] * 1e3:.1f} ms, "
+                f"TPOT p50 {fig['tpot_s']['p50'] * 1e3:.2f} ms, other load {fig['foreign_cpu_share']:.0%} of the cores"
+            )
+            records.append(
+                {
+                    "preset": model.preset,
+                    "stages": stages,
+                    "threads": threads,
+                    "omp_wait_policy": omp,
+                    "map": status["map"],
+                    **fig,
+                }
+            )
+        memory = stage_memory(cluster, status, model.path, o.dtype)
+    for rec in records:
+        rec["stage_memory"] = memory
+    return records
+
+
+def run_memory(run: Run, threads: int, omp: str) -> dict:
+    o = run.opts
+    model = presets.ensure_model(o.memory_preset, log=run.log)
+    run.log(f"memory: {o.memory_preset} in {o.memory_stages} stages")
+    name = f"memory-{o.memory_preset}-{o.memory_stages}st"
+    with Cluster(
+        model.path,
+        o.memory_stages,
+        threads=threads,
+        dtype=o.dtype,
+        device=o.device,
+        omp_wait_policy=omp,
+        log_dir=run.logs / name,
+    ) as cluster:
+        status = cluster.status(5.0)
+        t0 = time.perf_counter()
+        phase = pipeline.run_phase(
+            cluster.url,
+            cluster.broker.pid,
+            concurrency=1,
+            requests=1,
+            prompt_len=o.prompt_len,
+            gen_len=min(8, o.gen_len),
+            vocab=model.vocab_size,
+            stream=False,
+        )
+        rows = stage_memory(cluster, status, model.path, o.dtype)
+        tokens_per_s = phase.records[0]["tokens"] / phase.records[0]["total_s"]
+    for row in rows:
+        run.log(
+            f"  {row['stage']} [{row['start']},{row['end']}): peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB, "
+            f"share {row['share_bytes'] / 2**20:.0f} MiB, limit {row['limit_bytes'] / 2**20:.0f} MiB"
+        )
+    return {
+        "preset": o.memory_preset,
+        "model": model.to_json(),
+        "stages": rows,
+        "threads": threads,
+        "omp_wait_policy": omp,
+        "tokens_per_s": tokens_per_s,
+        "elapsed_s": time.perf_counter() - t0,
+    }
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def execute(opts: Options, out: Path) -> dict:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    run = Run(opts=opts, out=out, stamp=stamp)
+    run.logs.mkdir(parents=True, exist_ok=True)
+    rep = run.report
+    rep.update(
+        {
+            "schema": 1,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": [Path(sys.executable).name, "-m", "bench", *sys.argv[1:]],
+            "options": {
+                k: list(v) if isinstance(v, tuple) else v for k, v in opts.__dict__.items()
+            },
+            "machine": machine(),
+            "load_average_start": os.getloadavg(),
+        }
+    )
+    model = presets.ensure_model(opts.preset, log=run.log)
+    rep["model"] = model.to_json()
+    rep["pipeline"], rep["monolithic"], rep["zmq_floor"] = [], [], []
+    configs = list(itertools.product(opts.threads, opts.omp_wait_policy))
+    payload = model.hidden_size * DTYPE_BYTES[opts.dtype]
+    for rnd in range(opts.rounds):
+        if "zmq" in opts.scenarios:
+            run.log(f"round {rnd + 1}/{opts.rounds}: raw pyzmq round trip, {payload} B frames")
+            floor = run_zmq(run, payload)
+            demo = presets.ensure_model("demo", log=run.log)
+            floor["broker_hop"] = brokercpu.measure_hop(
+                demo.path, payload, opts.broker_seconds, dtype=opts.dtype, log_dir=run.logs
+            )
+            run.log(
+                f"  one-way floor {floor['one_way_s'] * 1e6:.0f} us; through the real broker with instant "
+                f"fake stages {floor['broker_hop']['per_hop_s'] * 1e6:.0f} us per hop"
+            )
+            rep["zmq_floor"].append({"round": rnd, **floor})
+        for threads, omp in configs:
+            if "monolithic" in opts.scenarios:
+                run.log(
+                    f"round {rnd + 1}/{opts.rounds}: monolithic generate, threads={threads} omp={omp}"
+                )
+                mono = run_monolithic(run, model, threads, omp)
+                for r in mono["results"]:
+                    rep["monolithic"].append(
+                        {
+                            "round": rnd,
+                            "threads": threads,
+                            "omp_wait_policy": omp,
+                            "load_s": mono["load_s"],
+                            "foreign_cpu_share": mono["foreign_cpu_share"],
+                            **r,
+                        }
+                    )
+            if "pipeline" in opts.scenarios:
+                for stages in opts.stages:
+                    for rec in run_pipeline(run, model, stages, threads, omp):
+                        rep["pipeline"].append({"round": rnd, **rec})
+    if "broker-cpu" in opts.scenarios:
+        run.log("broker CPU per forwarded message with fake stages")
+        ckpt = presets.ensure_model("demo", log=run.log)
+        rep["broker_cpu"] = brokercpu.measure(
+            ckpt.path,
+            list(opts.broker_payloads),
+            opts.broker_seconds,
+            opts.broker_warmup_s,
+            dtype=opts.dtype,
+            log_dir=run.logs,
+            log=run.log,
+        )
+    if "memory" in opts.scenarios:
+        rep["memory"] = run_memory(run, opts.threads[0], opts.omp_wait_policy[0])
+    rep["load_average_end"] = os.getloadavg()
+    rep["elapsed_s"] = time.monotonic() - run.started
+    derive(rep)
+    rep["targets"] = targets(rep)
+    return rep | {"_stamp": stamp}
+
+
+def derive(rep: dict) -> None:
+    """Ratios against the same round's baselines, then medians over rounds per configuration."""
+    floors = {z["round"]: z for z in rep["zmq_floor"]}
+    for rec in rep["pipeline"]:
+        mono = next(
+            (
+                m
+                for m in rep["monolithic"]
+                if m["round"] == rec["round"]
+                and m["threads"] == rec["threads"]
+                and m["omp_wait_policy"] == rec["omp_wait_policy"]
+                and m["batch"] == rec["concurrency"]
+            ),
+            None,
+        )
+        rec["monolithic_tokens_per_s"] = mono["tokens_per_s"] if mono else None
+        # Batch 1: the median request against the median generate; both include the prefill.
+        ours = (
+            rec["request_tokens_per_s"]["p50"] if rec["concurrency"] == 1 else rec["tokens_per_s"]
+        )
+        rec["ratio_to_monolithic"] = ratio(ours, rec["monolithic_tokens_per_s"])
+        rec["tokens_match_monolithic"] = (
+            (mono["token_ids"] == rec["first_token_ids"]) if mono else None
+        )
+        floor = floors.get(rec["round"])
+        one_way = floor["one_way_s"] if floor else None
+        rec["hop"]["floor_one_way_s"] = one_way
+        rec["hop"]["broker_hop_s"] = floor["broker_hop"]["per_hop_s"] if floor else None
+        rec["hop"]["transfer_ratio"] = ratio(rec["hop"]["transfer_s"]["p50"], one_way)
+        rec["hop"]["non_compute_ratio"] = ratio(rec["hop"]["non_compute_per_hop_s"]["p50"], one_way)
+
+    groups: dict[tuple, list[dict]] = {}
+    for rec in rep["pipeline"]:
+        key = (
+            rec["preset"],
+            rec["stages"],
+            rec["threads"],
+            rec["omp_wait_policy"],
+            rec["concurrency"],
+        )
+        groups.setdefault(key, []).append(rec)
+    rep["summary"] = []
+    for (preset, stages, threads, omp, c), recs in groups.items():
+        tps = [r["tokens_per_s"] for r in recs]
+        rep["summary"].append(
+            {
+                "preset": preset,
+                "stages": stages,
+                "threads": threads,
+                "omp_wait_policy": omp,
+                "concurrency": c,
+                "rounds": len(recs),
+                "tokens_per_s": median(tps),
+                "request_tokens_per_s": median(r["request_tokens_per_s"]["p50"] for r in recs),
+                "monolithic_tokens_per_s": median(
+                    r["monolithic_tokens_per_s"]
+                    for r in recs
+                    if r["monolithic_tokens_per_s"] is not None
+                ),
+                "ratio_to_monolithic": _median_or_none(r["ratio_to_monolithic"] for r in recs),
+                "ttft_p50_s": median(r["ttft_s"]["p50"] for r in recs),
+                "tpot_p50_s": median(r["tpot_s"]["p50"] for r in recs),
+                "tpot_p99_s": median(r["tpot_s"]["p99"] for r in recs),
+                "transfer_p50_s": median(r["hop"]["transfer_s"]["p50"] for r in recs),
+                "non_compute_per_hop_p50_s": median(
+                    r["hop"]["non_compute_per_hop_s"]["p50"] for r in recs
+                ),
+                "floor_one_way_s": _median_or_none(r["hop"]["floor_one_way_s"] for r in recs),
+                "broker_hop_s": _median_or_none(r["hop"]["broker_hop_s"] for r in recs),
+                "transfer_ratio": _median_or_none(r["hop"]["transfer_ratio"] for r in recs),
+                "non_compute_ratio": _median_or_none(r["hop"]["non_compute_ratio"] for r in recs),
+                "broker_messages_per_s": _median_or_none(
+                    r["broker"]["messages_per_s"] for r in recs
+                ),
+                "broker_cpu_us_per_message": _median_or_none(
+                    r["broker"]["cpu_us_per_message"] for r in recs
+                ),
+                "foreign_cpu_share": _median_or_none(r["foreign_cpu_share"] for r in recs),
+                # The record whose throughput is the median one stands for the group in the plots.
+                "representative": rep["pipeline"].index(
+                    sorted(recs, key=lambda r: r["tokens_per_s"])[(len(recs) - 1) // 2]
+                ),
+            }
+        )
+    bc = rep.get("broker_cpu")
+    if bc and bc["points"]:
+        us = [p["us_per_message"] for p in bc["points"] if p["us_per_message"]]
+        main = [
+            p["main_thread_us_per_message"] for p in bc["points"] if p["main_thread_us_per_message"]
+        ]
+        bc["max_us_per_message"] = max(us) if us else None
+        bc["flatness"] = ratio(
+            bc["points"][-1]["us_per_message"], bc["points"][0]["us_per_message"]
+        )
+        bc["main_thread_max_us_per_message"] = max(main) if main else None
+        bc["main_thread_flatness"] = ratio(
+            bc["points"][-1]["main_thread_us_per_message"],
+            bc["points"][0]["main_thread_us_per_message"],
+        )
+
+
+def _median_or_none(values) -> float | None:
+    xs = [v for v in values if v is not None]
+    return statistics.median(xs) if xs else None
+
+
+def targets(rep: dict) -> list[dict]:
+    """Each target with its figure from this run; `met` is None where the run lacks the data."""
+    out = []
+    for s in rep["summary"]:
+        if s["concurrency"] == 1 and s["ratio_to_monolithic"] is not None:
+            out.append(
+                {
+                    "target": "batch-1 tokens/s vs monolithic generate",
+                    "config": _config(s),
+                    "figure": s["ratio_to_monolithic"],
+                    "limit": BATCH1_RATIO_TARGET,
+                    "met": s["ratio_to_monolithic"] >= BATCH1_RATIO_TARGET,
+                }
+            )
+        if s["concurrency"] == 1 and s["transfer_ratio"] is not None:
+            out.append(
+                {
+                    "target": "per-hop overhead vs raw pyzmq one-way",
+                    "config": _config(s),
+                    "figure": s["transfer_ratio"],
+                    "limit": HOP_RATIO_TARGET,
+                    "met": s["transfer_ratio"] <= HOP_RATIO_TARGET,
+                }
+            )
+    bc = rep.get("broker_cpu")
+    if bc and bc.get("max_us_per_message") is not None:
+        out.append(
+            {
+                "target": "broker CPU per forwarded message (us, worst payload)",
+                "config": "fake stages",
+                "figure": bc["max_us_per_message"],
+                "limit": BROKER_US_TARGET,
+                "met": bc["max_us_per_message"] <= BROKER_US_TARGET,
+            }
+        )
+        if bc.get("flatness") is not None:
+            out.append(
+                {
+                    "target": "broker CPU flat in payload (largest / smallest)",
+                    "config": "fake stages",
+                    "figure": bc["flatness"],
+                    "limit": BROKER_FLAT_TARGET,
+                    "met": bc["flatness"] <= BROKER_FLAT_TARGET,
+                }
+            )
+    mem = rep.get("memory")
+    if mem:
+        worst = max(mem["stages"], key=lambda r: (r["peak_rss_bytes"] or 0) / r["limit_bytes"])
+        out.append(
+            {
+                "target": "stage peak RSS / (1.15 x share + 350 MB), worst stage",
+                "config": f"{mem['preset']}, {len(mem['stages'])} stages",
+                "figure": (worst["peak_rss_bytes"] or 0) / worst["limit_bytes"],
+                "limit": 1.0,
+                "met": all(r["met"] for r in mem["stages"]),
+            }
+        )
+    return out
+
+
+def _config(s: dict) -> str:
+    return (
+        f"{s['preset']}, {s['stages']} stages, threads {s['threads']}, OMP {s['omp_wait_policy']}"
+    )

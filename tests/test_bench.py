@@ -1,0 +1,128 @@
+"""`python -m bench --smoke` runs end to end and leaves well-formed results: never a speed check."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _positive(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, (
+        f"bench --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 1, f"expected one JSON result in {out}, found {files}"
+    return {"report": json.loads(files[0].read_text()), "stdout": proc.stdout}
+
+
+@pytest.mark.timeout(180)
+def test_smoke_writes_expected_keys(smoke):
+    rep = smoke["report"]
+    for key in (
+        "machine",
+        "model",
+        "options",
+        "pipeline",
+        "summary",
+        "monolithic",
+        "zmq_floor",
+        "broker_cpu",
+        "memory",
+        "targets",
+        "plots",
+    ):
+        assert key in rep, f"missing {key}"
+    assert rep["options"]["smoke"] is True
+    assert rep["machine"]["cores"] >= 1 and rep["machine"]["torch"]
+    assert "results:" in smoke["stdout"]
+
+
+@pytest.mark.timeout(180)
+def test_smoke_pipeline_figures_are_sane(smoke):
+    rep = smoke["report"]
+    stages = rep["options"]["stages"][0]
+    concurrency = rep["options"]["concurrency"]
+    assert sorted(r["concurrency"] for r in rep["pipeline"]) == sorted(concurrency)
+    for rec in rep["pipeline"]:
+        gen = rep["options"]["gen_len"]
+        assert rec["tokens"] == rec["requests"] * gen
+        for key in ("tokens_per_s", "wall_s"):
+            assert _positive(rec[key]), key
+        for key in ("ttft_s", "tpot_s"):
+            assert _positive(rec[key]["p50"]) and rec[key]["p99"] >= rec[key]["p50"], key
+        assert _positive(rec["ratio_to_monolithic"]) and _positive(rec["monolithic_tokens_per_s"])
+        # One breakdown entry per stage, in pipeline order, covering every layer once.
+        parts = rec["breakdown"]["stages"]
+        assert [p["stage"] for p in parts] == [f"s{i}" for i in range(stages)]
+        assert parts[0]["start"] == 0 and parts[-1]["end"] == rep["model"]["num_layers"]
+        for p in parts:
+            assert _positive(p["compute_s"]) and p["queue_s"] >= 0 and p["transfer_s"] >= 0
+        per_token = rec["breakdown"]["per_token_s"]
+        assert _positive(per_token["latency"]) and per_token["latency"] >= per_token["compute"]
+        assert _positive(rec["hop"]["transfer_ratio"]) and _positive(rec["hop"]["floor_one_way_s"])
+        assert _positive(rec["broker"]["messages_per_s"])
+        # Every token visits every stage: the broker forwarded one message per stage per step.
+        assert rec["broker"]["forwarded"] >= rec["tokens"] * stages
+        assert len(rec["stage_memory"]) == stages
+        assert all(
+            _positive(m["peak_rss_bytes"]) and _positive(m["share_bytes"])
+            for m in rec["stage_memory"]
+        )
+    assert len(rep["summary"]) == len(concurrency)
+
+
+@pytest.mark.timeout(180)
+def test_smoke_baselines_and_scenarios(smoke):
+    rep = smoke["report"]
+    assert {m["batch"] for m in rep["monolithic"]} == set(rep["options"]["concurrency"])
+    assert all(_positive(m["tokens_per_s"]) for m in rep["monolithic"])
+    floor = rep["zmq_floor"][0]
+    assert floor["payload_bytes"] == rep["model"]["hidden_size"] * 4 and _positive(
+        floor["one_way_s"]
+    )
+    bc = rep["broker_cpu"]
+    assert bc["error_count"] == 0
+    assert [p["payload_bytes"] for p in bc["points"]] == rep["options"]["broker_payloads"]
+    assert all(_positive(p["us_per_message"]) and p["forwarded"] > 0 for p in bc["points"])
+    assert _positive(bc["flatness"])
+    mem = rep["memory"]
+    assert len(mem["stages"]) == rep["options"]["memory_stages"]
+    assert all(
+        _positive(r["peak_rss_bytes"]) and _positive(r["limit_bytes"]) for r in mem["stages"]
+    )
+    names = {t["target"] for t in rep["targets"]}
+    assert any("monolithic" in n for n in names) and any("pyzmq" in n for n in names)
+    assert all(isinstance(t["met"], bool) and _positive(t["figure"]) for t in rep["targets"])
+
+
+@pytest.mark.timeout(180)
+def test_smoke_plots_are_pngs(smoke):
+    plots = smoke["report"]["plots"]
+    assert {"throughput", "breakdown", "broker_cpu"} <= set(plots)
+    for path in plots.values():
+        data = Path(path).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 1000, path
