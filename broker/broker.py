@@ -322,7 +322,9 @@ class Broker:
     def send(self, ident: bytes, frames: list) -> bool:
         """Non-blocking send; an unreachable stage is a death signal at once."""
         try:
-            self.socket.send_multipart([ident, *frames], flags=zmq.NOBLOCK, copy=False)
+            # copy=True: the broker's own frames are small headers, cheaper copied; forwarded
+            # tensors are zmq.Frame objects, which pyzmq sends by reference either way.
+            self.socket.send_multipart([ident, *frames], flags=zmq.NOBLOCK)
             return True
         except zmq.ZMQError as e:
             self.counters.send_failures += 1
@@ -349,9 +351,7 @@ class Broker:
             return
         # A slow monitor loses feed messages; it never slows the broker.
         with contextlib.suppress(zmq.Again):
-            self.feed.send_multipart(
-                P.encode_feed(topic, header, tensors), flags=zmq.NOBLOCK, copy=False
-            )
+            self.feed.send_multipart(P.encode_feed(topic, header, tensors), flags=zmq.NOBLOCK)
 
     # --- stage handlers ----------------------------------------------------------------------
 
