@@ -333,12 +333,16 @@ class StageWorker:
         Handing a step to the compute thread and its result back costs two thread wake-ups
         per stage visit, measured at several hundred microseconds on a busy 2-core machine:
         a large share of a small model's time per token. A decode step takes milliseconds, so
-        heartbeats are barely delayed; prefills, batches and anything queued still go through
-        the compute thread, in order.
+        heartbeats are barely delayed; prefills, anything queued, and steps that arrive while
+        others wait on the socket (a batch in the making) still go through the compute
+        thread, in order.
         """
         items = job.msg.header["items"]
         if len(items) != 1 or items[0]["n"] != 1 or self._jobs.unfinished_tasks:
             return False
+        if session.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return False  # more steps are waiting: let the compute thread batch them
+
         if not self._compute_lock.acquire(blocking=False):
             return False
         try:
