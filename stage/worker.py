@@ -10,6 +10,7 @@ forward or a load.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import os
@@ -527,12 +528,12 @@ class StageWorker:
         out.setsockopt(zmq.LINGER, 0)
         out.connect(self._results_addr)
         stats = self._stats
-        carry: Any = _NOTHING
+        # Jobs taken off the queue but not run yet, in arrival order (see _gather_round).
+        pending: collections.deque = collections.deque()
         try:
             with torch.inference_mode():
                 while True:
-                    job = self._jobs.get() if carry is _NOTHING else carry
-                    carry = _NOTHING
+                    job = pending.popleft() if pending else self._jobs.get()
                     if job is None or self._closing:
                         return
                     generation = getattr(job, "generation", self._generation)
@@ -541,7 +542,7 @@ class StageWorker:
                         continue  # its connection is gone; nobody waits for the answer
                     jobs = [job]
                     if isinstance(job, ForwardJob):
-                        jobs, carry = self._gather_round(job)
+                        jobs = self._gather_round(job, pending)
                     with self._compute_lock:
                         stats.running = "load" if isinstance(job, LoadJob) else "forward"
                         stats.running_since = time.monotonic()
@@ -566,29 +567,43 @@ class StageWorker:
         finally:
             out.close(linger=0)
 
-    def _gather_round(self, first: ForwardJob) -> tuple[list[ForwardJob], Any]:
-        """The FORWARDs already queued behind `first` that can run with it as one round.
+    def _gather_round(self, first: ForwardJob, pending: collections.deque) -> list[ForwardJob]:
+        """The FORWARDs waiting behind `first` that can run with it as one round.
 
         A round holds each request at most once, so every check can be made before anything
-        runs; it ends at the first other job, which is returned to run next.
+        runs. A step of a request already in the round (the next chunk of a long prompt) is
+        left for a later round, and so is everything after it for that request; steps of
+        other requests behind it may still join: decode steps overtake queued prefill chunks
+        of other requests, never one of their own. A load, release or reset is a barrier.
         """
         jobs = [first]
         rids = _rids(first)
+        deferred_rids: set[str] = set()
         items = len(rids)
-        while items < self.config.max_batch:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return jobs, _NOTHING
+        kept: collections.deque = collections.deque()
+        scanned = 0
+        while items < self.config.max_batch and scanned < 4 * self.config.max_batch:
+            if pending:
+                job = pending.popleft()
+            else:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+            scanned += 1
             if not isinstance(job, ForwardJob) or job.generation != first.generation:
-                return jobs, job
+                kept.append(job)
+                break
             more = _rids(job)
-            if more & rids:
-                return jobs, job
+            if more & (rids | deferred_rids):
+                deferred_rids |= more
+                kept.append(job)
+                continue
             jobs.append(job)
             rids |= more
             items += len(more)
-        return jobs, _NOTHING
+        pending.extendleft(reversed(kept))
+        return jobs
 
     def _run_job(self, job) -> list | None:
         if isinstance(job, LoadJob):
@@ -849,9 +864,6 @@ class StageWorker:
                 )
             plan.append((item, x, fresh))
         return plan
-
-
-_NOTHING = object()  # no job carried over to the next round
 
 
 def _send_frames(sock: zmq.Socket, frames: list) -> bool:
