@@ -32,7 +32,10 @@ def test_mixed_batches_equal_generate_for_each_request_alone(checkpoints, arch):
     directory = checkpoints[arch]
     ref = _reference(directory)
     prompts = _prompts()
-    expected = [ref.generate(p, do_sample=False, max_new_tokens=STEPS + 1)[0, p.shape[1]:].tolist() for p in prompts]
+    expected = [
+        ref.generate(p, do_sample=False, max_new_tokens=STEPS + 1)[0, p.shape[1] :].tolist()
+        for p in prompts
+    ]
     shards = [load_shard(directory, 0, 2), load_shard(directory, 2, 5)]
     assert all(s.batchable for s in shards)
     states, tokens = [], []
@@ -54,7 +57,9 @@ def test_mixed_batches_equal_generate_for_each_request_alone(checkpoints, arch):
                 y = shard.forward(y, states[i][k])
             tokens[i].append(int(y[0, -1].argmax()))
     for i, p in enumerate(prompts):
-        assert tokens[i] == expected[i], f"{arch}: request {i} (prompt {p.shape[1]} tokens) diverged"
+        assert tokens[i] == expected[i], (
+            f"{arch}: request {i} (prompt {p.shape[1]} tokens) diverged"
+        )
         assert all(st.length == p.shape[1] + STEPS for st in states[i])
 
 
@@ -83,4 +88,6 @@ def test_sliding_window_shards_do_not_batch(checkpoints):
 def test_batch_needs_existing_caches(checkpoints):
     shard = load_shard(checkpoints["llama"], 0, 5)
     with pytest.raises(ShardError, match="decode steps"):
-        shard.forward_batch([torch.tensor([[5]]), torch.tensor([[6]])], [shard.new_cache(), shard.new_cache()])
+        shard.forward_batch(
+            [torch.tensor([[5]]), torch.tensor([[6]])], [shard.new_cache(), shard.new_cache()]
+        )
