@@ -273,18 +273,29 @@ def test_chaos_kill_and_restart_random_stages_under_concurrency(checkpoints):
     rng = random.Random(1234)
     broker_args = (*FAST, "--max-replays", "40")
     with Cluster(directory, 4, broker_args=broker_args) as cluster:
+        produced = [0]
+        total = 16 * 64
+
+        async def one(client, prompt):
+            async for event in client.stream(prompt, max_new_tokens=64, ignore_eos=True):
+                if event["type"] == "token":
+                    produced[0] += 1
+                elif event["type"] == "done":
+                    return event["result"]
+            raise AssertionError("stream ended without a result")
 
         async def clients():
             async with AsyncClient(cluster.url, max_replays=40) as client:
-                return await asyncio.gather(
-                    *(client.generate(p, max_new_tokens=64, ignore_eos=True) for p in prompts)
-                )
+                return await asyncio.gather(*(one(client, p) for p in prompts))
 
         kills_during_streams = []
 
         async def chaos(done: asyncio.Event):
-            for _ in range(3):
-                await asyncio.sleep(2.0)
+            # Three kills spread over the run, by tokens produced (a batched cluster may finish
+            # the 1024 tokens in a few seconds); each victim is restarted at once.
+            for fraction in (0.2, 0.45, 0.7):
+                while produced[0] < fraction * total and not done.is_set():
+                    await asyncio.sleep(0.01)
                 victim = rng.choice(sorted(cluster.stages))
                 kills_during_streams.append(not done.is_set())
                 cluster.kill_stage(victim)
