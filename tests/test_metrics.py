@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import pytest
@@ -41,7 +42,16 @@ def test_metrics_follow_a_stage_death(checkpoints):
                     cluster.kill_stage("s1")
         assert tokens == 30
         cluster.wait_for(lambda s: s["ready"] and len(s["map"]) == 2, 20, "resharded")
-        m = scrape(port)
+        # Gauges are refreshed with each heartbeat round: wait for the one after the reshard.
+        deadline = time.monotonic() + 5
+        while True:
+            m = scrape(port)
+            ready = value(m, "layerline_stages", state="ready") + value(
+                m, "layerline_stages", state="busy"
+            )
+            if ready == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         names = {name for name, _ in m}
         assert all(
             n.startswith("layerline_") for n in names if not n.startswith(("python_", "process_"))
