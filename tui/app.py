@@ -722,6 +722,8 @@ class LayerlineApp(App[None]):
         self.publish()
 
     def publish(self) -> None:
+        if not self.screen_stack:
+            return  # shutting down: a last feed update may still arrive
         view = self.state.view(self.clock(), self.selected)
         # The last known values stay on screen, dimmed, while the broker is lost.
         self.screen_stack[0].set_class(view.link.state == "lost", "-stale")
