@@ -183,7 +183,6 @@ class StageWorker:
         # Owned by the compute thread; the I/O thread reads `_shard` only for READY's `held`.
         self._shard: Shard | None = None
         self._epoch: int | None = None
-        self._context = 1 << 30  # the shard's max_position_embeddings
         # Bumped by the I/O thread when a connection's work becomes void; jobs and results
         # carry the generation they belong to, and stale ones are dropped unseen.
         self._generation = 0
@@ -665,10 +664,6 @@ class StageWorker:
             del old
             gc.collect()
             self._shard = shard
-            # Read once: a transformers config attribute costs microseconds on every step.
-            self._context = int(
-                getattr(shard.checkpoint.config, "max_position_embeddings", 1 << 30)
-            )
             weight_bytes = shard.weight_bytes()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -795,7 +790,7 @@ class StageWorker:
             raise Refusal(
                 Code.BAD_REQUEST, f"FORWARD has {len(items)} items but {len(msg.frames)} tensors"
             )
-        limit = self._context
+        limit = shard.max_positions
         seen: set[str] = set()
         plan = []
         for i, item in enumerate(items):
