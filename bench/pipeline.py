@@ -36,6 +36,8 @@ class Phase:
     # CPU seconds that processes other than the cluster and this client used meanwhile:
     # other work on the machine that competed for the cores (a disturbed measurement).
     foreign_cpu_s: float | None = None
+    # CPU seconds each of our processes used in the phase: broker, stages, this client.
+    process_cpu_s: dict[str, float] = field(default_factory=dict)
 
 
 def _record(result, arrivals: list[float] | None) -> dict:
@@ -111,15 +113,18 @@ def run_phase(
     gen_len: int,
     vocab: int,
     stream: bool,
-    pids: list[int] = (),
+    pids: dict[str, int] | None = None,
 ) -> Phase:
     prompts = [prompt(i, prompt_len, vocab) for i in range(requests)]
     phase = Phase(concurrency=concurrency)
     proc = psutil.Process(broker_pid) if broker_pid else None
-    ours = [psutil.Process(p) for p in {*pids, os.getpid()}]
+    named = {**(pids or {}), "client": os.getpid()}
+    procs = {name: psutil.Process(pid) for name, pid in named.items()}
+    ours = list(procs.values())
     phase.broker_before = query_status(url, 5.0)
     cpu0 = _cpu(proc)
     busy0, ours0 = busy_cpu_s(), _total(ours)
+    each0 = {name: _total([p]) for name, p in procs.items()}
     t0 = time.perf_counter()
     if concurrency == 1:
         phase.records = _run_sync(url, prompts, gen_len, stream)
@@ -128,6 +133,7 @@ def run_phase(
     phase.wall_s = time.perf_counter() - t0
     cpu1 = _cpu(proc)
     phase.foreign_cpu_s = max(0.0, (busy_cpu_s() - busy0) - (_total(ours) - ours0))
+    phase.process_cpu_s = {name: _total([p]) - each0[name] for name, p in procs.items()}
     phase.broker_after = query_status(url, 5.0)
     if cpu0 is not None and cpu1 is not None:
         phase.broker_cpu_s = cpu1 - cpu0
@@ -246,6 +252,10 @@ def analyse(phase: Phase, stage_names: list[str]) -> dict:
             if forwarded and phase.broker_cpu_s is not None
             else None,
         },
+        # Each process's CPU use over the phase, in cores (1.0 = one core busy throughout).
+        "process_cores": {name: cpu / phase.wall_s for name, cpu in phase.process_cpu_s.items()}
+        if phase.wall_s
+        else {},
         "foreign_cpu_share": phase.foreign_cpu_s / (phase.wall_s * (os.cpu_count() or 1))
         if phase.foreign_cpu_s is not None and phase.wall_s
         else None,

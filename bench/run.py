@@ -279,12 +279,16 @@ def run_pipeline(run: Run, model: presets.Model, stages: int, threads: int, omp:
                 gen_len=o.gen_len,
                 vocab=model.vocab_size,
                 stream=o.stream,
-                pids=list(cluster.pids().values()),
+                pids=cluster.pids(),
             )
             fig = pipeline.analyse(phase, names)
             run.log(
                 f"  {name} C={c}: {fig['tokens_per_s']:.1f} tokens/s, TTFT p50 {fig['ttft_s']['p50'] * 1e3:.1f} ms, "
                 f"TPOT p50 {fig['tpot_s']['p50'] * 1e3:.2f} ms, other load {fig['foreign_cpu_share']:.0%} of the cores"
+            )
+            run.log(
+                "    cores used: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in fig["process_cores"].items())
             )
             records.append(
                 {

@@ -51,6 +51,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-requests", type=int, default=D.max_requests)
     p.add_argument("--max-client-requests", type=int, default=D.max_client_requests)
     p.add_argument("--max-replays", type=int, default=D.max_replays)
+    p.add_argument(
+        "--stage-window",
+        type=int,
+        default=D.stage_window,
+        help="FORWARDs outstanding at a stage at once; the rest wait and batch (default %(default)s)",
+    )
+    p.add_argument(
+        "--forward-tokens",
+        type=int,
+        default=D.forward_tokens,
+        help="tokens one FORWARD carries past its first step (default %(default)s)",
+    )
+    p.add_argument(
+        "--batch-linger-ms",
+        type=float,
+        default=D.batch_linger_s * 1e3,
+        help="how long the first stage waits for requests about to answer, so that their "
+        "steps travel as one batch; 0 turns it off (default %(default)s)",
+    )
     p.add_argument("--max-frame-mb", type=int, default=DEFAULT_LIMITS.max_frame_bytes >> 20)
     p.add_argument(
         "--admin-token", default=None, help="token that authorises DRAIN (admin) commands"
@@ -83,6 +102,13 @@ def feed_endpoint(bind: str, feed: str | None) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level)
+    if args.stage_window < 1 or args.forward_tokens < 1 or args.batch_linger_ms < 0:
+        print(
+            "broker: --stage-window and --forward-tokens must be at least 1, "
+            "--batch-linger-ms at least 0",
+            file=sys.stderr,
+        )
+        return 2
     log = structlog.get_logger("broker")
     try:
         if args.model == str(DEFAULT_DEMO_DIR):
@@ -104,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         max_requests=args.max_requests,
         max_client_requests=args.max_client_requests,
         max_replays=args.max_replays,
+        stage_window=args.stage_window,
+        forward_tokens=args.forward_tokens,
+        batch_linger_s=args.batch_linger_ms / 1e3,
         expect_stages=args.expect_stages,
         settle_s=args.settle,
         rebalance_cooldown_s=args.rebalance_cooldown,

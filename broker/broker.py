@@ -28,6 +28,7 @@ from broker.scheduler import (
     LayerMap,
     SchedulerError,
     StageCapacity,
+    parallel_lanes,
     plan,
 )
 from stage.checkpoint import Checkpoint
@@ -56,6 +57,20 @@ class BrokerConfig:
     ready_wait_s: float = 30.0
     client_timeout_s: float = 30.0
     max_queue: int = 1024
+    # Batching: the steps queued for a stage travel as one FORWARD, and the stage runs their
+    # decode steps as one batched forward. A stage holds stage_window FORWARDs at once; what
+    # arrives meanwhile waits in the broker and joins the next one, so groups of requests
+    # form and stay together through the pipeline. One FORWARD carries at most the stage's
+    # max_batch requests, at most forward_tokens tokens past its first step, and at most
+    # ceil(active requests / pipeline lanes) requests, so that every stage that can run in
+    # parallel with another gets a group (see scheduler.parallel_lanes).
+    stage_window: int = 1
+    forward_tokens: int = 256
+    # Clients answer a token with their next step within a few milliseconds, one after
+    # another. While the first stage is idle and requests that just got a token have not
+    # answered yet, their group's first arrivals wait up to this long for the rest, instead
+    # of leaving alone and splitting the group for good. A lone request never waits.
+    batch_linger_s: float = 0.008
     max_requests: int = 512
     max_client_requests: int = 64
     max_replays: int = 8
@@ -108,7 +123,9 @@ class StageRecord:
     start: int = 0
     end: int = 0
     loaded_epoch: int = -1
-    inflight: dict[int, Step] = field(default_factory=dict)
+    inflight: dict[int, Step] = field(default_factory=dict)  # by step id
+    forwards: dict[int, list[Step]] = field(default_factory=dict)  # by FORWARD id
+    max_batch: int = 32
     queue: collections.deque = field(default_factory=collections.deque)
     progress: int = 0
     progress_at: float = 0.0
@@ -201,6 +218,15 @@ class Broker:
         self.clients_seen: dict[bytes, float] = {}
         self.waiting: collections.deque[Step] = collections.deque()
         self.next_step_id = 1
+        self.next_forward_id = 1
+        self.lanes = 1  # stages of the map that can compute at the same time
+        # Stages to dispatch once the socket is drained: steps that arrive together leave
+        # together, as one FORWARD.
+        self.dirty: dict[str, StageRecord] = {}
+        self.draining = False
+        # Requests that were just sent a token, by when: their next step is expected.
+        self.answering: dict[str, float] = {}
+        self.linger_until: float | None = None
         self.history: collections.deque = collections.deque(maxlen=config.history)
         self.events: collections.deque = collections.deque(maxlen=1000)
         self.counters = Counters()
@@ -254,12 +280,19 @@ class Broker:
         return log.bind(epoch=self.epoch)
 
     def drain_socket(self, budget: int = 256) -> None:
-        for _ in range(budget):
-            try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self.handle(frames)
+        self.draining = True
+        try:
+            for _ in range(budget):
+                try:
+                    frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self.handle(frames)
+        finally:
+            self.draining = False
+            dirty, self.dirty = self.dirty, {}
+            for stage in dirty.values():
+                self.dispatch(stage)
 
     def handle(self, frames: list) -> None:
         ident = frames[0].bytes
@@ -299,10 +332,16 @@ class Broker:
         deadlines = [self.next_heartbeat, self.next_feed if self.feed is not None else float("inf")]
         if self.rebalance_at is not None:
             deadlines.append(self.rebalance_at)
+        if self.linger_until is not None:
+            deadlines.append(self.linger_until)
         return min(deadlines)
 
     def run_timers(self) -> None:
         now = time.monotonic()
+        if self.linger_until is not None and now >= self.linger_until:
+            self.linger_until = None
+            if self.layer_map is not None and self.layer_map.ranges[0].name in self.stages:
+                self.dispatch(self.stages[self.layer_map.ranges[0].name])
         if now >= self.next_feed and self.feed is not None:
             self.send_feed(P.FEED_STATS, self.status(requests=True))
             self.next_feed = now + self.config.feed_interval_s
@@ -378,6 +417,9 @@ class Broker:
             )
         if not 1 <= h["credits"] <= 1024:
             raise P.ProtocolError(Code.BAD_REQUEST, "credits must be in [1, 1024]")
+        max_batch = h["caps"].get("max_batch", 1)
+        if not isinstance(max_batch, int) or not 1 <= max_batch <= 1024:
+            raise P.ProtocolError(Code.BAD_REQUEST, "caps.max_batch must be in [1, 1024]")
         now = time.monotonic()
         old = self.stages.get(name)
         held = h.get("held")
@@ -386,6 +428,7 @@ class Broker:
             ident=ident,
             caps=h["caps"],
             credits=h["credits"],
+            max_batch=max_batch,
             joined=now,
             held=tuple(held) if isinstance(held, list) and len(held) == 2 else None,
             last_seen=now,
@@ -473,74 +516,106 @@ class Broker:
     def on_result(self, ident: bytes, msg: P.Message) -> None:
         stage = self.stage_of(ident)
         h = msg.header
-        step = stage.inflight.pop(h["step"], None)
+        steps = self.take_forward(stage, h["step"])
         now = time.monotonic()
-        if step is None or h.get("epoch") != self.epoch or step.dead or step.epoch != self.epoch:
+        if steps is None or h.get("epoch") != self.epoch:
             self.counters.stale += 1
+            self.dispatch(stage)
+            return
+        refused = _refusals(h.get("refused"), len(steps))
+        if refused is None or len(msg.frames) != len(steps) - len(refused):
+            self.log.warning("bad_result", stage=stage.name, frames=len(msg.frames))
+            for step in steps:
+                if not step.dead and step.epoch == self.epoch:
+                    self.fail_step(
+                        step,
+                        Code.INTERNAL,
+                        f"stage {stage.name} returned {len(msg.frames)} outputs for "
+                        f"{len(steps)} items",
+                    )
             self.dispatch(stage)
             return
         compute = float(h.get("compute_s", 0.0))
         queued = float(h.get("queue_s", 0.0))
-        rtt = now - step.sent
-        step.trace.append(
-            {
-                "stage": stage.name,
-                "start": stage.start,
-                "end": stage.end,
-                "compute_s": compute,
-                "queue_s": queued,
-                "transfer_s": max(0.0, rtt - compute - queued),
-            }
-        )
+        computed = [s for i, s in enumerate(steps) if i not in refused]
+        tokens = sum(s.item["n"] for s in computed)
         self.metrics.step_seconds.labels(stage.name).observe(compute)
-        self.metrics.hop_seconds.labels(stage.name).observe(rtt)
-        n = step.item["n"]
-        stage.tokens += n
-        stage.step_times.append((now, compute, n))
-        per_token = compute / max(1, n)
-        stage.per_token_s = (
-            per_token if stage.per_token_s == 0 else 0.9 * stage.per_token_s + 0.1 * per_token
-        )
-        stage.progress_at = now
-        if len(msg.frames) != 1:
-            self.log.warning("bad_result", stage=stage.name, frames=len(msg.frames))
-            self.fail_step(
-                step,
-                Code.INTERNAL,
-                f"stage {stage.name} returned {len(msg.frames)} outputs for 1 item",
+        self.metrics.hop_seconds.labels(stage.name).observe(now - steps[0].sent)
+        if tokens:
+            stage.tokens += tokens
+            stage.step_times.append((now, compute, tokens))
+            per_token = compute / tokens
+            stage.per_token_s = (
+                per_token if stage.per_token_s == 0 else 0.9 * stage.per_token_s + 0.1 * per_token
             )
-        else:
-            step.frames, step.descs = msg.frames, msg.descs
+        stage.progress_at = now
+        outputs = iter(zip(msg.frames, msg.descs, strict=True))
+        following = None
+        for i, step in enumerate(steps):
+            live = not step.dead and step.epoch == self.epoch
+            if i in refused:
+                if live:
+                    self.step_refused(stage, step, *refused[i])
+                continue
+            frame, desc = next(outputs)
+            if not live:
+                self.counters.stale += 1
+                continue
+            step.trace.append(
+                {
+                    "stage": stage.name,
+                    "start": stage.start,
+                    "end": stage.end,
+                    "compute_s": compute,
+                    "queue_s": queued,
+                    "transfer_s": max(0.0, now - step.sent - compute - queued),
+                }
+            )
+            step.frames, step.descs = [frame], [desc]
             step.hop += 1
             self.counters.forwarded += 1
-            self.counters.forwarded_bytes += msg.descs[0].nbytes
+            self.counters.forwarded_bytes += desc.nbytes
             self.metrics.forwarded.inc()
-            self.metrics.forwarded_bytes.inc(msg.descs[0].nbytes)
+            self.metrics.forwarded_bytes.inc(desc.nbytes)
             if step.hop < len(self.layer_map.ranges):
-                self.enqueue(step, now)
-                self.dispatch(self.stages[self.layer_map.ranges[step.hop].name])
+                following = self.enqueue(step, now)
             else:
                 self.deliver(step, now)
+        if following is not None:
+            self.dispatch(following)
         self.dispatch(stage)
 
     def on_stage_error(self, ident: bytes, msg: P.Message) -> None:
+        """A FORWARD refused or failed as a whole: every step in it shares the outcome."""
         stage = self.stage_of(ident)
         h = msg.header
-        step = stage.inflight.pop(h.get("step"), None) if isinstance(h.get("step"), int) else None
-        if step is None:
+        steps = self.take_forward(stage, h.get("step"))
+        if steps is None:
             self.log.warning("stage_error", stage=stage.name, code=h["code"], reason=h["message"])
             return
-        if not step.dead and h.get("epoch") == self.epoch:
-            code = h["code"]
-            if code in (Code.CACHE_MISS, Code.CACHE_MISMATCH, Code.STALE_EPOCH):
-                self.replay(step.rid, event="replay", reason=f"stage {stage.name}: {h['message']}")
-            else:
-                self.fail_step(
-                    step,
-                    Code(code) if code in Code.__members__.values() else Code.INTERNAL,
-                    f"stage {stage.name}: {h['message']}",
-                )
+        if h.get("epoch") == self.epoch:
+            for step in steps:
+                if not step.dead and step.epoch == self.epoch:
+                    self.step_refused(stage, step, h["code"], h["message"])
         self.dispatch(stage)
+
+    def take_forward(self, stage: StageRecord, forward_id) -> list[Step] | None:
+        """The steps of an answered FORWARD, no longer outstanding at the stage."""
+        steps = stage.forwards.pop(forward_id, None) if isinstance(forward_id, int) else None
+        for step in steps or ():
+            stage.inflight.pop(step.id, None)
+        return steps
+
+    def step_refused(self, stage: StageRecord, step: Step, code: str, message: str) -> None:
+        """A lost or stale cache asks for a replay; any other refusal fails the step."""
+        if code in (Code.CACHE_MISS, Code.CACHE_MISMATCH, Code.STALE_EPOCH):
+            self.replay(step.rid, event="replay", reason=f"stage {stage.name}: {message}")
+        else:
+            self.fail_step(
+                step,
+                Code(code) if code in Code.__members__.values() else Code.INTERNAL,
+                f"stage {stage.name}: {message}",
+            )
 
     def on_heartbeat(self, ident: bytes, msg: P.Message) -> None:
         stage = self.stage_of(ident)
@@ -619,6 +694,7 @@ class Broker:
                 rid=rid, client=ident, created=now, last_seen=now
             )
         request.client, request.last_seen = ident, now
+        self.answering.pop(rid, None)
         if request.replay_pending:
             if pos != 0:
                 return  # superseded by the replay the client was told to make
@@ -727,40 +803,107 @@ class Broker:
 
     # --- routing -----------------------------------------------------------------------------
 
-    def enqueue(self, step: Step, now: float) -> None:
+    def enqueue(self, step: Step, now: float) -> StageRecord:
         step.epoch = self.epoch
         step.enqueued = now
-        self.stages[self.layer_map.ranges[step.hop].name].queue.append(step)
+        stage = self.stages[self.layer_map.ranges[step.hop].name]
+        stage.queue.append(step)
+        return stage
 
     def dispatch(self, stage: StageRecord) -> None:
-        """Send queued steps to a stage while it has credits."""
+        """Send a stage its queued steps, batched into FORWARDs, while it has room."""
+        if self.draining:
+            self.dirty[stage.name] = stage
+            return
+        if self.lingering(stage):
+            return
         while (
             stage.queue
+            and len(stage.forwards) < self.config.stage_window
             and len(stage.inflight) < stage.credits
             and stage.state in ("ready", "draining")
         ):
-            step = stage.queue.popleft()
+            cap = min(stage.credits - len(stage.inflight), stage.max_batch, self.batch_cap())
+            steps = self.next_batch(stage, cap)
+            if not steps:
+                return
+            now = time.monotonic()
+            forward_id = self.next_forward_id
+            self.next_forward_id += 1
+            items, tensors = [], []
+            for step in steps:
+                step.broker_queue_s += now - step.enqueued
+                step.sent = now
+                stage.inflight[step.id] = step
+                items.append(step.item)
+                tensors.extend(zip(step.descs, step.frames, strict=True))
+            stage.forwards[forward_id] = steps
+            self.metrics.batch_items.labels(stage.name).observe(len(steps))
+            header = {"step": forward_id, "epoch": self.epoch, "items": items}
+            if not self.send(stage.ident, P.encode(P.STAGE_TAG, Cmd.FORWARD, header, tensors)):
+                return
+
+    def lingering(self, stage: StageRecord) -> bool:
+        """Hold the first stage's next FORWARD a moment for requests about to answer."""
+        if (
+            not stage.queue
+            or stage.forwards
+            or not self.answering
+            or self.config.batch_linger_s <= 0
+            or self.layer_map is None
+            or self.layer_map.ranges[0].name != stage.name
+        ):
+            return False
+        now = time.monotonic()
+        linger = self.config.batch_linger_s
+        expired = [rid for rid, t in self.answering.items() if now - t >= linger]
+        for rid in expired:
+            del self.answering[rid]
+        if not self.answering or len(stage.queue) >= self.batch_cap():
+            return False
+        due = min(self.answering.values()) + linger
+        self.linger_until = due if self.linger_until is None else min(self.linger_until, due)
+        return True
+
+    def batch_cap(self) -> int:
+        """Requests per FORWARD that leave a group for every lane of the pipeline."""
+        return max(1, -(-len(self.requests) // self.lanes))
+
+    def next_batch(self, stage: StageRecord, cap: int) -> list[Step]:
+        """Take up to `cap` queued steps, one per request, in order, for one FORWARD.
+
+        A request's steps keep their order: once one of its steps is left in the queue, so
+        are its later ones. Steps of other requests may pass it: a decode step overtakes
+        another request's queued prefill chunk when the chunk would exceed the token budget.
+        """
+        taken: list[Step] = []
+        kept: list[Step] = []
+        rids: set[str] = set()
+        blocked: set[str] = set()
+        tokens = 0
+        budget = self.config.forward_tokens
+        queue = stage.queue
+        scanned = 0
+        while queue and len(taken) < cap and scanned < 4 * cap + 16:
+            step = queue.popleft()
+            scanned += 1
             if step.dead:
                 continue
-            now = time.monotonic()
-            step.broker_queue_s += now - step.enqueued
-            step.sent = now
-            stage.inflight[step.id] = step
-            header = {"step": step.id, "epoch": step.epoch, "items": [step.item]}
-            if not self.send(
-                stage.ident,
-                P.encode(
-                    P.STAGE_TAG,
-                    Cmd.FORWARD,
-                    header,
-                    list(zip(step.descs, step.frames, strict=True)),
-                ),
-            ):
-                return
+            n = step.item["n"]
+            if step.rid in rids or step.rid in blocked or (taken and tokens + n > budget):
+                blocked.add(step.rid)
+                kept.append(step)
+                continue
+            taken.append(step)
+            rids.add(step.rid)
+            tokens += n
+        queue.extendleft(reversed(kept))
+        return taken
 
     def deliver(self, step: Step, now: float) -> None:
         request = self.requests.get(step.rid)
         if request is not None and step.want_logits:
+            self.answering[step.rid] = now
             request.tokens += 1
             self.metrics.tokens.inc()
             if request.first_result_at is None:
@@ -904,6 +1047,7 @@ class Broker:
             self.log.warning("not_ready", reason=self.not_ready_reason)
             self.publish("not_ready", reason=self.not_ready_reason)
         self.layer_map = new
+        self.lanes = parallel_lanes([self.stages[r.name].caps for r in new.ranges]) if new else 1
         for stage in order:
             r = new.range_of(stage.name) if new is not None else None
             stage.start, stage.end = (r.start, r.end) if r is not None else (0, 0)
@@ -1027,6 +1171,7 @@ class Broker:
 
     def finish_request(self, request: Request, outcome: str) -> None:
         self.requests.pop(request.rid, None)
+        self.answering.pop(request.rid, None)
         self.kill_steps(request.rid)
         release = P.encode(P.STAGE_TAG, Cmd.RELEASE, {"rids": [request.rid]})
         for stage in self.stages.values():
@@ -1143,6 +1288,21 @@ class Broker:
             "memory_bytes": stage.caps.get("memory_bytes"),
             "last_seen_s": round(now - stage.last_seen, 3),
         }
+
+
+def _refusals(refused, items: int) -> dict[int, tuple[str, str]] | None:
+    """A RESULT's per-item refusals by item index, or None when the list is malformed."""
+    out: dict[int, tuple[str, str]] = {}
+    for entry in refused or ():
+        if not isinstance(entry, dict):
+            return None
+        i, code, message = entry.get("i"), entry.get("code"), entry.get("message")
+        if not isinstance(i, int) or not 0 <= i < items or i in out:
+            return None
+        if not isinstance(code, str) or not isinstance(message, str):
+            return None
+        out[i] = (code, message)
+    return out
 
 
 def _ids(header: dict) -> dict:

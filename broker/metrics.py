@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 # Decode steps take from a fraction of a millisecond (a tiny model) to seconds (a long prefill
 # of a large one): millisecond-resolution buckets up to 10 s.
 STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+# Requests per FORWARD: 1 is no batching; the stages' --max-batch defaults to 32.
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 STAGE_STATES = ("joining", "loading", "ready", "busy", "standby", "draining")
 
 
@@ -29,6 +31,13 @@ class Metrics:
             "Broker-to-broker time of one hop (queue, compute and transfer)",
             ["stage"],
             buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.batch_items = Histogram(
+            "layerline_stage_batch_items",
+            "Requests carried by one FORWARD to a stage",
+            ["stage"],
+            buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.tokens = Counter(
@@ -90,6 +99,7 @@ class Metrics:
         self._per_stage = (
             self.step_seconds,
             self.hop_seconds,
+            self.batch_items,
             self.queue_depth,
             self.inflight,
             self.heartbeat_misses,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -234,6 +235,31 @@ def moved_layers(
     held = set(range(was.start, was.end)) if was else set()
     wanted = set(range(now.start, now.end)) if now else set()
     return tuple(sorted(wanted - held)), tuple(sorted(held - wanted))
+
+
+def parallel_lanes(caps: Sequence[dict]) -> int:
+    """How many stages of a pipeline can compute at the same moment.
+
+    Stages on different hosts, and stages on accelerators, run in parallel. CPU stages that
+    share a host share its cores: `cores // threads` of them can run at once. The broker
+    forms this many groups of requests, so that each stage that can work has a group, and
+    each group is as large as it can be (a batched forward costs little more than a single
+    one).
+    """
+    lanes = 0
+    cpu_threads: dict[str, list[int]] = defaultdict(list)
+    cores: dict[str, int] = {}
+    for c in caps:
+        device = str(c.get("device") or "cpu")
+        if device != "cpu":
+            lanes += 1
+            continue
+        host = str(c.get("host") or "")
+        cpu_threads[host].append(max(1, int(c.get("threads") or 1)))
+        cores[host] = max(cores.get(host, 1), int(c.get("cores") or 1))
+    for host, threads in cpu_threads.items():
+        lanes += min(len(threads), max(1, cores[host] // max(threads)))
+    return max(1, lanes)
 
 
 def _check_inputs(names: Sequence[str], num_layers: int) -> None:

@@ -201,15 +201,7 @@ class Shard:
                 hidden = hidden + self.positions(position_ids)
         else:
             hidden = torch.cat(inputs)
-        batch_cache = DynamicCache(config=self.shard_config)
-        for j in range(len(self.layers)):
-            keys, values = [], []
-            for state, length in zip(states, lengths, strict=True):
-                layer = state.cache.layers[j]
-                pad = (0, 0, longest - length, 0)
-                keys.append(torch.nn.functional.pad(layer.keys, pad))
-                values.append(torch.nn.functional.pad(layer.values, pad))
-            batch_cache.update(torch.cat(keys), torch.cat(values), j)
+        batch_cache = _PaddedBatchCache(self.shard_config, states, lengths)
         # Additive mask over [pad..., cached..., new]: padding gets the dtype's minimum.
         columns = torch.arange(longest + 1, device=dev)
         starts = torch.tensor([longest - n for n in lengths], device=dev).unsqueeze(1)
@@ -218,16 +210,13 @@ class Shard:
         rotary = self.rotary(hidden, position_ids) if self.rotary is not None else None
         for layer in self.layers:
             hidden = self.adapter.run_layer(layer, hidden, mask, position_ids, rotary, batch_cache)
-        for j in range(len(self.layers)):
-            layer = batch_cache.layers[j]
+        for j, (keys, values) in enumerate(zip(batch_cache.keys, batch_cache.values, strict=True)):
             for i, state in enumerate(states):
-                state.cache.update(
-                    layer.keys[i : i + 1, :, longest:], layer.values[i : i + 1, :, longest:], j
-                )
+                state.cache.update(keys[i : i + 1, :, longest:], values[i : i + 1, :, longest:], j)
         for state in states:
             state.length += 1
         if self.last:
-            hidden = self.head(self.norm(hidden))
+            hidden = _batched_head(self.head, self.norm(hidden))
         return list(hidden.split(1))
 
     def check_inputs(self, inputs: torch.Tensor, state: KVState, start_pos: int) -> None:
@@ -252,6 +241,61 @@ class Shard:
                 f"expected hidden states [1, n, {self.hidden_size}] of {self.dtype}, "
                 f"got {list(inputs.shape)} of {inputs.dtype}"
             )
+
+
+class _PaddedBatchCache(DynamicCache):
+    """Several requests' caches, left-padded with zeros, with room for one new position.
+
+    Built with one copy of each request's keys and values; a layer's `update` writes the new
+    column in place and returns the whole [B, heads, longest + 1, dim] tensors. Padding is
+    masked out; zeros (not uninitialised memory) keep a masked score from being NaN.
+    """
+
+    def __init__(self, config, states: list, lengths: list[int]):
+        super().__init__(config=config)
+        longest = max(lengths)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for j in range(len(states[0].cache.layers)):
+            first = states[0].cache.layers[j]
+            for store, name in ((self.keys, "keys"), (self.values, "values")):
+                ref = getattr(first, name)
+                shape = (len(states), ref.shape[1], longest + 1, ref.shape[3])
+                batch = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+                for i, (state, length) in enumerate(zip(states, lengths, strict=True)):
+                    batch[i, :, longest - length : longest].copy_(
+                        getattr(state.cache.layers[j], name)[0]
+                    )
+                store.append(batch)
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[:, :, -1:].copy_(key_states)
+        values[:, :, -1:].copy_(value_states)
+        return keys, values
+
+
+def _batched_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The vocabulary projection of a batch of single positions, [B, 1, H] -> [B, 1, V].
+
+    For a few rows against a wide head, `weight @ hidden.T` runs about twice as fast on CPU
+    as `linear(hidden, weight)` (measured on `small`'s 32000 x 512 head: 11 vs 19 ms at 8
+    rows): BLAS streams the large matrix once instead of packing it. Same values, other
+    rounding, as any batched product.
+    """
+    weight = getattr(head, "weight", None)
+    if (
+        not isinstance(head, nn.Linear)
+        or weight is None
+        or weight.device.type != "cpu"
+        or hidden.shape[1] != 1
+    ):
+        return head(hidden)
+    rows = hidden.reshape(hidden.shape[0], hidden.shape[2])
+    logits = torch.mm(weight, rows.t()).t()
+    if head.bias is not None:
+        logits = logits + head.bias
+    return logits.unsqueeze(1)
 
 
 def _shard_config(config, start: int, end: int):

@@ -328,7 +328,7 @@ class StageWorker:
             self._jobs.put(job)
 
     def _run_inline(self, session: _Session, job: ForwardJob) -> bool:
-        """Run a lone decode step on the I/O thread when the compute thread is idle.
+        """Run a FORWARD of decode steps on the I/O thread when the compute thread is idle.
 
         Handing a step to the compute thread and its result back costs two thread wake-ups
         per stage visit, measured at several hundred microseconds on a busy 2-core machine:
@@ -338,7 +338,7 @@ class StageWorker:
         thread, in order.
         """
         items = job.msg.header["items"]
-        if len(items) != 1 or items[0]["n"] != 1 or self._jobs.unfinished_tasks:
+        if any(item["n"] != 1 for item in items) or self._jobs.unfinished_tasks:
             return False
         if session.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             return False  # more steps are waiting: let the compute thread batch them
@@ -455,6 +455,7 @@ class StageWorker:
             "memory_bytes": cfg.memory_bytes,
             "cores": _cores(),
             "threads": cfg.threads,
+            "max_batch": cfg.max_batch,
             "host": pysocket.gethostname(),
             "pid": os.getpid(),
         }
@@ -594,6 +595,9 @@ class StageWorker:
                 kept.append(job)
                 break
             more = _rids(job)
+            if items + len(more) > self.config.max_batch:
+                kept.append(job)
+                break
             if more & (rids | deferred_rids):
                 deferred_rids |= more
                 kept.append(job)
@@ -687,7 +691,12 @@ class StageWorker:
         return encode(STAGE_TAG, Cmd.LOADED, header)
 
     def _forward_round(self, jobs: list[ForwardJob]) -> list[list]:
-        """Check every FORWARD of a round, run the decode steps as one batch, reply to each."""
+        """Check every item of a round, run its decode steps as one batch, reply per FORWARD.
+
+        A FORWARD-wide problem (stale epoch, malformed) refuses the whole FORWARD with an
+        ERROR; a refused item (lost cache, bad position) is listed in its FORWARD's RESULT
+        under `refused` and the other items are computed as if it were not there.
+        """
         started = time.perf_counter()
         shard, store = self._shard, self._store
         checked: list[list | Refusal] = []
@@ -696,24 +705,26 @@ class StageWorker:
                 checked.append(self._check_forward(job.msg))
             except Refusal as r:
                 checked.append(r)
+        accepted = [
+            (j, i, entry)
+            for j, plan in enumerate(checked)
+            if not isinstance(plan, Refusal)
+            for i, entry in enumerate(plan)
+            if not isinstance(entry, Refusal)
+        ]
         outputs: dict[tuple[int, int], torch.Tensor] = {}
         batch: list[tuple[tuple[int, int], torch.Tensor, Any]] = []
         try:
-            for j, plan in enumerate(checked):
-                if isinstance(plan, Refusal):
-                    continue
-                for i, (item, x, fresh) in enumerate(plan):
-                    entry = (
-                        store.start(item["rid"], fresh)
-                        if fresh is not None
-                        else store.get(item["rid"])
-                    )
-                    if x.device != shard.device:
-                        x = x.to(shard.device)
-                    if fresh is None and item["n"] == 1 and shard.batchable:
-                        batch.append(((j, i), x, entry.state))
-                    else:
-                        outputs[(j, i)] = shard.forward(x, entry.state, logits="last")
+            for j, i, (item, x, fresh) in accepted:
+                cache = (
+                    store.start(item["rid"], fresh) if fresh is not None else store.get(item["rid"])
+                )
+                if x.device != shard.device:
+                    x = x.to(shard.device)
+                if fresh is None and item["n"] == 1 and shard.batchable:
+                    batch.append(((j, i), x, cache.state))
+                else:
+                    outputs[(j, i)] = shard.forward(x, cache.state, logits="last")
             if len(batch) == 1:
                 key, x, state = batch[0]
                 outputs[key] = shard.forward(x, state, logits="last")
@@ -722,12 +733,7 @@ class StageWorker:
                 outputs.update(zip((key for key, _, _ in batch), results, strict=True))
         except Exception:
             # A cache may hold some of this round's layers but not all: never reuse it.
-            store.release(
-                item["rid"]
-                for plan in checked
-                if not isinstance(plan, Refusal)
-                for item, _, _ in plan
-            )
+            store.release(item["rid"] for _, _, (item, _, _) in accepted)
             raise
         done = time.perf_counter()
         replies = []
@@ -748,23 +754,35 @@ class StageWorker:
                     )
                 )
                 continue
-            tensors = []
-            for i, (item, _, _) in enumerate(plan):
+            tensors, refused = [], []
+            for i, entry in enumerate(plan):
+                if isinstance(entry, Refusal):
+                    refused.append(
+                        {
+                            "i": i,
+                            "rid": entry.rid,
+                            "code": str(entry.code),
+                            "message": entry.message,
+                        }
+                    )
+                    continue
+                item = entry[0]
                 out = outputs[(j, i)]
                 if shard.last and not item.get("logits", True):
                     out = out[:, :0]
                 store.commit(item["rid"], item["hash"])
                 tensors.append(out)
                 self._stats.tokens += item["n"]
-            self._stats.progress += len(plan)
+                self._stats.progress += 1
             reply = {
                 "step": header["step"],
                 "epoch": header["epoch"],
-                "items": header["items"],
                 "compute_s": done - started,
                 "queue_s": started - job.received,
                 "batch": len(batch),
             }
+            if refused:
+                reply["refused"] = refused
             replies.append(encode(STAGE_TAG, Cmd.RESULT, reply, tensors))
         if len(batch) > 1:
             self._stats.batches += 1
@@ -772,8 +790,9 @@ class StageWorker:
         store.evict(keep=set().union(*(_rids(job) for job in jobs)))
         return replies
 
-    def _check_forward(self, msg: Message) -> list[tuple[dict, torch.Tensor, Any]]:
-        """Check every item before anything is computed; return (item, input, fresh cache)."""
+    def _check_forward(self, msg: Message) -> list:
+        """Check a FORWARD before anything is computed: per item, (item, input, fresh cache)
+        or the Refusal of that item. A problem with the FORWARD as a whole raises Refusal."""
         header = msg.header
         items = header["items"]
         shard = self._shard
@@ -790,75 +809,85 @@ class StageWorker:
             raise Refusal(
                 Code.BAD_REQUEST, f"FORWARD has {len(items)} items but {len(msg.frames)} tensors"
             )
-        limit = shard.max_positions
         seen: set[str] = set()
-        plan = []
-        for i, item in enumerate(items):
-            rid, pos, n = item["rid"], item["pos"], item["n"]
-            if rid in seen:
-                raise Refusal(Code.BAD_REQUEST, f"request {rid} appears twice in one step", rid)
-            seen.add(rid)
-            if pos < 0 or n < 1:
-                raise Refusal(Code.BAD_REQUEST, f"bad position {pos} or token count {n}", rid)
-            if pos + n > limit:
-                raise Refusal(
-                    Code.CONTEXT_OVERFLOW,
-                    f"positions up to {pos + n} exceed the model's context {limit}",
-                    rid,
-                )
-            x = msg.tensor(i)
-            if x.dim() < 2 or x.shape[0] != 1 or x.shape[1] != n:
+        for item in items:
+            if item["rid"] in seen:
                 raise Refusal(
                     Code.BAD_REQUEST,
-                    f"input of shape {list(x.shape)} does not hold [1, {n}, ...]",
-                    rid,
+                    f"request {item['rid']} appears twice in one step",
+                    item["rid"],
                 )
-            if pos == 0:
-                if item["prev"] != 0:
-                    raise Refusal(
-                        Code.CACHE_MISMATCH,
-                        "a step at position 0 must have prev 0 (the empty prefix)",
-                        rid,
-                    )
-                fresh = state = shard.new_cache()
-            else:
-                fresh = None
-                entry = self._store.get(rid)
-                if entry is None:
-                    raise Refusal(
-                        Code.CACHE_MISS,
-                        f"no cache for request {rid} at position {pos}; replay it",
-                        rid,
-                    )
-                if entry.state.length != pos:
-                    raise Refusal(
-                        Code.CACHE_MISMATCH,
-                        f"step starts at position {pos} but the cache of {rid} holds "
-                        f"{entry.state.length}",
-                        rid,
-                    )
-                if entry.hash != item["prev"]:
-                    raise Refusal(
-                        Code.CACHE_MISMATCH,
-                        f"prefix hash {item['prev']} does not match the cache of {rid}",
-                        rid,
-                    )
-                state = entry.state
+            seen.add(item["rid"])
+        plan = []
+        for i, item in enumerate(items):
             try:
-                shard.check_inputs(x, state, pos)
-            except ContextOverflow as e:
-                raise Refusal(Code.CONTEXT_OVERFLOW, str(e), rid) from None
-            except ShardError as e:
-                raise Refusal(Code.BAD_REQUEST, str(e), rid) from None
-            if shard.first and prefix_hash(item["prev"], x.view(-1).tolist()) != item["hash"]:
+                plan.append(self._check_item(item, msg.tensor(i)))
+            except Refusal as r:
+                plan.append(r)
+        return plan
+
+    def _check_item(self, item: dict, x: torch.Tensor) -> tuple[dict, torch.Tensor, Any]:
+        shard = self._shard
+        rid, pos, n = item["rid"], item["pos"], item["n"]
+        if pos < 0 or n < 1:
+            raise Refusal(Code.BAD_REQUEST, f"bad position {pos} or token count {n}", rid)
+        if pos + n > shard.max_positions:
+            raise Refusal(
+                Code.CONTEXT_OVERFLOW,
+                f"positions up to {pos + n} exceed the model's context {shard.max_positions}",
+                rid,
+            )
+        if x.dim() < 2 or x.shape[0] != 1 or x.shape[1] != n:
+            raise Refusal(
+                Code.BAD_REQUEST,
+                f"input of shape {list(x.shape)} does not hold [1, {n}, ...]",
+                rid,
+            )
+        if pos == 0:
+            if item["prev"] != 0:
                 raise Refusal(
                     Code.CACHE_MISMATCH,
-                    f"hash {item['hash']} is not the prefix hash of {rid}'s tokens "
-                    f"[0, {pos + n}) given prev {item['prev']}",
+                    "a step at position 0 must have prev 0 (the empty prefix)",
                     rid,
                 )
-            plan.append((item, x, fresh))
-        return plan
+            fresh = state = shard.new_cache()
+        else:
+            fresh = None
+            entry = self._store.get(rid)
+            if entry is None:
+                raise Refusal(
+                    Code.CACHE_MISS,
+                    f"no cache for request {rid} at position {pos}; replay it",
+                    rid,
+                )
+            if entry.state.length != pos:
+                raise Refusal(
+                    Code.CACHE_MISMATCH,
+                    f"step starts at position {pos} but the cache of {rid} holds "
+                    f"{entry.state.length}",
+                    rid,
+                )
+            if entry.hash != item["prev"]:
+                raise Refusal(
+                    Code.CACHE_MISMATCH,
+                    f"prefix hash {item['prev']} does not match the cache of {rid}",
+                    rid,
+                )
+            state = entry.state
+        try:
+            shard.check_inputs(x, state, pos)
+        except ContextOverflow as e:
+            raise Refusal(Code.CONTEXT_OVERFLOW, str(e), rid) from None
+        except ShardError as e:
+            raise Refusal(Code.BAD_REQUEST, str(e), rid) from None
+        if shard.first and prefix_hash(item["prev"], x.view(-1).tolist()) != item["hash"]:
+            raise Refusal(
+                Code.CACHE_MISMATCH,
+                f"hash {item['hash']} is not the prefix hash of {rid}'s tokens "
+                f"[0, {pos + n}) given prev {item['prev']}",
+                rid,
+            )
+        return item, x, fresh
 
 
 def _send_frames(sock: zmq.Socket, frames: list) -> bool:

@@ -21,6 +21,7 @@ from broker.scheduler import (
     assign_uniform,
     check_memory,
     moved_layers,
+    parallel_lanes,
     plan,
 )
 
@@ -369,3 +370,25 @@ def test_moved_layers_when_both_neighbours_leave():
     new = assign_uniform(["x"], 6)
     assert moved_layers(old, new, "x") == ((0, 1, 4, 5), ())
     assert moved_layers(old, new, "a") == ((), (0, 1))
+
+
+def _cpu(host: str, cores: int, threads: int) -> dict:
+    return {"device": "cpu", "host": host, "cores": cores, "threads": threads}
+
+
+@pytest.mark.parametrize(
+    ("caps", "lanes"),
+    [
+        ([], 1),
+        ([_cpu("a", 2, 1)] * 3, 2),  # three stages on two cores: two compute at once
+        ([_cpu("a", 16, 1)] * 3, 3),
+        ([_cpu("a", 16, 8)] * 3, 2),
+        ([_cpu("a", 16, 16)] * 2, 1),
+        ([_cpu("a", 2, 1), _cpu("b", 2, 1), _cpu("c", 2, 1)], 3),  # one per host
+        ([_cpu("a", 2, 1)] * 3 + [_cpu("b", 4, 1)], 3),
+        ([{"device": "cuda", "host": "a"}] * 2 + [_cpu("a", 2, 1)], 3),
+        ([{"host": "a"}], 1),  # an older stage that reports nothing
+    ],
+)
+def test_parallel_lanes(caps, lanes):
+    assert parallel_lanes(caps) == lanes

@@ -135,6 +135,14 @@ class Seq:
         self.tokens += ids
 
 
+def refusal_code(reply: Message) -> str:
+    """The code of a one-item FORWARD's refused item: a RESULT with no output."""
+    assert reply.cmd == Cmd.RESULT and not reply.frames, reply.header
+    [refusal] = reply.header["refused"]
+    assert refusal["i"] == 0 and refusal["message"], refusal
+    return refusal["code"]
+
+
 def ids_tensor(ids: list[int]) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.int64)
 
@@ -279,7 +287,7 @@ def test_prefill_and_decode_bit_exact(llama_stage, reference):
     for _ in range(6):
         reply = b.forward([seq.item(ids)], [ids_tensor(ids)])
         assert reply.cmd == Cmd.RESULT, reply.header
-        assert reply.header["items"] == [seq.item(ids)]
+        assert reply.header["batch"] == (1 if seq.pos else 0) and "refused" not in reply.header
         assert reply.header["compute_s"] > 0 and reply.header["queue_s"] >= 0
         logits = reply.tensor(0)
         expected = run_reference(reference, state, ids)
@@ -349,12 +357,19 @@ def test_refusals_compute_nothing(llama_stage, reference):
     llama_stage.rids.update({seq.rid, "never", "half"})
     state = reference.new_cache()
 
-    def refused(items, tensors, code, epoch=None):
+    def refused(items, tensors, code, epoch=None, whole=False):
+        """A FORWARD-wide refusal is an ERROR; a lone item's, the RESULT's `refused` entry."""
         reply = b.forward(items, tensors, epoch=epoch)
-        assert reply.cmd == Cmd.ERROR, reply.header
-        assert reply.header["code"] == code, reply.header
-        assert reply.header["epoch"] == (epoch or b.epoch) and reply.header["message"]
-        return reply.header
+        if whole:
+            assert reply.cmd == Cmd.ERROR, reply.header
+            header = reply.header
+            assert header["epoch"] == (epoch or b.epoch)
+        else:
+            assert reply.cmd == Cmd.RESULT and not reply.frames, reply.header
+            [header] = reply.header["refused"]
+            assert header["i"] == 0 and header["rid"] == items[0]["rid"]
+        assert header["code"] == code and header["message"], header
+        return header
 
     def works(ids):
         reply = b.forward([seq.item(ids)], [ids_tensor(ids)])
@@ -363,7 +378,7 @@ def test_refusals_compute_nothing(llama_stage, reference):
         seq.advance(ids)
 
     ids = prompt(5)
-    refused([seq.item(ids)], [ids_tensor(ids)], "stale_epoch", epoch=b.epoch + 7)
+    refused([seq.item(ids)], [ids_tensor(ids)], "stale_epoch", epoch=b.epoch + 7, whole=True)
     works(ids)
 
     tok = [7]
@@ -383,12 +398,26 @@ def test_refusals_compute_nothing(llama_stage, reference):
     assert "prefix hash" in refused([wrong_hash], [ids_tensor(tok)], "cache_mismatch")["message"]
     works([14])
 
-    # A refused item refuses the whole step: the valid prefill beside it leaves no cache.
-    half = Seq("half")
+    # A refused item is refused alone: the valid prefill beside it is computed, exactly.
+    half, half_state = Seq("half"), reference.new_cache()
     p = prompt(6)
-    refused([half.item(p), wrong_prev], [ids_tensor(p), ids_tensor(tok)], "cache_mismatch")
+    reply = b.forward([half.item(p), wrong_prev], [ids_tensor(p), ids_tensor(tok)])
+    assert reply.cmd == Cmd.RESULT, reply.header
+    [refusal] = reply.header["refused"]
+    assert (refusal["i"], refusal["rid"], refusal["code"]) == (1, seq.rid, "cache_mismatch")
+    assert len(reply.frames) == 1
+    assert torch.equal(reply.tensor(0), run_reference(reference, half_state, p))
     half.advance(p)
-    refused([half.item(tok)], [ids_tensor(tok)], "cache_miss")
+    works([16])  # the refused item left its own cache as it was
+    nxt = [int(reply.tensor(0)[0, -1].argmax())]
+    reply = b.forward([half.item(nxt)], [ids_tensor(nxt)])
+    assert reply.cmd == Cmd.RESULT and "refused" not in reply.header
+    assert torch.equal(reply.tensor(0), run_reference(reference, half_state, nxt))
+
+    # A request twice in one FORWARD is the sender's bug: the whole FORWARD is refused.
+    twice = seq.item([17])
+    refused([twice, twice], [ids_tensor([17]), ids_tensor([17])], "bad_request", whole=True)
+    works([17])
 
     bad_ids = [VOCAB + 5]
     refused([seq.item(bad_ids)], [ids_tensor(bad_ids)], "bad_request")
@@ -408,7 +437,7 @@ def test_release_frees_the_cache(llama_stage):
         assert time.monotonic() < deadline, hb
     assert hb["kv_bytes"] == 0 and hb["epoch"] == b.epoch
     reply = b.forward([seq.item([5])], [ids_tensor([5])])
-    assert reply.cmd == Cmd.ERROR and reply.header["code"] == "cache_miss"
+    assert refusal_code(reply) == "cache_miss"
 
 
 @pytest.mark.timeout(60)
@@ -432,7 +461,7 @@ def test_reassign_standby_then_back(llama_stage, reference):
     assert loaded["weight_bytes"] == llama_stage.loaded["weight_bytes"]
     seq.advance(ids)
     reply = b.forward([seq.item([4])], [ids_tensor([4])])
-    assert reply.cmd == Cmd.ERROR and reply.header["code"] == "cache_miss"
+    assert refusal_code(reply) == "cache_miss"
     fresh = Seq("epochs-again")
     reply = b.forward([fresh.item(ids)], [ids_tensor(ids)])
     llama_stage.rids.add(fresh.rid)
