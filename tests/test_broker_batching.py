@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import zmq
 
-from broker.broker import Broker, BrokerConfig, Step, StageRecord
+from broker.broker import Broker, BrokerConfig, StageRecord, Step
 from stage.checkpoint import open_checkpoint
 
 
