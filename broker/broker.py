@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import itertools
 import os
 import re
 import time
@@ -108,6 +109,12 @@ class Step:
     broker_queue_s: float = 0.0
     trace: list = field(default_factory=list)
     dead: bool = False  # its request is replaying or the map changed: ignore its outcome
+    passed: bool = False  # a prefill that a decode FORWARD went ahead of at this stage
+
+    @property
+    def decode(self) -> bool:
+        """One new token on an existing cache: the steps a stage runs as one batch."""
+        return self.item["n"] == 1 and self.item["pos"] > 0
 
 
 @dataclass
@@ -241,6 +248,7 @@ class Broker:
             Cmd.HEARTBEAT: self.on_heartbeat,
             Cmd.LEAVING: self.on_leaving,
             Cmd.STEP: self.on_step,
+            Cmd.STEPS: self.on_steps,
             Cmd.END: self.on_end,
             Cmd.PING: self.on_ping,
             Cmd.STATUS: self.on_status,
@@ -322,11 +330,15 @@ class Broker:
         try:
             self.handlers[msg.cmd](ident, msg)
         except P.ProtocolError as e:
-            self.counters.malformed += 1
-            self.send(
-                ident,
-                P.encode(msg.tag, Cmd.ERROR, P.error_header(e.code, e.message, **_ids(msg.header))),
-            )
+            self.refuse(ident, msg, e)
+
+    def refuse(self, ident: bytes, msg: P.Message, e: P.ProtocolError) -> None:
+        """Answer a message (or one item of a bundle) that breaks the protocol with an ERROR."""
+        self.counters.malformed += 1
+        self.send(
+            ident,
+            P.encode(msg.tag, Cmd.ERROR, P.error_header(e.code, e.message, **_ids(msg.header))),
+        )
 
     def next_timer(self) -> float:
         deadlines = [self.next_heartbeat, self.next_feed if self.feed is not None else float("inf")]
@@ -551,6 +563,7 @@ class Broker:
         stage.progress_at = now
         outputs = iter(zip(msg.frames, msg.descs, strict=True))
         following = None
+        answers: dict[bytes, list[Step]] = {}
         for i, step in enumerate(steps):
             live = not step.dead and step.epoch == self.epoch
             if i in refused:
@@ -580,7 +593,9 @@ class Broker:
             if step.hop < len(self.layer_map.ranges):
                 following = self.enqueue(step, now)
             else:
-                self.deliver(step, now)
+                answers.setdefault(step.client, []).append(step)
+        for client, done in answers.items():
+            self.deliver(client, done, now)
         if following is not None:
             self.dispatch(following)
         self.dispatch(stage)
@@ -640,6 +655,15 @@ class Broker:
             self.finish_drains()
 
     # --- client handlers ---------------------------------------------------------------------
+
+    def on_steps(self, ident: bytes, msg: P.Message) -> None:
+        """A bundle of steps: each is taken or refused on its own, as if sent alone."""
+        for item in P.unbundle(msg):
+            try:
+                P.check_header(item.tag, item.cmd, item.header)
+                self.on_step(ident, item)
+            except P.ProtocolError as e:
+                self.refuse(ident, item, e)
 
     def on_step(self, ident: bytes, msg: P.Message) -> None:
         h = msg.header
@@ -806,6 +830,7 @@ class Broker:
     def enqueue(self, step: Step, now: float) -> StageRecord:
         step.epoch = self.epoch
         step.enqueued = now
+        step.passed = False
         stage = self.stages[self.layer_map.ranges[step.hop].name]
         stage.queue.append(step)
         return stage
@@ -873,24 +898,38 @@ class Broker:
         """Take up to `cap` queued steps, one per request, in order, for one FORWARD.
 
         A request's steps keep their order: once one of its steps is left in the queue, so
-        are its later ones. Steps of other requests may pass it: a decode step overtakes
-        another request's queued prefill chunk when the chunk would exceed the token budget.
+        are its later ones. Steps of other requests may pass it.
+
+        Decode steps and prefills (prompts and their chunks) leave in separate FORWARDs: a
+        prefill inside a decode group would hold every token of the group for its own compute
+        at each stage. Decode steps go first, but a prefill that a decode FORWARD has passed
+        once leads the next FORWARD, so it waits for at most one decode FORWARD per stage.
+        Within a prefill FORWARD, a chunk that would exceed the token budget waits.
         """
+        window = 4 * cap + 16
+        queue = stage.queue
+        decode = _decode_turn(queue, window)
         taken: list[Step] = []
         kept: list[Step] = []
         rids: set[str] = set()
         blocked: set[str] = set()
         tokens = 0
         budget = self.config.forward_tokens
-        queue = stage.queue
         scanned = 0
-        while queue and len(taken) < cap and scanned < 4 * cap + 16:
+        while queue and len(taken) < cap and scanned < window:
             step = queue.popleft()
             scanned += 1
             if step.dead:
                 continue
             n = step.item["n"]
-            if step.rid in rids or step.rid in blocked or (taken and tokens + n > budget):
+            if (
+                (step.decode != decode and not os.environ.get("LL_MIX"))
+                or step.rid in rids
+                or step.rid in blocked
+                or (taken and tokens + n > budget)
+            ):
+                if decode and not step.decode:
+                    step.passed = True
                 blocked.add(step.rid)
                 kept.append(step)
                 continue
@@ -900,29 +939,30 @@ class Broker:
         queue.extendleft(reversed(kept))
         return taken
 
-    def deliver(self, step: Step, now: float) -> None:
-        request = self.requests.get(step.rid)
-        if request is not None and step.want_logits:
-            self.answering[step.rid] = now
-            request.tokens += 1
-            self.metrics.tokens.inc()
-            if request.first_result_at is None:
-                request.first_result_at = now
-        header = {
-            "rid": step.rid,
-            "seq": step.seq,
-            "pos": step.item["pos"],
-            "n": step.item["n"],
-            "epoch": step.epoch,
-            "trace": step.trace,
-            "broker_queue_s": step.broker_queue_s,
-        }
-        self.send(
-            step.client,
-            P.encode(
-                P.CLIENT_TAG, Cmd.RESULT, header, list(zip(step.descs, step.frames, strict=True))
-            ),
-        )
+    def deliver(self, client: bytes, steps: list[Step], now: float) -> None:
+        """Send one client the logits of its finished steps: one RESULTS for a whole group, so
+        the client answers them together and their next steps arrive together."""
+        entries = []
+        for step in steps:
+            request = self.requests.get(step.rid)
+            if request is not None and step.want_logits:
+                self.answering[step.rid] = now
+                request.tokens += 1
+                self.metrics.tokens.inc()
+                if request.first_result_at is None:
+                    request.first_result_at = now
+            header = {
+                "rid": step.rid,
+                "seq": step.seq,
+                "pos": step.item["pos"],
+                "n": step.item["n"],
+                "epoch": step.epoch,
+                "trace": step.trace,
+                "broker_queue_s": step.broker_queue_s,
+            }
+            entries.append((header, (step.descs[0], step.frames[0])))
+        for frames in P.encode_bundled(P.CLIENT_TAG, Cmd.RESULT, entries):
+            self.send(client, frames)
 
     def fail_step(self, step: Step, code: Code, message: str) -> None:
         step.dead = True
@@ -1288,6 +1328,14 @@ class Broker:
             "memory_bytes": stage.caps.get("memory_bytes"),
             "last_seen_s": round(now - stage.last_seen, 3),
         }
+
+
+def _decode_turn(queue: collections.deque[Step], window: int) -> bool:
+    """Whether the next FORWARD from `queue` is a decode one (else a prefill one)."""
+    head = next((s for s in itertools.islice(queue, window) if not s.dead), None)
+    if head is None or head.decode or head.passed:
+        return head is None or head.decode
+    return any(s.decode and not s.dead for s in itertools.islice(queue, window))
 
 
 def _refusals(refused, items: int) -> dict[int, tuple[str, str]] | None:

@@ -55,12 +55,14 @@ class Cmd(enum.IntEnum):
     STATUS = 0x15  # C->B or M->B what is the cluster state; B replies STATUS
     JOBS = 0x16  # C->B recent requests; B replies JOBS
     DRAIN = 0x17  # M->B admin: drain this stage (needs the admin token)
+    STEPS = 0x18  # C->B several STEPs in one message (the next steps of many requests)
+    RESULTS = 0x19  # B->C several RESULTs in one message (a group's logits for one client)
 
 
 # Which tags may carry which commands, as sent *to* the broker.
 INBOUND = {
     STAGE_TAG: {Cmd.READY, Cmd.LOADED, Cmd.RESULT, Cmd.ERROR, Cmd.HEARTBEAT, Cmd.LEAVING},
-    CLIENT_TAG: {Cmd.STEP, Cmd.END, Cmd.PING, Cmd.STATUS, Cmd.JOBS},
+    CLIENT_TAG: {Cmd.STEP, Cmd.STEPS, Cmd.END, Cmd.PING, Cmd.STATUS, Cmd.JOBS},
     MONITOR_TAG: {Cmd.PING, Cmd.STATUS, Cmd.JOBS, Cmd.DRAIN},
 }
 
@@ -145,11 +147,19 @@ SCHEMAS: dict[Cmd, dict[str, type | tuple[type, ...]]] = {
     Cmd.STATUS: {},
     Cmd.JOBS: {},
     Cmd.DRAIN: {"stage": _STR, "token": _STR},
+    Cmd.STEPS: {"items": list},
+    Cmd.RESULTS: {"items": list},
 }
 # A RESULT to a client names its request instead of the broker's step id.
 CLIENT_RESULT_SCHEMA: dict[str, type] = {"rid": str, "seq": int}
 ITEM_SCHEMA: dict[str, type] = {"rid": str, "pos": int, "n": int, "prev": int, "hash": int}
 MAX_RID_LENGTH = 64
+# A bundle (STEPS, RESULTS) carries one message per item, each with its one tensor frame.
+BUNDLES = {Cmd.STEPS: Cmd.STEP, Cmd.RESULTS: Cmd.RESULT}
+BUNDLE_OF = {single: bundle for bundle, single in BUNDLES.items()}
+# Items per bundle: a group of the largest batch a stage takes in one FORWARD by default;
+# larger sets travel as several bundles.
+MAX_BUNDLE = 32
 
 
 @dataclass(frozen=True)
@@ -279,13 +289,18 @@ def decode(
         raise ProtocolError(Code.MALFORMED, f"header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise ProtocolError(Code.MALFORMED, "header must be a JSON object")
-    schema = CLIENT_RESULT_SCHEMA if cmd == Cmd.RESULT and tag == CLIENT_TAG else SCHEMAS[cmd]
-    _check_schema(header, schema, cmd.name)
+    check_header(tag, cmd, header)
     if cmd == Cmd.FORWARD:
         for item in header["items"]:
             if not isinstance(item, dict):
                 raise ProtocolError(Code.BAD_REQUEST, "FORWARD items must be objects")
             _check_schema(item, ITEM_SCHEMA, "FORWARD item")
+    if cmd in BUNDLES:
+        items = header["items"]
+        if not 1 <= len(items) <= MAX_BUNDLE or not all(isinstance(i, dict) for i in items):
+            raise ProtocolError(
+                Code.BAD_REQUEST, f"{cmd.name} carries 1 to {MAX_BUNDLE} item objects"
+            )
     raw_descs = header.get("tensors", [])
     if not isinstance(raw_descs, list) or len(raw_descs) > limits.max_tensors:
         raise ProtocolError(
@@ -297,6 +312,11 @@ def decode(
         raise ProtocolError(
             Code.TENSOR_MISMATCH,
             f"header describes {len(raw_descs)} tensors but {len(tensor_frames)} frames follow",
+        )
+    if cmd in BUNDLES and len(tensor_frames) != len(header["items"]):
+        raise ProtocolError(
+            Code.TENSOR_MISMATCH,
+            f"{cmd.name} has {len(header['items'])} items but {len(tensor_frames)} tensor frames",
         )
     descs = [_parse_desc(d, limits) for d in raw_descs]
     for i, (desc, frame) in enumerate(zip(descs, tensor_frames, strict=True)):
@@ -312,6 +332,52 @@ def decode(
                 f"tensor frame {i} has {size} bytes but {desc.dtype}{list(desc.shape)} needs {desc.nbytes}",
             )
     return Message(tag=tag, cmd=cmd, header=header, frames=tensor_frames, descs=descs)
+
+
+def check_header(tag: bytes, cmd: Cmd, header: dict[str, Any]) -> None:
+    """Refuse (ProtocolError) a header that lacks a field its command needs."""
+    schema = CLIENT_RESULT_SCHEMA if cmd == Cmd.RESULT and tag == CLIENT_TAG else SCHEMAS[cmd]
+    _check_schema(header, schema, cmd.name)
+
+
+def unbundle(msg: Message) -> list[Message]:
+    """The single messages a STEPS or RESULTS carries, each with its own tensor frame.
+
+    Item headers are not checked yet: the receiver runs `check_header` on each, so one bad
+    item is refused alone.
+    """
+    single = BUNDLES[msg.cmd]
+    return [
+        Message(msg.tag, single, item, [frame], [desc])
+        for item, frame, desc in zip(msg.header["items"], msg.frames, msg.descs, strict=True)
+    ]
+
+
+def encode_bundled(
+    tag: bytes,
+    cmd: Cmd,
+    entries: Sequence[tuple[dict[str, Any], Any]],
+    limits: Limits = DEFAULT_LIMITS,
+) -> list[list]:
+    """Messages carrying `entries` of (header, tensor) for `cmd` (STEP or RESULT).
+
+    One entry goes as the plain message; more go as bundles of at most MAX_BUNDLE items whose
+    header fits `limits.max_header_bytes` (a bundle that would not is halved).
+    """
+    if len(entries) == 1:
+        header, tensor = entries[0]
+        return [encode(tag, cmd, header, [tensor])]
+    out: list[list] = []
+    for at in range(0, len(entries), MAX_BUNDLE):
+        part = entries[at : at + MAX_BUNDLE]
+        frames = encode(tag, BUNDLE_OF[cmd], {"items": [h for h, _ in part]}, [t for _, t in part])
+        if len(frames[2]) > limits.max_header_bytes and len(part) > 1:
+            half = len(part) // 2
+            out += encode_bundled(tag, cmd, part[:half], limits)
+            out += encode_bundled(tag, cmd, part[half:], limits)
+        else:
+            out.append(frames)
+    return out
 
 
 def encode(tag: bytes, cmd: Cmd, header: dict[str, Any], tensors: Sequence = ()) -> list:

@@ -2,8 +2,8 @@
 
 The client is the source of truth for a request, so everything a replay needs lives here: the
 tokens, the rolling prefix hash at every position, and the `(pos, n)` cut of every step sent.
-A `Request` does no I/O: it turns incoming messages into outgoing frames and stream events, and
-the transports (`client.transport`) move the frames.
+A `Request` does no I/O: it turns incoming messages into outgoing messages and stream events,
+and the transports (`client.transport`) encode and move them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from broker.protocol import CLIENT_TAG, EMPTY_PREFIX_HASH, Cmd, Code, Message, encode, prefix_hash
+from broker.protocol import EMPTY_PREFIX_HASH, Cmd, Code, Message, prefix_hash
 from client.sampling import Sampler
 
 # Replays per request before giving up; the broker enforces the same default (--max-replays).
@@ -35,6 +35,10 @@ DETOKENIZE_CONTEXT = 5
 # Tokens held back while their text ends in U+FFFD (an incomplete UTF-8 character); four
 # covers any character split over single-byte tokens.
 MAX_PENDING_TOKENS = 4
+
+# A message for the broker, not yet encoded: (command, header, tensors). The transport sends
+# the STEPs that one incoming message caused as one STEPS bundle.
+Outgoing = tuple[Cmd, dict, list]
 
 
 class ClientError(Exception):
@@ -216,7 +220,7 @@ class Request:
 
     # --- outgoing ------------------------------------------------------------------------
 
-    def _step_frames(self, pos: int, n: int, logits: bool) -> list:
+    def _step(self, pos: int, n: int, logits: bool) -> Outgoing:
         self.seq += 1
         header = {
             "rid": self.rid,
@@ -228,31 +232,31 @@ class Request:
             "logits": logits,
         }
         ids = torch.tensor([self.tokens[pos : pos + n]], dtype=torch.long)
-        return encode(CLIENT_TAG, Cmd.STEP, header, [ids])
+        return Cmd.STEP, header, [ids]
 
-    def _next_step(self, pos: int, n: int) -> list:
+    def _next_step(self, pos: int, n: int) -> Outgoing:
         self.steps.append((pos, n))
-        frames = self._step_frames(pos, n, logits=True)
+        step = self._step(pos, n, logits=True)
         self.awaited = self.oldest_live = self.seq
         self.sent_at = time.perf_counter()
-        return frames
+        return step
 
-    def start(self) -> list[list]:
+    def start(self) -> list[Outgoing]:
         """The prefill: the prompt as one step, or as chunks of `prefill_chunk` tokens sent at
         once; only the last chunk asks for logits."""
         n, chunk = len(self.tokens), self.prefill_chunk
         cuts = [(pos, min(chunk, n - pos)) for pos in range(0, n, chunk)]
-        frames = []
+        out = []
         for pos, size in cuts[:-1]:
             self.steps.append((pos, size))
-            frames.append(self._step_frames(pos, size, logits=False))
+            out.append(self._step(pos, size, logits=False))
         first = self.seq + 1
-        frames.append(self._next_step(*cuts[-1]))
+        out.append(self._next_step(*cuts[-1]))
         self.oldest_live = first
-        return frames
+        return out
 
-    def replay(self, event: dict, counted: bool = True) -> list[list]:
-        """Frames that re-send every step as first cut; only the last one asks for logits."""
+    def replay(self, event: dict, counted: bool = True) -> list[Outgoing]:
+        """Steps that re-send every step as first cut; only the last one asks for logits."""
         if counted:
             self.replays += 1
             if self.replays > self.max_replays:
@@ -264,17 +268,17 @@ class Request:
         self.events.append(event)
         first = self.seq + 1
         last = len(self.steps) - 1
-        frames = [self._step_frames(p, n, logits=i == last) for i, (p, n) in enumerate(self.steps)]
+        out = [self._step(p, n, logits=i == last) for i, (p, n) in enumerate(self.steps)]
         self.oldest_live, self.awaited = first, self.seq
-        return frames
+        return out
 
-    def end_frames(self, reason: str) -> list:
-        return encode(CLIENT_TAG, Cmd.END, {"rid": self.rid, "reason": reason})
+    def end(self, reason: str) -> Outgoing:
+        return Cmd.END, {"rid": self.rid, "reason": reason}, []
 
     # --- incoming ------------------------------------------------------------------------
 
-    def handle(self, msg: Message, now: float) -> tuple[list[list], list[dict]]:
-        """Frames to send and stream events for one message addressed to this request.
+    def handle(self, msg: Message, now: float) -> tuple[list[Outgoing], list[dict]]:
+        """Messages to send and stream events for one message addressed to this request.
 
         Raises BusyError, NotReadyError or RequestFailed when the request cannot go on.
         """
@@ -288,7 +292,7 @@ class Request:
             return self._on_error(msg.header)
         return [], []
 
-    def _on_result(self, msg: Message, now: float) -> tuple[list[list], list[dict]]:
+    def _on_result(self, msg: Message, now: float) -> tuple[list[Outgoing], list[dict]]:
         header = msg.header
         logits = msg.tensor(0) if msg.frames else None
         if logits is None or logits.numel() == 0:
@@ -304,7 +308,7 @@ class Request:
         index = len(self.generated)
         if index == 0:
             self.ttft_s = time.perf_counter() - self.started
-        out: list[list] = []
+        out: list[Outgoing] = []
         events: list[dict] = []
         if token in self.eos_ids:
             reason = "eos"  # the eos itself is neither a generated token nor text
@@ -333,7 +337,7 @@ class Request:
                 {"type": "token", "index": index, "token_id": token, "text": text, "trace": trace}
             )
         if reason is not None:
-            out.append(self.end_frames("done"))
+            out.append(self.end("done"))
             # Text held back until the end (a possible stop string's start, a split
             # character) arrives with the done event.
             tail = self.assembler.flush()
@@ -360,14 +364,14 @@ class Request:
         )
         return self.result
 
-    def _on_event(self, header: dict) -> tuple[list[list], list[dict]]:
+    def _on_event(self, header: dict) -> tuple[list[Outgoing], list[dict]]:
         event = {k: v for k, v in header.items() if k not in ("event", "tensors")}
         event = {"type": header["event"], **event, "index": len(self.generated)}
         if header["event"] not in ("reshard", "replay"):
             return [], [event]  # informational (e.g. a not-ready wait): nothing to redo
         return self.replay(event), [event]
 
-    def _on_error(self, header: dict) -> tuple[list[list], list[dict]]:
+    def _on_error(self, header: dict) -> tuple[list[Outgoing], list[dict]]:
         seq = header.get("seq")
         if isinstance(seq, int) and seq < self.oldest_live:
             return [], []  # about a step that a replay has already superseded
@@ -388,8 +392,8 @@ class Request:
             raise NotReadyError(message)
         raise RequestFailed(code, message)
 
-    def reconnected(self) -> tuple[list[list], list[dict]]:
-        """Frames that rebuild this request through a fresh socket (not counted as a replay)."""
+    def reconnected(self) -> tuple[list[Outgoing], list[dict]]:
+        """Steps that rebuild this request through a fresh socket (not counted as a replay)."""
         event = {
             "type": "replay",
             "rid": self.rid,

@@ -3,7 +3,8 @@
 `Link` holds what the sync and async clients share: it routes each incoming message to its
 request, sends what the request answers, pings while requests wait, and replaces a silent
 socket with a fresh one (new identity), replaying every active request when the broker answers
-again. `SyncLink` waits in the caller's thread; `AsyncLink` runs a receiver task and a
+again. The next steps that one incoming message causes (a RESULTS bundle answers a whole
+group) leave as one STEPS bundle, so the broker sees the group's steps together. `SyncLink` waits in the caller's thread; `AsyncLink` runs a receiver task and a
 heartbeat task on the caller's event loop.
 """
 
@@ -21,8 +22,19 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from broker.protocol import CLIENT_TAG, Cmd, Message, ProtocolError, decode, encode
-from client.session import BrokerUnreachable, ClientError, Request, RequestFailed
+from broker.protocol import (
+    BUNDLES,
+    CLIENT_TAG,
+    Cmd,
+    Message,
+    ProtocolError,
+    check_header,
+    decode,
+    encode,
+    encode_bundled,
+    unbundle,
+)
+from client.session import BrokerUnreachable, ClientError, Outgoing, Request, RequestFailed
 
 log = structlog.get_logger("client")
 
@@ -119,6 +131,16 @@ class Link:
             return False
         return True
 
+    def post(self, messages: list[Outgoing]) -> None:
+        """Encode and send: every STEP in one STEPS bundle, then the other messages in order."""
+        steps = [(header, tensors[0]) for cmd, header, tensors in messages if cmd == Cmd.STEP]
+        if steps:
+            for frames in encode_bundled(CLIENT_TAG, Cmd.STEP, steps):
+                self.send(frames)
+        for cmd, header, tensors in messages:
+            if cmd != Cmd.STEP:
+                self.send(encode(CLIENT_TAG, cmd, header, tensors))
+
     def ping(self, now: float) -> None:
         self.pinged_at = now
         self.send(encode(CLIENT_TAG, Cmd.PING, {}))
@@ -129,14 +151,13 @@ class Link:
         if not self.requests:
             self.quiet_since = now
         self.requests[req.rid] = req
-        for frames in req.start():
-            self.send(frames)
+        self.post(req.start())
 
     def cancel(self, rid: str, reason: str = "cancelled") -> None:
         """Forget a request and tell the broker, so every stage frees its cache."""
         req = self.requests.pop(rid, None)
         if req is not None:
-            self.send(req.end_frames(reason))
+            self.post([req.end(reason)])
 
     # --- incoming --------------------------------------------------------------------------
 
@@ -149,6 +170,21 @@ class Link:
             return
         if self.lost_at is not None:
             self._recovered(now)
+        out: list[Outgoing] = []
+        if msg.cmd in BUNDLES:
+            for item in unbundle(msg):
+                try:
+                    check_header(item.tag, item.cmd, item.header)
+                except ProtocolError as e:
+                    log.warning("client_bad_message", code=str(e.code), reason=e.message)
+                    continue
+                self._route(item, now, out)
+        else:
+            self._route(msg, now, out)
+        self.post(out)
+
+    def _route(self, msg: Message, now: float, out: list[Outgoing]) -> None:
+        """Hand one message to its request; what the request answers goes into `out`."""
         rid = msg.header.get("rid") if msg.cmd in _ROUTED else None
         if not isinstance(rid, str):
             self._reply(msg)
@@ -157,14 +193,13 @@ class Link:
         if req is None:
             return  # finished or cancelled: a late result, or the END's acknowledgement
         try:
-            out, events = req.handle(msg, now)
+            answer, events = req.handle(msg, now)
         except Exception as e:  # a refusal, or a failure in sampling / detokenizing
             self.requests.pop(rid, None)
-            self.send(req.end_frames("failed"))
+            out.append(req.end("failed"))
             self._deliver(rid, [e])
             return
-        for frames_out in out:
-            self.send(frames_out)
+        out.extend(answer)
         if req.result is not None:
             self.requests.pop(rid, None)
         if events:
@@ -174,11 +209,12 @@ class Link:
         """The broker answers through the fresh socket: rebuild every request there."""
         log.info("client_reconnected", broker=self.url, after_s=round(now - self.lost_at, 3))
         self.lost_at = None
+        out: list[Outgoing] = []
         for rid, req in list(self.requests.items()):
-            out, events = req.reconnected()
-            for frames in out:
-                self.send(frames)
+            steps, events = req.reconnected()
+            out.extend(steps)
             self._deliver(rid, events)
+        self.post(out)
 
     # --- liveness --------------------------------------------------------------------------
 

@@ -182,41 +182,49 @@ class Shard:
     def forward_batch(
         self, inputs: list[torch.Tensor], states: list[KVState]
     ) -> list[torch.Tensor]:
-        """One decode position for each of several requests, as one batched forward.
+        """The same number n of new positions for each of several requests, as one forward.
 
-        Each request's cache is left-padded to the longest, the padding masked out, and the new
-        key/value column appended back to each request's own cache. Matrix products over a
-        batch may round differently from batch 1: results are equal in value to `forward`, not
-        always in every bit (run with a batch limit of 1 for batch-invariant results).
+        Decode steps (n = 1) and prompts or chunks of equal length alike: each request's
+        cache (empty for a new prompt) is left-padded to the longest, the padding masked out,
+        and the n new key/value columns appended back to each request's own cache. Matrix
+        products over a batch may round differently from batch 1: results are equal in value
+        to `forward`, not always in every bit (run with a batch limit of 1 for batch-invariant
+        results). Returns per request what `forward` returns with `logits="last"`.
         """
+        n = inputs[0].shape[1]
+        if n < 1 or any(x.shape[1] != n for x in inputs):
+            raise ShardError("a batch runs the same number of new positions for every request")
         lengths = [s.length for s in states]
-        if min(lengths) < 1 or any(x.shape[1] != 1 for x in inputs):
-            raise ShardError("batched steps are decode steps on existing caches")
         longest = max(lengths)
         dev = self.device
-        position_ids = torch.tensor(lengths, device=dev).unsqueeze(1)
+        columns = torch.arange(n, device=dev)
+        position_ids = torch.tensor(lengths, device=dev).unsqueeze(1) + columns
         if self.first:
             hidden = self.embed(torch.cat(inputs))
             if self.positions is not None:
                 hidden = hidden + self.positions(position_ids)
         else:
             hidden = torch.cat(inputs)
-        batch_cache = _PaddedBatchCache(self.shard_config, states, lengths)
-        # Additive mask over [pad..., cached..., new]: padding gets the dtype's minimum.
-        columns = torch.arange(longest + 1, device=dev)
-        starts = torch.tensor([longest - n for n in lengths], device=dev).unsqueeze(1)
-        mask = torch.zeros(len(states), 1, 1, longest + 1, dtype=hidden.dtype, device=dev)
-        mask.masked_fill_((columns < starts)[:, None, None, :], torch.finfo(hidden.dtype).min)
+        batch_cache = _PaddedBatchCache(self.shard_config, states, lengths, n)
+        # Additive mask over [pad..., cached..., new...]: padding, and new positions after a
+        # query's own, get the dtype's minimum.
+        keys = torch.arange(longest + n, device=dev)
+        starts = torch.tensor([longest - x for x in lengths], device=dev)
+        hidden_mask = (keys[None, None, :] < starts[:, None, None]) | (
+            keys[None, None, :] > longest + columns[None, :, None]
+        )
+        mask = torch.zeros(len(states), 1, n, longest + n, dtype=hidden.dtype, device=dev)
+        mask.masked_fill_(hidden_mask[:, None], torch.finfo(hidden.dtype).min)
         rotary = self.rotary(hidden, position_ids) if self.rotary is not None else None
         for layer in self.layers:
             hidden = self.adapter.run_layer(layer, hidden, mask, position_ids, rotary, batch_cache)
-        for j, (keys, values) in enumerate(zip(batch_cache.keys, batch_cache.values, strict=True)):
+        for j, (k, v) in enumerate(zip(batch_cache.keys, batch_cache.values, strict=True)):
             for i, state in enumerate(states):
-                state.cache.update(keys[i : i + 1, :, longest:], values[i : i + 1, :, longest:], j)
+                state.cache.update(k[i : i + 1, :, longest:], v[i : i + 1, :, longest:], j)
         for state in states:
-            state.length += 1
+            state.length += n
         if self.last:
-            hidden = _batched_head(self.head, self.norm(hidden))
+            hidden = _batched_head(self.head, self.norm(hidden[:, -1:, :]))
         return list(hidden.split(1))
 
     def check_inputs(self, inputs: torch.Tensor, state: KVState, start_pos: int) -> None:
@@ -244,34 +252,40 @@ class Shard:
 
 
 class _PaddedBatchCache(DynamicCache):
-    """Several requests' caches, left-padded with zeros, with room for one new position.
+    """Several requests' caches, left-padded with zeros, with room for n new positions.
 
-    Built with one copy of each request's keys and values; a layer's `update` writes the new
-    column in place and returns the whole [B, heads, longest + 1, dim] tensors. Padding is
-    masked out; zeros (not uninitialised memory) keep a masked score from being NaN.
+    Built per layer on its first `update`, with one copy of each request's keys and values
+    (a new prompt's cache is empty); `update` writes the new columns in place and returns the
+    whole [B, heads, longest + n, dim] tensors. Padding is masked out; zeros (not
+    uninitialised memory) keep a masked score from being NaN.
     """
 
-    def __init__(self, config, states: list, lengths: list[int]):
+    def __init__(self, config, states: list, lengths: list[int], n: int):
         super().__init__(config=config)
-        longest = max(lengths)
+        self.states = states
+        self.lengths = lengths
+        self.longest = max(lengths)
+        self.n = n
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        for j in range(len(states[0].cache.layers)):
-            first = states[0].cache.layers[j]
-            for store, name in ((self.keys, "keys"), (self.values, "values")):
-                ref = getattr(first, name)
-                shape = (len(states), ref.shape[1], longest + 1, ref.shape[3])
-                batch = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
-                for i, (state, length) in enumerate(zip(states, lengths, strict=True)):
-                    batch[i, :, longest - length : longest].copy_(
-                        getattr(state.cache.layers[j], name)[0]
-                    )
-                store.append(batch)
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        if layer_idx == len(self.keys):
+            for store, new, name in (
+                (self.keys, key_states, "keys"),
+                (self.values, value_states, "values"),
+            ):
+                batch, heads, _, dim = new.shape
+                shape = (batch, heads, self.longest + self.n, dim)
+                padded = torch.zeros(shape, dtype=new.dtype, device=new.device)
+                for i, (state, length) in enumerate(zip(self.states, self.lengths, strict=True)):
+                    if length:
+                        cached = getattr(state.cache.layers[layer_idx], name)[0]
+                        padded[i, :, self.longest - length : self.longest].copy_(cached)
+                store.append(padded)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys[:, :, -1:].copy_(key_states)
-        values[:, :, -1:].copy_(value_states)
+        keys[:, :, self.longest :].copy_(key_states)
+        values[:, :, self.longest :].copy_(value_states)
         return keys, values
 
 

@@ -713,7 +713,10 @@ class StageWorker:
             if not isinstance(entry, Refusal)
         ]
         outputs: dict[tuple[int, int], torch.Tensor] = {}
-        batch: list[tuple[tuple[int, int], torch.Tensor, Any]] = []
+        # Items with the same number of new positions run as one batch (decode steps
+        # together, prompts or chunks of one length together); a lone item takes the exact
+        # batch-1 path.
+        batches: dict[int, list[tuple[tuple[int, int], torch.Tensor, Any]]] = {}
         try:
             for j, i, (item, x, fresh) in accepted:
                 cache = (
@@ -721,16 +724,17 @@ class StageWorker:
                 )
                 if x.device != shard.device:
                     x = x.to(shard.device)
-                if fresh is None and item["n"] == 1 and shard.batchable:
-                    batch.append(((j, i), x, cache.state))
+                if shard.batchable:
+                    batches.setdefault(item["n"], []).append(((j, i), x, cache.state))
                 else:
                     outputs[(j, i)] = shard.forward(x, cache.state, logits="last")
-            if len(batch) == 1:
-                key, x, state = batch[0]
-                outputs[key] = shard.forward(x, state, logits="last")
-            elif batch:
-                results = shard.forward_batch([x for _, x, _ in batch], [st for _, _, st in batch])
-                outputs.update(zip((key for key, _, _ in batch), results, strict=True))
+            for batch in batches.values():
+                if len(batch) == 1:
+                    key, x, state = batch[0]
+                    outputs[key] = shard.forward(x, state, logits="last")
+                else:
+                    results = shard.forward_batch([x for _, x, _ in batch], [b[2] for b in batch])
+                    outputs.update(zip((key for key, _, _ in batch), results, strict=True))
         except Exception:
             # A cache may hold some of this round's layers but not all: never reuse it.
             store.release(item["rid"] for _, _, (item, _, _) in accepted)

@@ -85,9 +85,46 @@ def test_sliding_window_shards_do_not_batch(checkpoints):
     assert not shard.batchable
 
 
-def test_batch_needs_existing_caches(checkpoints):
+def test_a_batch_runs_one_length_of_new_positions(checkpoints):
     shard = load_shard(checkpoints["llama"], 0, 5)
-    with pytest.raises(ShardError, match="decode steps"):
+    with pytest.raises(ShardError, match="same number of new positions"):
         shard.forward_batch(
-            [torch.tensor([[5]]), torch.tensor([[6]])], [shard.new_cache(), shard.new_cache()]
+            [torch.tensor([[5]]), torch.tensor([[6, 7]])], [shard.new_cache(), shard.new_cache()]
         )
+
+
+@pytest.mark.parametrize("arch", BATCHABLE)
+def test_batched_prompts_and_chunks_equal_generate(checkpoints, arch):
+    """Prompts of one length prefilled together, fresh or continuing a chunked prompt, then
+    decoded together: every request's greedy output equals generate for it alone."""
+    directory = checkpoints[arch]
+    ref = _reference(directory)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, VOCAB, (1, n), generator=g) for n in (6, 6, 12, 6)]
+    new = 8
+    expected = [
+        ref.generate(p, do_sample=False, max_new_tokens=new)[0, p.shape[1] :].tolist()
+        for p in prompts
+    ]
+    shards = [load_shard(directory, 0, 2), load_shard(directory, 2, 5)]
+    states = [[s.new_cache() for s in shards] for _ in prompts]
+
+    def run(members: list[int], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        x = inputs
+        for k, shard in enumerate(shards):
+            x = shard.forward_batch(x, [states[i][k] for i in members])
+        return x
+
+    # Round 1: three fresh prompts and the first chunk of the long one, 6 positions each.
+    out = run([0, 1, 2], [prompts[0], prompts[1], prompts[2][:, :6]])
+    tokens = {0: [int(out[0][0, -1].argmax())], 1: [int(out[1][0, -1].argmax())]}
+    # Round 2: the long prompt's second chunk (cache of 6) beside a fresh prompt.
+    out = run([2, 3], [prompts[2][:, 6:], prompts[3]])
+    tokens[2], tokens[3] = [int(out[0][0, -1].argmax())], [int(out[1][0, -1].argmax())]
+    for _ in range(new - 1):
+        out = run([0, 1, 2, 3], [torch.tensor([[tokens[i][-1]]]) for i in range(4)])
+        for i in range(4):
+            tokens[i].append(int(out[i][0, -1].argmax()))
+    for i, p in enumerate(prompts):
+        assert tokens[i] == expected[i], f"{arch}: request {i} diverged"
+        assert all(st.length == p.shape[1] + new - 1 for st in states[i])

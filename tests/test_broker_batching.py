@@ -26,15 +26,17 @@ def _stage() -> StageRecord:
     return StageRecord(name="s0", ident=b"s0", caps={}, credits=32, joined=0.0, max_batch=32)
 
 
-def _queue(stage: StageRecord, *steps: tuple[str, int]) -> list[Step]:
+def _queue(stage: StageRecord, *steps: tuple[str, int] | tuple[str, int, int]) -> list[Step]:
+    """Queue steps given as (rid, n) or (rid, n, pos); one token without a pos is a decode."""
     out = []
-    for k, (rid, n) in enumerate(steps):
+    for k, (rid, n, *at) in enumerate(steps):
+        pos = at[0] if at else (0 if n > 1 else 40)
         step = Step(
             id=k,
             rid=rid,
             seq=k,
             client=b"c",
-            item={"rid": rid, "pos": 0, "n": n},
+            item={"rid": rid, "pos": pos, "n": n},
             frames=[],
             descs=[],
             want_logits=True,
@@ -62,18 +64,30 @@ def test_cap_and_dead_steps(broker):
     assert list(stage.queue) == steps[4:]
 
 
-def test_decode_steps_pass_a_chunk_over_the_token_budget(broker):
-    """forward_tokens=64: a 64-token chunk fills a FORWARD; decode steps behind it may not
-    join it, but they leave first when a chunk is stuck behind the budget."""
+def test_prefill_chunks_share_a_forward_up_to_the_token_budget(broker):
+    """forward_tokens=64: a FORWARD always takes its first step, however large; a chunk that
+    would pass the budget waits, and prompts of other requests that fit go ahead of it."""
     stage = _stage()
-    d1, chunk1, chunk2, d2, d3 = _queue(stage, ("d", 1), ("p", 64), ("p", 64), ("e", 1), ("f", 1))
-    # d1 opened the FORWARD: the chunk would exceed the budget, so it and its successor wait;
-    # the other requests' decode steps overtake it.
-    assert broker.next_batch(stage, cap=32) == [d1, d2, d3]
-    assert list(stage.queue) == [chunk1, chunk2]
-    # A FORWARD always takes its first step, however large.
-    assert broker.next_batch(stage, cap=32) == [chunk1]
-    assert broker.next_batch(stage, cap=32) == [chunk2]
+    p1, q1, q2, r1 = _queue(stage, ("p", 40), ("q", 64, 0), ("q", 64, 64), ("r", 24))
+    assert broker.next_batch(stage, cap=32) == [p1, r1]
+    assert broker.next_batch(stage, cap=32) == [q1]
+    assert broker.next_batch(stage, cap=32) == [q2]
+    assert not stage.queue
+
+
+def test_decode_steps_go_before_a_prefill_and_never_with_it(broker):
+    """A prefill in a decode group would hold the group's tokens for its compute at every
+    stage: decode FORWARDs go first, and a prefill passed once leads the next FORWARD."""
+    stage = _stage()
+    p1, d1, d2, one = _queue(stage, ("p", 32), ("d", 1), ("e", 1), ("o", 1, 0))
+    assert broker.next_batch(stage, cap=32) == [d1, d2]  # a one-token prompt is a prefill
+    assert list(stage.queue) == [p1, one] and p1.passed and one.passed
+    (d3,) = _queue(stage, ("d", 1))
+    assert broker.next_batch(stage, cap=32) == [p1, one]  # passed once: they lead now
+    assert broker.next_batch(stage, cap=32) == [d3]
+    # Only prefills queued: they leave together without waiting for decode steps.
+    chunk, prompt = _queue(stage, ("c", 16), ("n", 8))
+    assert broker.next_batch(stage, cap=32) == [chunk, prompt] and not chunk.passed
 
 
 def test_batch_cap_leaves_a_group_per_lane(broker):

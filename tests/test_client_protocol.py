@@ -25,6 +25,7 @@ import zmq
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from broker.protocol import (
+    BUNDLES,
     CLIENT_TAG,
     EMPTY_PREFIX_HASH,
     SCHEMAS,
@@ -34,6 +35,7 @@ from broker.protocol import (
     decode,
     encode,
     prefix_hash,
+    unbundle,
 )
 from client import (
     AsyncClient,
@@ -122,14 +124,16 @@ class FakeBroker(threading.Thread):
             ident, *frames = self.sock.recv_multipart(copy=False)
             ident = ident.bytes
             msg = decode(frames)
-            with self.lock:
-                self.log.append((ident, msg.cmd, dict(msg.header)))
-            if self.mute_all or ident in self.silent:
-                continue
-            try:
-                self.dispatch(ident, msg)
-            except Exception as e:  # surface in the test, not as a hung client
-                self.failures.append(f"{type(e).__name__}: {e}")
+            # A STEPS bundle is logged and answered step by step, as the broker takes it.
+            for single in unbundle(msg) if msg.cmd in BUNDLES else [msg]:
+                with self.lock:
+                    self.log.append((ident, single.cmd, dict(single.header)))
+                if self.mute_all or ident in self.silent:
+                    continue
+                try:
+                    self.dispatch(ident, single)
+                except Exception as e:  # surface in the test, not as a hung client
+                    self.failures.append(f"{type(e).__name__}: {e}")
         self.sock.close(linger=0)
         self.ctx.term()
 

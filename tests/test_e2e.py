@@ -206,6 +206,18 @@ def test_hostile_input_gets_errors_and_the_broker_keeps_serving(checkpoints, lla
         (P.encode(P.CLIENT_TAG, Cmd.STEP, {**step, "rid": "bad rid!"}, [ids]), Code.BAD_REQUEST),
         (P.encode(P.CLIENT_TAG, Cmd.STEP, step, [ids.to(torch.int32)]), Code.BAD_REQUEST),
         (P.encode(P.CLIENT_TAG, Cmd.STEP, {**step, "pos": 255}, [ids]), Code.CONTEXT_OVERFLOW),
+        (P.encode(P.CLIENT_TAG, Cmd.STEPS, {"items": [step, step]}, [ids]), Code.TENSOR_MISMATCH),
+        (P.encode(P.CLIENT_TAG, Cmd.STEPS, {"items": []}), Code.BAD_REQUEST),
+        (
+            P.encode(
+                P.CLIENT_TAG,
+                Cmd.STEPS,
+                {"items": [step] * (P.MAX_BUNDLE + 1)},
+                [ids] * (P.MAX_BUNDLE + 1),
+            ),
+            Code.BAD_REQUEST,
+        ),
+        (P.encode(P.CLIENT_TAG, Cmd.RESULTS, {"items": [step]}, [ids]), Code.UNKNOWN_COMMAND),
     ]
     for frames, code in cases:
         sock.send_multipart(frames)
@@ -230,6 +242,44 @@ def test_hostile_input_gets_errors_and_the_broker_keeps_serving(checkpoints, lla
         with pytest.raises(ValueError, match="top_p"):
             client.generate(prompt, top_p=1.5)
     assert llama_cluster.status()["ready"]
+
+
+@pytest.mark.timeout(120)
+def test_a_steps_bundle_refuses_its_bad_item_alone(checkpoints, llama_cluster):
+    """Each step of a STEPS bundle is taken or refused as if it came alone."""
+    sock = _raw(llama_cluster.url)
+    prompts = {"bundle-1": prompt_ids(41, length=6), "bundle-2": prompt_ids(42, length=9)}
+    items, tensors = [], []
+    for rid, ids in [*prompts.items(), ("bad rid!", [1, 2])]:
+        items.append(
+            {
+                "rid": rid,
+                "seq": 1,
+                "pos": 0,
+                "n": len(ids),
+                "prev": 0,
+                "hash": P.prefix_hash(0, ids),
+            }
+        )
+        tensors.append(torch.tensor([ids]))
+    items[1]["prev"] = "zero"  # a field of the wrong type: refused before it reaches a stage
+    sock.send_multipart(P.encode(P.CLIENT_TAG, Cmd.STEPS, {"items": items}, tensors))
+    answers, errors = {}, {}
+    while len(answers) + len(errors) < 3:
+        reply = _reply(sock, timeout_s=20.0)
+        singles = P.unbundle(reply) if reply.cmd in P.BUNDLES else [reply]
+        for msg in singles:
+            if msg.cmd == Cmd.ERROR:
+                errors[msg.header.get("rid")] = msg.header["code"]
+            else:
+                assert msg.cmd == Cmd.RESULT, msg
+                answers[msg.header["rid"]] = int(msg.tensor(0).reshape(-1).argmax())
+    assert errors == {"bad rid!": Code.BAD_REQUEST, "bundle-2": Code.BAD_REQUEST}
+    assert answers == {
+        "bundle-1": reference_greedy(checkpoints["llama"], prompts["bundle-1"], 1)[0]
+    }
+    sock.send_multipart(P.encode(P.CLIENT_TAG, Cmd.END, {"rid": "bundle-1"}))
+    sock.close(0)
 
 
 @pytest.mark.timeout(60)

@@ -111,6 +111,60 @@ def test_prefix_hash_does_not_depend_on_cuts():
     assert 0 <= whole < 2**63
 
 
+def _entries(count: int, **extra) -> list[tuple[dict, torch.Tensor]]:
+    return [
+        (
+            {"rid": f"r{i}", "seq": i, "pos": 0, "n": 2, "prev": 0, "hash": i, **extra},
+            torch.tensor([[i, i + 1]]),
+        )
+        for i in range(count)
+    ]
+
+
+def test_one_entry_goes_as_the_plain_message():
+    [frames] = P.encode_bundled(P.CLIENT_TAG, Cmd.STEP, _entries(1))
+    msg = P.decode(frames, inbound=True)
+    assert msg.cmd == Cmd.STEP and msg.header["rid"] == "r0"
+    assert msg.tensor(0).tolist() == [[0, 1]]
+
+
+def test_bundles_round_trip_in_order_and_split_at_the_item_cap():
+    count = P.MAX_BUNDLE + 8
+    messages = [
+        P.decode(f, inbound=True) for f in P.encode_bundled(P.CLIENT_TAG, Cmd.STEP, _entries(count))
+    ]
+    assert [m.cmd for m in messages] == [Cmd.STEPS, Cmd.STEPS]
+    assert [len(m.frames) for m in messages] == [P.MAX_BUNDLE, 8]
+    singles = [s for m in messages for s in P.unbundle(m)]
+    assert [s.cmd for s in singles] == [Cmd.STEP] * count
+    assert [s.header["rid"] for s in singles] == [f"r{i}" for i in range(count)]
+    assert [s.tensor(0).tolist() for s in singles] == [[[i, i + 1]] for i in range(count)]
+    for s in singles:
+        P.check_header(s.tag, s.cmd, s.header)
+
+
+def test_a_bundle_whose_header_is_too_large_is_halved():
+    limits = P.Limits(max_header_bytes=2048)
+    entries = _entries(24, note="x" * 200)  # ~300 bytes per item header
+    out = P.encode_bundled(P.CLIENT_TAG, Cmd.RESULT, entries, limits)
+    assert len(out) > 1
+    assert all(len(frames[2]) <= limits.max_header_bytes for frames in out)
+    singles = [s for f in out for s in P.unbundle(P.decode(f, limits))]
+    assert [s.header["seq"] for s in singles] == list(range(24))
+
+
+def test_bundle_items_must_match_the_frames():
+    header = {"items": [_entries(1)[0][0]] * 2}
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode(P.encode(P.CLIENT_TAG, Cmd.STEPS, header, [torch.tensor([[1, 2]])]))
+    assert e.value.code == Code.TENSOR_MISMATCH
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode(
+            P.encode(P.CLIENT_TAG, Cmd.STEPS, {"items": [1, 2]}, [torch.zeros(1), torch.zeros(1)])
+        )
+    assert e.value.code == Code.BAD_REQUEST
+
+
 frame_bytes = st.binary(max_size=64)
 header_values = st.recursive(
     st.none()
@@ -170,3 +224,5 @@ def test_fuzz_decode_only_raises_protocol_errors(tag, cmd, header, tensors):
     for i, desc in enumerate(msg.descs):
         assert desc.nbytes == len(msg.frames[i])
         assert msg.tensor(i).numel() * msg.tensor(i).element_size() == desc.nbytes
+    if msg.cmd in P.BUNDLES:
+        assert len(P.unbundle(msg)) == len(msg.frames) == len(msg.header["items"])
