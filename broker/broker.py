@@ -907,14 +907,21 @@ class Broker:
         Within a prefill FORWARD, a chunk that would exceed the token budget waits.
         """
         window = 4 * cap + 16
-        queue = stage.queue
-        decode = _decode_turn(queue, window)
+        decode = _decode_turn(stage.queue, window)
+        taken = self._take(stage, cap, window, decode)
+        if not taken:  # nothing of that kind may leave now: the other kind does
+            taken = self._take(stage, cap, window, not decode)
+        return taken
+
+    def _take(self, stage: StageRecord, cap: int, window: int, decode: bool) -> list[Step]:
+        """Pop the steps of one FORWARD of the given kind (see `next_batch`)."""
         taken: list[Step] = []
         kept: list[Step] = []
         rids: set[str] = set()
         blocked: set[str] = set()
         tokens = 0
         budget = self.config.forward_tokens
+        queue = stage.queue
         scanned = 0
         while queue and len(taken) < cap and scanned < window:
             step = queue.popleft()
@@ -923,7 +930,7 @@ class Broker:
                 continue
             n = step.item["n"]
             if (
-                (step.decode != decode and not os.environ.get("LL_MIX"))
+                step.decode != decode
                 or step.rid in rids
                 or step.rid in blocked
                 or (taken and tokens + n > budget)
@@ -1331,11 +1338,24 @@ class Broker:
 
 
 def _decode_turn(queue: collections.deque[Step], window: int) -> bool:
-    """Whether the next FORWARD from `queue` is a decode one (else a prefill one)."""
-    head = next((s for s in itertools.islice(queue, window) if not s.dead), None)
-    if head is None or head.decode or head.passed:
-        return head is None or head.decode
-    return any(s.decode and not s.dead for s in itertools.islice(queue, window))
+    """Whether the next FORWARD from `queue` is a decode one (else a prefill one).
+
+    A decode step counts only if it may leave now, that is, no earlier step of its request
+    is queued (a replay queues a request's prefill and then its decode steps).
+    """
+    first: Step | None = None
+    waiting: set[str] = set()  # requests with a step ahead in the queue
+    for step in itertools.islice(queue, window):
+        if step.dead:
+            continue
+        if first is None:
+            if step.decode or step.passed:
+                return step.decode
+            first = step
+        elif step.decode and step.rid not in waiting:
+            return True
+        waiting.add(step.rid)
+    return first is None
 
 
 def _refusals(refused, items: int) -> dict[int, tuple[str, str]] | None:

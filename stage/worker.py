@@ -691,7 +691,7 @@ class StageWorker:
         return encode(STAGE_TAG, Cmd.LOADED, header)
 
     def _forward_round(self, jobs: list[ForwardJob]) -> list[list]:
-        """Check every item of a round, run its decode steps as one batch, reply per FORWARD.
+        """Check every item of a round, run items of one length as one batch, reply per FORWARD.
 
         A FORWARD-wide problem (stale epoch, malformed) refuses the whole FORWARD with an
         ERROR; a refused item (lost cache, bad position) is listed in its FORWARD's RESULT
@@ -740,6 +740,8 @@ class StageWorker:
             store.release(item["rid"] for _, _, (item, _, _) in accepted)
             raise
         done = time.perf_counter()
+        # Items that shared the widest forward of the round (1: every item ran alone).
+        widest = max((len(b) for b in batches.values()), default=1 if accepted else 0)
         replies = []
         for j, (job, plan) in enumerate(zip(jobs, checked, strict=True)):
             header = job.msg.header
@@ -783,14 +785,15 @@ class StageWorker:
                 "epoch": header["epoch"],
                 "compute_s": done - started,
                 "queue_s": started - job.received,
-                "batch": len(batch),
+                "batch": widest,
             }
             if refused:
                 reply["refused"] = refused
             replies.append(encode(STAGE_TAG, Cmd.RESULT, reply, tensors))
-        if len(batch) > 1:
-            self._stats.batches += 1
-            self._stats.batched_items += len(batch)
+        for batch in batches.values():
+            if len(batch) > 1:
+                self._stats.batches += 1
+                self._stats.batched_items += len(batch)
         store.evict(keep=set().union(*(_rids(job) for job in jobs)))
         return replies
 

@@ -97,3 +97,18 @@ def test_batch_cap_leaves_a_group_per_lane(broker):
     assert broker.batch_cap() == 8
     broker.lanes = 3
     assert broker.batch_cap() == 6
+
+
+def test_a_replayed_request_leaves_prefill_first(broker):
+    """A replay queues a request's prefill and then its decode steps: those decode steps
+    cannot leave before the prefill, so they never make the turn a decode one."""
+    stage = _stage()
+    prefill, d1, d2 = _queue(stage, ("r", 9, 0), ("r", 1, 9), ("r", 1, 10))
+    assert broker.next_batch(stage, cap=32) == [prefill]
+    assert broker.next_batch(stage, cap=32) == [d1]
+    assert broker.next_batch(stage, cap=32) == [d2]
+    # Beside another request's decode step, which may leave now, the decode goes first.
+    prefill, d1, other = _queue(stage, ("r", 9, 0), ("r", 1, 9), ("o", 1))
+    assert broker.next_batch(stage, cap=32) == [other]
+    assert broker.next_batch(stage, cap=32) == [prefill]
+    assert broker.next_batch(stage, cap=32) == [d1]
