@@ -4,8 +4,9 @@
 request, sends what the request answers, pings while requests wait, and replaces a silent
 socket with a fresh one (new identity), replaying every active request when the broker answers
 again. The next steps that one incoming message causes (a RESULTS bundle answers a whole
-group) leave as one STEPS bundle, so the broker sees the group's steps together. `SyncLink` waits in the caller's thread; `AsyncLink` runs a receiver task and a
-heartbeat task on the caller's event loop.
+group) leave as one STEPS bundle, so the broker sees the group's steps together. `SyncLink`
+waits in the caller's thread; `AsyncLink` runs a receiver task and a heartbeat task on the
+caller's event loop.
 """
 
 from __future__ import annotations
