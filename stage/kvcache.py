@@ -73,6 +73,8 @@ class KVStore:
         return sum(self._drop(rid) for rid in rids)
 
     def clear(self) -> None:
+        for entry in self._entries.values():
+            entry.state.free()
         self._entries.clear()
         self._bytes = 0
 
@@ -89,5 +91,6 @@ class KVStore:
         entry = self._entries.pop(rid, None)
         if entry is None:
             return False
+        entry.state.free()
         self._bytes -= entry.nbytes
         return True

@@ -71,14 +71,33 @@ def check_device(device: str | torch.device, dtype: torch.dtype) -> torch.device
 
 @dataclass
 class KVState:
-    """One request's KV cache for one shard's layers, and how many positions it holds."""
+    """One request's KV cache for one shard's layers, and how many positions it holds.
 
-    cache: DynamicCache
+    The keys and values live in the request's own `cache`, or, while the request decodes in
+    a batch, in a row of that batch's tensors (`batch`); `own()` brings them back.
+    """
+
+    cache: DynamicCache | None
     length: int = 0
+    batch: _BatchCache | None = field(default=None, repr=False)
+
+    def own(self) -> None:
+        """Move this request's keys and values out of its batch into a cache of its own."""
+        if self.batch is not None:
+            self.batch.release(self)
+
+    def free(self) -> None:
+        """Forget this request's keys and values, its row in a batch too: the position -1
+        matches no step, so nothing computes on this state again."""
+        if self.batch is not None:
+            self.batch.forget(self)
+        self.cache, self.length = None, -1
 
     def nbytes(self) -> int:
+        if self.batch is not None:
+            return self.batch.row_bytes()
         total = 0
-        for layer in self.cache.layers:
+        for layer in self.cache.layers if self.cache is not None else ():
             for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                 if isinstance(t, torch.Tensor):
                     total += t.numel() * t.element_size()
@@ -105,6 +124,8 @@ class Shard:
     kinds: tuple[str, ...] = field(default=())
     max_positions: int = 1 << 30
     vocab_size: int = 0
+    # The decode batch whose tensors stay from one step to the next (see `_BatchCache`).
+    live: _BatchCache | None = field(default=None, repr=False)
 
     @property
     def num_layers(self) -> int:
@@ -146,6 +167,7 @@ class Shard:
         Returns the hidden states for the next shard, or on the last shard the logits of the
         last position (`logits="last"`, what generation needs) or of every position ("all").
         """
+        state.own()
         n = inputs.shape[1]
         position_ids = torch.arange(state.length, state.length + n, device=self.device).unsqueeze(0)
         if self.first:
@@ -184,18 +206,61 @@ class Shard:
     ) -> list[torch.Tensor]:
         """The same number n of new positions for each of several requests, as one forward.
 
-        Decode steps (n = 1) and prompts or chunks of equal length alike: each request's
-        cache (empty for a new prompt) is left-padded to the longest, the padding masked out,
-        and the n new key/value columns appended back to each request's own cache. Matrix
-        products over a batch may round differently from batch 1: results are equal in value
-        to `forward`, not always in every bit (run with a batch limit of 1 for batch-invariant
-        results). Returns per request what `forward` returns with `logits="last"`.
+        Decode steps (n = 1) and prompts or chunks of equal length alike: the requests' keys
+        and values are left-padded into one tensor per layer (a new prompt's cache is empty),
+        the padding masked out. Decode steps keep that tensor for the next step (`live`): while
+        the same requests decode together, a step costs one copy per layer for its new column,
+        not two copies of every request's cache. Prompts and chunks go back to their own caches.
+
+        Matrix products over a batch may round differently from batch 1: results are equal in
+        value to `forward`, not always in every bit (run with a batch limit of 1 for
+        batch-invariant results). Returns per request what `forward` returns with
+        `logits="last"`.
         """
         n = inputs[0].shape[1]
         if n < 1 or any(x.shape[1] != n for x in inputs):
             raise ShardError("a batch runs the same number of new positions for every request")
-        lengths = [s.length for s in states]
-        longest = max(lengths)
+        if n == 1:
+            batch = self._decode_batch(states)
+        else:
+            for state in states:
+                state.own()
+            batch = _BatchCache(self.shard_config, states, room=n)
+        rows = [batch.row(state) for state in states]
+        ordered: list[torch.Tensor] = [inputs[0]] * len(rows)
+        for x, row in zip(inputs, rows, strict=True):
+            ordered[row] = x
+        try:
+            hidden = self._run_batch(ordered, batch, n)
+        except BaseException:
+            batch.discard()
+            if batch is self.live:
+                self.live = None
+            raise
+        batch.advance(n)
+        if n > 1:
+            for state in states:
+                batch.release(state)
+        outputs = hidden.split(1)
+        return [outputs[row] for row in rows]
+
+    def _decode_batch(self, states: list[KVState]) -> _BatchCache:
+        """The live batch if it holds exactly these requests with room for a step, else a new
+        one built from it (rows that stay are copied with one gather per layer) and from the
+        newcomers' own caches. Requests that left get their keys and values back."""
+        live = self.live
+        if live is not None and live.serves(states, 1):
+            return live
+        longest = max(state.length for state in states)
+        batch = _BatchCache(self.shard_config, states, previous=live, room=max(32, longest // 4))
+        if live is not None:
+            live.retire()
+        self.live = batch
+        return batch
+
+    def _run_batch(self, inputs: list[torch.Tensor], batch: _BatchCache, n: int) -> torch.Tensor:
+        lengths = [state.length for state in batch.states]
+        end = batch.end
         dev = self.device
         columns = torch.arange(n, device=dev)
         position_ids = torch.tensor(lengths, device=dev).unsqueeze(1) + columns
@@ -205,27 +270,21 @@ class Shard:
                 hidden = hidden + self.positions(position_ids)
         else:
             hidden = torch.cat(inputs)
-        batch_cache = _PaddedBatchCache(self.shard_config, states, lengths, n)
-        # Additive mask over [pad..., cached..., new...]: padding, and new positions after a
-        # query's own, get the dtype's minimum.
-        keys = torch.arange(longest + n, device=dev)
-        starts = torch.tensor([longest - x for x in lengths], device=dev)
+        # Additive mask over [padding..., cached..., new...]: padding, and new positions after
+        # a query's own, get the dtype's minimum.
+        keys = torch.arange(end + n, device=dev)
+        starts = torch.tensor([end - x for x in lengths], device=dev)
         hidden_mask = (keys[None, None, :] < starts[:, None, None]) | (
-            keys[None, None, :] > longest + columns[None, :, None]
+            keys[None, None, :] > end + columns[None, :, None]
         )
-        mask = torch.zeros(len(states), 1, n, longest + n, dtype=hidden.dtype, device=dev)
+        mask = torch.zeros(len(lengths), 1, n, end + n, dtype=hidden.dtype, device=dev)
         mask.masked_fill_(hidden_mask[:, None], torch.finfo(hidden.dtype).min)
         rotary = self.rotary(hidden, position_ids) if self.rotary is not None else None
         for layer in self.layers:
-            hidden = self.adapter.run_layer(layer, hidden, mask, position_ids, rotary, batch_cache)
-        for j, (k, v) in enumerate(zip(batch_cache.keys, batch_cache.values, strict=True)):
-            for i, state in enumerate(states):
-                state.cache.update(k[i : i + 1, :, longest:], v[i : i + 1, :, longest:], j)
-        for state in states:
-            state.length += n
+            hidden = self.adapter.run_layer(layer, hidden, mask, position_ids, rotary, batch)
         if self.last:
             hidden = _batched_head(self.head, self.norm(hidden[:, -1:, :]))
-        return list(hidden.split(1))
+        return hidden
 
     def check_inputs(self, inputs: torch.Tensor, state: KVState, start_pos: int) -> None:
         """Refuse a step that does not continue this cache; never compute on wrong state."""
@@ -251,42 +310,127 @@ class Shard:
             )
 
 
-class _PaddedBatchCache(DynamicCache):
-    """Several requests' caches, left-padded with zeros, with room for n new positions.
+class _BatchCache(DynamicCache):
+    """Several requests' keys and values, left-padded into one tensor per layer.
 
-    Built per layer on its first `update`, with one copy of each request's keys and values
-    (a new prompt's cache is empty); `update` writes the new columns in place and returns the
-    whole [B, heads, longest + n, dim] tensors. Padding is masked out; zeros (not
-    uninitialised memory) keep a masked score from being NaN.
+    Row i holds request i's positions in columns [end - length_i, end); the columns up to
+    `capacity` are room for later steps. `update` writes a forward's n new columns at
+    [end, end + n) for every row with one copy and returns columns [0, end + n); the caller
+    masks the padding. Zeros (not uninitialised memory) keep a masked score from being NaN.
+
+    Each layer's tensors are built on its first `update`, when the layer's key shape is
+    known: rows that were in `previous` (the batch these requests last decoded in) are
+    gathered from its tensors, the others copied from their own caches. Rows stay leased to
+    the batch (`KVState.batch`) until `release` copies one back into its own cache.
     """
 
-    def __init__(self, config, states: list, lengths: list[int], n: int):
+    def __init__(self, config, states: list[KVState], previous=None, room: int = 0):
         super().__init__(config=config)
-        self.states = states
-        self.lengths = lengths
-        self.longest = max(lengths)
-        self.n = n
+        self.config = config
+        self.states: list[KVState | None] = list(states)
+        self._rows = {id(state): i for i, state in enumerate(self.states)}
+        self.end = max(state.length for state in states)
+        self.capacity = self.end + room
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        if previous is None:
+            kept = []
+        else:
+            kept = [(i, previous.row(s)) for i, s in enumerate(states) if s.batch is previous]
+        self._previous = previous if kept else None
+        self._kept_to = torch.tensor([i for i, _ in kept], dtype=torch.long)
+        self._kept_from = torch.tensor([j for _, j in kept], dtype=torch.long)
+        self._joiners = [
+            (i, s) for i, s in enumerate(states) if not kept or s.batch is not previous
+        ]
+        for state in states:
+            if state.batch is not None and state.batch is not previous:
+                state.own()
+            state.batch = self
+
+    def row(self, state: KVState) -> int:
+        return self._rows[id(state)]
+
+    def serves(self, states: list[KVState], n: int) -> bool:
+        """Whether these requests are exactly this batch's rows and n more columns fit."""
+        return (
+            len(states) == len(self._rows) == len(self.states)
+            and all(state.batch is self for state in states)
+            and self.end + n <= self.capacity
+        )
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         if layer_idx == len(self.keys):
-            for store, new, name in (
-                (self.keys, key_states, "keys"),
-                (self.values, value_states, "values"),
-            ):
-                batch, heads, _, dim = new.shape
-                shape = (batch, heads, self.longest + self.n, dim)
-                padded = torch.zeros(shape, dtype=new.dtype, device=new.device)
-                for i, (state, length) in enumerate(zip(self.states, self.lengths, strict=True)):
-                    if length:
-                        cached = getattr(state.cache.layers[layer_idx], name)[0]
-                        padded[i, :, self.longest - length : self.longest].copy_(cached)
-                store.append(padded)
+            self.keys.append(self._build(layer_idx, "keys", key_states))
+            self.values.append(self._build(layer_idx, "values", value_states))
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys[:, :, self.longest :].copy_(key_states)
-        values[:, :, self.longest :].copy_(value_states)
-        return keys, values
+        stop = self.end + key_states.shape[2]
+        keys[:, :, self.end : stop].copy_(key_states)
+        values[:, :, self.end : stop].copy_(value_states)
+        return keys[:, :, :stop], values[:, :, :stop]
+
+    def _build(self, layer_idx: int, name: str, like: torch.Tensor) -> torch.Tensor:
+        batch, heads, _, dim = like.shape
+        shape = (batch, heads, self.capacity, dim)
+        out = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        previous = self._previous
+        if previous is not None:
+            span = min(previous.end, self.end)
+            old = getattr(previous, name)[layer_idx][:, :, previous.end - span : previous.end]
+            rows = old.index_select(0, self._kept_from.to(old.device))
+            out[:, :, self.end - span : self.end].index_copy_(0, self._kept_to.to(out.device), rows)
+        for i, state in self._joiners:
+            if state.length:
+                cached = getattr(state.cache.layers[layer_idx], name)[0]
+                out[i, :, self.end - state.length : self.end].copy_(cached)
+        return out
+
+    def advance(self, n: int) -> None:
+        """A forward of n new positions finished: every row holds n more."""
+        self.end += n
+        for state in self.states:
+            if state is not None:
+                state.length += n
+        for _, state in self._joiners:
+            state.cache = None  # its keys and values now live here
+        self._previous, self._joiners = None, []
+
+    def forget(self, state: KVState) -> int:
+        """Take a row out of the batch (its columns stay, unused); return its index."""
+        i = self._rows.pop(id(state))
+        self.states[i] = None
+        state.batch = None
+        return i
+
+    def release(self, state: KVState) -> None:
+        """Copy one row back into the request's own cache; the row no longer counts."""
+        i = self.forget(state)
+        cache = DynamicCache(config=self.config)
+        if state.length:
+            begin = self.end - state.length
+            for j, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+                cache.update(
+                    k[i : i + 1, :, begin : self.end], v[i : i + 1, :, begin : self.end], j
+                )
+        state.cache = cache
+
+    def retire(self) -> None:
+        """Give every request still in this batch its own cache back."""
+        for state in list(self.states):
+            if state is not None and state.batch is self:
+                self.release(state)
+
+    def discard(self) -> None:
+        """A forward failed part-way: no row's keys and values can be trusted any more. The
+        requests' positions no longer match any step, so their next step is refused."""
+        for state in self.states:
+            if state is not None:
+                state.batch, state.cache, state.length = None, None, -1
+        self.states, self._rows = [], {}
+
+    def row_bytes(self) -> int:
+        """Bytes one row takes, padding and room included."""
+        return sum(t[0].numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
 def _batched_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -128,3 +128,83 @@ def test_batched_prompts_and_chunks_equal_generate(checkpoints, arch):
     for i, p in enumerate(prompts):
         assert tokens[i] == expected[i], f"{arch}: request {i} diverged"
         assert all(st.length == p.shape[1] + new - 1 for st in states[i])
+
+
+@pytest.mark.parametrize("arch", BATCHABLE)
+def test_a_decode_batch_keeps_its_tensors_while_its_requests_decode_together(checkpoints, arch):
+    """The live decode batch: kept while the same requests decode (in any order), grown when
+    its room runs out, rebuilt when one leaves, joins (longer than every row), or steps alone.
+    Every request's greedy output still equals generate for it alone."""
+    directory = checkpoints[arch]
+    ref = _reference(directory)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, VOCAB, (1, n), generator=g) for n in (3, 11, 6, 40)]
+    steps = 56  # 36 steps after the last rebuild: more than its room (32), so it grows once
+    expected = [
+        ref.generate(p, do_sample=False, max_new_tokens=steps + 1)[0, p.shape[1] :].tolist()
+        for p in prompts
+    ]
+    shards = [load_shard(directory, 0, 2), load_shard(directory, 2, 5)]
+    states, tokens = [], []
+    for p in prompts:
+        st, tok = _prefill(shards, p)
+        states.append(st)
+        tokens.append([tok])
+
+    def members_at(step: int) -> list[int]:
+        if step < 12:
+            return [0, 1, 2] if step % 2 else [2, 0, 1]  # same requests, order varies
+        if step == 12:
+            return [0, 2]  # request 1 steps alone this once
+        if step < 20:
+            return [0, 1, 2]
+        return [3, 0, 1, 2]  # request 3 (longer than every row) joins
+
+    batches = []
+    for step in range(steps):
+        members = members_at(step)
+        x = [torch.tensor([[tokens[i][-1]]]) for i in members]
+        for k, shard in enumerate(shards):
+            x = shard.forward_batch(x, [states[i][k] for i in members])
+        batches.append(shards[0].live)
+        for i, out in zip(members, x, strict=True):
+            tokens[i].append(int(out[0, -1].argmax()))
+        for i in set(range(len(prompts))) - set(members):
+            if i == 3 and step < 20:
+                continue  # request 3 waits until step 20
+            y = torch.tensor([[tokens[i][-1]]])
+            for k, shard in enumerate(shards):
+                y = shard.forward(y, states[i][k])
+            tokens[i].append(int(y[0, -1].argmax()))
+    # One batch from step 0 to 11 (same members, order aside), a new one at step 12 (1 left),
+    # at 13 (1 back), at 20 (3 joins), and at least once more when the room ran out.
+    assert all(b is batches[0] for b in batches[:12])
+    assert len({id(b) for b in batches[12:14]}) == 2 and batches[12] is not batches[11]
+    assert all(b is batches[13] for b in batches[13:20])
+    assert batches[20] is not batches[19]
+    assert len({id(b) for b in batches[20:]}) == 2
+    for i, p in enumerate(prompts):
+        done = steps + 1 if i != 3 else steps - 20 + 1
+        assert tokens[i] == expected[i][:done], f"{arch}: request {i} diverged"
+    # A row's bytes are its share of the batch's tensors, room included; stepping alone
+    # gives the request its own cache back, with exactly its positions.
+    live = shards[1].live
+    row = states[0][1]
+    assert row.batch is live and row.nbytes() == live.row_bytes() > 0
+    shards[1].forward(torch.zeros(1, 1, shards[1].hidden_size), row)
+    assert row.batch is None and row.cache.get_seq_length() == row.length == 3 + steps + 1
+
+
+def test_a_failed_batch_leaves_no_request_usable(checkpoints):
+    """A forward that fails part-way discards its rows: their positions match no later step,
+    so the worker refuses the next one (cache mismatch) instead of computing on half a step."""
+    shard = load_shard(checkpoints["llama"], 0, 5)
+    states = [shard.new_cache() for _ in range(2)]
+    for state, n in zip(states, (4, 7), strict=True):
+        shard.forward(torch.arange(3, 3 + n).unsqueeze(0), state)
+    shard.forward_batch([torch.tensor([[5]])] * 2, states)
+    assert states[0].batch is shard.live
+    with pytest.raises(IndexError):
+        shard.forward_batch([torch.tensor([[5]]), torch.tensor([[VOCAB + 5]])], states)
+    assert shard.live is None
+    assert all(s.batch is None and s.length == -1 and s.nbytes() == 0 for s in states)
