@@ -35,6 +35,11 @@ SMOKE = {
     "broker_warmup_s": 0.3,
     "memory_preset": "demo",
     "memory_stages": 2,
+    "long_prompt_len": 40,
+    "long_streams": 2,
+    "long_repeats": 2,
+    "long_window_s": 1.5,
+    "prefill_chunk": 16,
 }
 
 
@@ -124,6 +129,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path]:
         help=f"measured seconds per payload (default {d.broker_seconds})",
     )
     p.add_argument(
+        "--long-prompt-len",
+        type=int,
+        help=f"prompt tokens of the long-prompt scenario (default {d.long_prompt_len})",
+    )
+    p.add_argument(
+        "--long-streams",
+        type=int,
+        help=f"streams decoding beside the long prompt (default {d.long_streams})",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="the long-prompt scenario's client prefill chunk (default: the client's own)",
+    )
+    p.add_argument(
         "--memory-preset",
         choices=PRESETS,
         help=f"model of the memory scenario (default {d.memory_preset})",
@@ -161,12 +181,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path]:
         "rounds",
         "mono_repeats",
         "broker_seconds",
+        "long_prompt_len",
+        "long_streams",
+        "prefill_chunk",
         "memory_preset",
         "memory_stages",
     ):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
-    for key in ("requests", "prompt_len", "gen_len", "rounds", "mono_repeats", "memory_stages"):
+    for key in (
+        "requests",
+        "prompt_len",
+        "gen_len",
+        "rounds",
+        "mono_repeats",
+        "memory_stages",
+        "long_prompt_len",
+        "long_streams",
+        "prefill_chunk",
+    ):
         if key in values and values[key] < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
     if "gen_len" in values and values["gen_len"] < 2:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 # Stage parts of the per-token latency, then the parts outside any stage, in stacking order.
@@ -161,6 +162,42 @@ def text(rep: dict) -> str:
         parts.append(
             _table(
                 ["stage", "layers", "share", "peak RSS", "limit", "file-backed now", "met"], rows
+            )
+        )
+    if rep.get("long_prompt"):
+        rows = [
+            [
+                str(r["round"] + 1),
+                str(r["stages"]),
+                str(r["prompt_len"]),
+                str(r["streams"]),
+                str(r["prefill_chunk"] or "default"),
+                _ms(statistics.median(r["idle_ttft_s"])),
+                _ms(statistics.median(r["loaded_ttft_s"])),
+                _num(r["ttft_ratio"], ".2f"),
+                _ms(r["others_tpot_s"]["baseline"]["p99"]),
+                _ms(r["others_tpot_s"]["during"]["p99"]),
+                _num(r["others_p99_ratio"], ".2f"),
+            ]
+            for r in rep["long_prompt"]
+        ]
+        parts.append("\nlong prompt beside decoding streams (ms; TTFT medians, others' p99)")
+        parts.append(
+            _table(
+                [
+                    "rnd",
+                    "stages",
+                    "prompt",
+                    "streams",
+                    "chunk",
+                    "TTFT idle",
+                    "TTFT loaded",
+                    "ratio",
+                    "others p99 base",
+                    "during",
+                    "ratio",
+                ],
+                rows,
             )
         )
     if rep["targets"]:

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import psutil
 
-from bench import brokercpu, pipeline, presets
+from bench import brokercpu, longprompt, pipeline, presets
 from bench.cluster import Cluster, bench_env, proc_status
 from bench.stats import median, ratio, summary
 
-SCENARIOS = ("pipeline", "monolithic", "zmq", "broker-cpu", "memory")
+SCENARIOS = ("pipeline", "monolithic", "zmq", "long-prompt", "broker-cpu", "memory")
 DEFAULT_SCENARIOS = ("pipeline", "monolithic", "zmq")
 
 # Targets (docs/performance.md has one table per target).
@@ -36,6 +36,11 @@ HOP_RATIO_TARGET = 1.5  # per-hop overhead / raw pyzmq one-way latency
 BROKER_US_TARGET = 50.0  # broker CPU per forwarded message
 # "Flat": the cost per message at the largest payload is within this factor of the smallest.
 BROKER_FLAT_TARGET = 1.5
+STREAMS_SPEEDUP_TARGET = 6.0  # aggregate tokens/s at 16 streams / batch 1
+STREAMS_MONOLITHIC_TARGET = 0.8  # aggregate tokens/s at 8 streams / batch-8 generate
+STREAMS_P99_TARGET = 3.0  # p99 time per output token at 16 streams / batch 1
+LONG_TTFT_TARGET = 2.0  # long prompt's TTFT while others decode / idle
+LONG_P99_TARGET = 3.0  # others' p99 time per token during a long prefill / without it
 MEMORY_FACTOR = 1.15  # peak RSS <= 1.15 x weight share + 350 MB
 MEMORY_FIXED_BYTES = 350_000_000
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -61,6 +66,11 @@ class Options:
     broker_payloads: tuple[int, ...] = (4 << 10, 64 << 10, 1 << 20, 16 << 20)
     broker_seconds: float = 3.0
     broker_warmup_s: float = 1.0
+    long_prompt_len: int = 1024
+    long_streams: int = 8
+    long_repeats: int = 3
+    long_window_s: float = 4.0  # the baseline window; the load settles for as long first
+    prefill_chunk: int | None = None
     memory_preset: str = "tinyllama"
     memory_stages: int = 3
     smoke: bool = False
@@ -306,6 +316,46 @@ def run_pipeline(run: Run, model: presets.Model, stages: int, threads: int, omp:
     return records
 
 
+def run_long_prompt(run: Run, model: presets.Model, stages: int, threads: int, omp: str) -> dict:
+    o = run.opts
+    load = longprompt.LongPromptLoad(
+        prompt_len=o.long_prompt_len,
+        streams=o.long_streams,
+        repeats=o.long_repeats,
+        settle_s=o.long_window_s,
+        baseline_s=o.long_window_s,
+        gap_s=o.long_window_s / 4,
+        prefill_chunk=o.prefill_chunk,
+    )
+    name = f"{model.preset}-{stages}st-t{threads}-{omp}-long"
+    run.log(f"long prompt {name}: {load.prompt_len} tokens, idle and beside {load.streams} streams")
+    with Cluster(
+        model.path,
+        stages,
+        threads=threads,
+        dtype=o.dtype,
+        device=o.device,
+        omp_wait_policy=omp,
+        log_dir=run.logs / name,
+    ) as cluster:
+        cluster.status(5.0)
+        pipeline.warm_up(cluster.url, model.vocab_size, o.prompt_len)
+        fig = longprompt.measure(cluster.url, model.vocab_size, load)
+    run.log(
+        f"  TTFT idle {statistics.median(fig['idle_ttft_s']) * 1e3:.0f} ms, loaded "
+        f"{statistics.median(fig['loaded_ttft_s']) * 1e3:.0f} ms ({fig['ttft_ratio']:.2f}x); "
+        f"others' p99 per token {fig['others_tpot_s']['baseline']['p99'] * 1e3:.1f} -> "
+        f"{fig['others_tpot_s']['during']['p99'] * 1e3:.1f} ms ({fig['others_p99_ratio']:.2f}x)"
+    )
+    return {
+        "preset": model.preset,
+        "stages": stages,
+        "threads": threads,
+        "omp_wait_policy": omp,
+        **fig,
+    }
+
+
 def run_memory(run: Run, threads: int, omp: str) -> dict:
     o = run.opts
     model = presets.ensure_model(o.memory_preset, log=run.log)
@@ -374,6 +424,7 @@ def execute(opts: Options, out: Path) -> dict:
     model = presets.ensure_model(opts.preset, log=run.log)
     rep["model"] = model.to_json()
     rep["pipeline"], rep["monolithic"], rep["zmq_floor"] = [], [], []
+    rep["long_prompt"] = []
     configs = list(itertools.product(opts.threads, opts.omp_wait_policy))
     payload = model.hidden_size * DTYPE_BYTES[opts.dtype]
     for rnd in range(opts.rounds):
@@ -410,6 +461,10 @@ def execute(opts: Options, out: Path) -> dict:
                 for stages in opts.stages:
                     for rec in run_pipeline(run, model, stages, threads, omp):
                         rep["pipeline"].append({"round": rnd, **rec})
+            if "long-prompt" in opts.scenarios:
+                for stages in opts.stages:
+                    rec = run_long_prompt(run, model, stages, threads, omp)
+                    rep["long_prompt"].append({"round": rnd, **rec})
     if "broker-cpu" in opts.scenarios:
         run.log("broker CPU per forwarded message with fake stages")
         ckpt = presets.ensure_model("demo", log=run.log)
@@ -561,6 +616,8 @@ def targets(rep: dict) -> list[dict]:
                     "met": s["transfer_ratio"] <= HOP_RATIO_TARGET,
                 }
             )
+    out += _streams_targets(rep["summary"])
+    out += _long_prompt_targets(rep.get("long_prompt", []))
     bc = rep.get("broker_cpu")
     if bc and bc.get("max_us_per_message") is not None:
         out.append(
@@ -594,6 +651,75 @@ def targets(rep: dict) -> list[dict]:
                 "met": all(r["met"] for r in mem["stages"]),
             }
         )
+    return out
+
+
+def _streams_targets(summaries: list[dict]) -> list[dict]:
+    """Concurrency targets: 16 streams against batch 1 (throughput and p99 time per token),
+    8 streams against batch-8 generate."""
+    out = []
+    by_config: dict[str, dict[int, dict]] = {}
+    for s in summaries:
+        by_config.setdefault(_config(s), {})[s["concurrency"]] = s
+    for config, levels in by_config.items():
+        one, eight, sixteen = levels.get(1), levels.get(8), levels.get(16)
+        if one and sixteen:
+            speedup = ratio(sixteen["tokens_per_s"], one["request_tokens_per_s"])
+            p99 = ratio(sixteen["tpot_p99_s"], one["tpot_p99_s"])
+            out.append(
+                {
+                    "target": "16 streams tokens/s vs batch 1",
+                    "config": config,
+                    "figure": speedup,
+                    "limit": STREAMS_SPEEDUP_TARGET,
+                    "met": speedup is not None and speedup >= STREAMS_SPEEDUP_TARGET,
+                }
+            )
+            out.append(
+                {
+                    "target": "p99 time per token, 16 streams vs batch 1",
+                    "config": config,
+                    "figure": p99,
+                    "limit": STREAMS_P99_TARGET,
+                    "met": p99 is not None and p99 <= STREAMS_P99_TARGET,
+                }
+            )
+        if eight and eight["ratio_to_monolithic"] is not None:
+            out.append(
+                {
+                    "target": "8 streams tokens/s vs batch-8 generate",
+                    "config": config,
+                    "figure": eight["ratio_to_monolithic"],
+                    "limit": STREAMS_MONOLITHIC_TARGET,
+                    "met": eight["ratio_to_monolithic"] >= STREAMS_MONOLITHIC_TARGET,
+                }
+            )
+    return out
+
+
+def _long_prompt_targets(records: list[dict]) -> list[dict]:
+    """Medians over rounds of the long-prompt figures, per configuration."""
+    by_config: dict[str, list[dict]] = {}
+    for r in records:
+        by_config.setdefault(_config(r), []).append(r)
+    out = []
+    for config, recs in by_config.items():
+        first = recs[0]
+        config = f"{config}, {first['prompt_len']} tokens beside {first['streams']} streams"
+        for target, key, limit in (
+            ("long prompt TTFT under load vs idle", "ttft_ratio", LONG_TTFT_TARGET),
+            ("others' p99 per token during a long prefill", "others_p99_ratio", LONG_P99_TARGET),
+        ):
+            figure = _median_or_none(r[key] for r in recs)
+            out.append(
+                {
+                    "target": target,
+                    "config": config,
+                    "figure": figure,
+                    "limit": limit,
+                    "met": figure is not None and figure <= limit,
+                }
+            )
     return out
 
 

@@ -31,6 +31,10 @@ DTYPES = {
 }
 
 
+# Decode batches a shard keeps between steps (see Shard.live).
+MAX_LIVE_BATCHES = 8
+
+
 class ShardError(ValueError):
     """A shard cannot be built or cannot run the step it was given."""
 
@@ -124,8 +128,13 @@ class Shard:
     kinds: tuple[str, ...] = field(default=())
     max_positions: int = 1 << 30
     vocab_size: int = 0
-    # The decode batch whose tensors stay from one step to the next (see `_BatchCache`).
-    live: _BatchCache | None = field(default=None, repr=False)
+    # Decode batches whose tensors stay from one step to the next (see `_BatchCache`), most
+    # recently used last: a pipeline keeps several groups of requests in flight, and each
+    # group comes back to every stage once per token.
+    live: list[_BatchCache] = field(default_factory=list, repr=False)
+    # Decode forwards that found their batch kept, and those that had to build one.
+    batches_kept: int = 0
+    batches_built: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -210,7 +219,8 @@ class Shard:
         and values are left-padded into one tensor per layer (a new prompt's cache is empty),
         the padding masked out. Decode steps keep that tensor for the next step (`live`): while
         the same requests decode together, a step costs one copy per layer for its new column,
-        not two copies of every request's cache. Prompts and chunks go back to their own caches.
+        not two copies of every request's cache. Prompts and chunks go back to their own
+        caches.
 
         Matrix products over a batch may round differently from batch 1: results are equal in
         value to `forward`, not always in every bit (run with a batch limit of 1 for
@@ -234,8 +244,8 @@ class Shard:
             hidden = self._run_batch(ordered, batch, n)
         except BaseException:
             batch.discard()
-            if batch is self.live:
-                self.live = None
+            if batch in self.live:
+                self.live.remove(batch)
             raise
         batch.advance(n)
         if n > 1:
@@ -245,17 +255,29 @@ class Shard:
         return [outputs[row] for row in rows]
 
     def _decode_batch(self, states: list[KVState]) -> _BatchCache:
-        """The live batch if it holds exactly these requests with room for a step, else a new
-        one built from it (rows that stay are copied with one gather per layer) and from the
-        newcomers' own caches. Requests that left get their keys and values back."""
-        live = self.live
-        if live is not None and live.serves(states, 1):
-            return live
+        """A kept batch that holds exactly these requests with room for a step, else a new
+        one built from the kept batch that holds most of them (its rows are gathered with one
+        copy per layer) and from the others' own caches. Requests of that batch that are not
+        in the new one get their own caches back; so do the rows of batches beyond
+        MAX_LIVE_BATCHES, least recently used first."""
+        for batch in self.live:
+            if batch.serves(states, 1):
+                self.live.remove(batch)
+                self.live.append(batch)
+                self.batches_kept += 1
+                return batch
+        holders = [s.batch for s in states if s.batch is not None]
+        previous = max(set(holders), key=holders.count, default=None)
         longest = max(state.length for state in states)
-        batch = _BatchCache(self.shard_config, states, previous=live, room=max(32, longest // 4))
-        if live is not None:
-            live.retire()
-        self.live = batch
+        batch = _BatchCache(self.shard_config, states, previous, room=max(32, longest // 4))
+        if previous is not None:
+            previous.retire()
+            self.live.remove(previous)
+        self.live = [b for b in self.live if b.states_held()]
+        while len(self.live) >= MAX_LIVE_BATCHES:
+            self.live.pop(0).retire()
+        self.live.append(batch)
+        self.batches_built += 1
         return batch
 
     def _run_batch(self, inputs: list[torch.Tensor], batch: _BatchCache, n: int) -> torch.Tensor:
@@ -413,6 +435,9 @@ class _BatchCache(DynamicCache):
                     k[i : i + 1, :, begin : self.end], v[i : i + 1, :, begin : self.end], j
                 )
         state.cache = cache
+
+    def states_held(self) -> int:
+        return len(self._rows)
 
     def retire(self) -> None:
         """Give every request still in this batch its own cache back."""

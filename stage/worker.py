@@ -19,6 +19,7 @@ import random
 import socket as pysocket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,14 @@ from broker.protocol import (
 )
 from stage.checkpoint import Checkpoint, open_checkpoint
 from stage.kvcache import KVStore
-from stage.shard import ContextOverflow, Shard, ShardError, load_shard, resolve_dtype
+from stage.shard import (
+    ContextOverflow,
+    KVState,
+    Shard,
+    ShardError,
+    load_shard,
+    resolve_dtype,
+)
 
 # Defaults, as in docs/protocol.md ("Limits and timeouts").
 # Credits bound the steps a stage holds; batching needs several of them queued at once, and
@@ -349,15 +357,11 @@ class StageWorker:
             stats = self._stats
             stats.running, stats.running_since = "forward", time.monotonic()
             try:
-                replies = self._forward_round([job])
-            except Exception as e:  # as in the compute thread: answer, go on
-                replies = [self._internal_error(job, e)]
+                self._answer_round([job], lambda frames: _send_frames(session.sock, frames))
             finally:
                 stats.running = None
         finally:
             self._compute_lock.release()
-        for frames in replies:
-            _send_frames(session.sock, frames)
         return True
 
     def on_assign(self, session: _Session, msg: Message, received: float) -> None:
@@ -543,27 +547,28 @@ class StageWorker:
                     jobs = [job]
                     if isinstance(job, ForwardJob):
                         jobs = self._gather_round(job, pending)
+                    prefix = generation.to_bytes(8, "little")
+
+                    def send(frames: list | None, prefix: bytes = prefix) -> None:
+                        if frames is not None:
+                            out.send_multipart([prefix, *frames], copy=False)
+
                     with self._compute_lock:
                         stats.running = "load" if isinstance(job, LoadJob) else "forward"
                         stats.running_since = time.monotonic()
                         try:
-                            replies = (
-                                self._forward_round(jobs)
-                                if isinstance(job, ForwardJob)
-                                else [self._run_job(job)]
-                            )
-                        except Exception as e:  # a bug or an exhausted resource: answer, go on
-                            replies = [self._internal_error(j, e) for j in jobs]
+                            if isinstance(job, ForwardJob):
+                                self._answer_round(jobs, send)
+                            else:
+                                try:
+                                    send(self._run_job(job))
+                                except Exception as e:  # answer, go on
+                                    send(self._internal_error(job, e))
                         finally:
                             stats.running = None
                             # Counted done only now: the inline path waits for an idle queue.
                             for _ in jobs:
                                 self._jobs.task_done()
-                    for frames in replies:
-                        if frames is not None:
-                            out.send_multipart(
-                                [generation.to_bytes(8, "little"), *frames], copy=False
-                            )
         finally:
             out.close(linger=0)
 
@@ -690,12 +695,28 @@ class StageWorker:
         }
         return encode(STAGE_TAG, Cmd.LOADED, header)
 
-    def _forward_round(self, jobs: list[ForwardJob]) -> list[list]:
-        """Check every item of a round, run items of one length as one batch, reply per FORWARD.
+    def _answer_round(self, jobs: list[ForwardJob], send: Callable[[list], object]) -> None:
+        """Run a round and send each FORWARD's answer as soon as it is ready. If the round
+        fails, the FORWARDs not answered yet get an internal ERROR."""
+        answered: set[int] = set()
+        try:
+            for job, frames in self._forward_round(jobs):
+                answered.add(id(job))
+                send(frames)
+        except Exception as e:  # a bug or an exhausted resource: answer, go on
+            for job in jobs:
+                if id(job) not in answered:
+                    send(self._internal_error(job, e))
 
-        A FORWARD-wide problem (stale epoch, malformed) refuses the whole FORWARD with an
-        ERROR; a refused item (lost cache, bad position) is listed in its FORWARD's RESULT
-        under `refused` and the other items are computed as if it were not there.
+    def _forward_round(self, jobs: list[ForwardJob]) -> Iterator[tuple[ForwardJob, list]]:
+        """Check every item of a round, run items of one length as one batch, and yield each
+        FORWARD's answer as soon as all its items are computed.
+
+        Batches run shortest first: decode steps gathered into a round with a prompt or a
+        chunk are answered before the prompt is computed, not after it. A FORWARD-wide
+        problem (stale epoch, malformed) refuses the whole FORWARD with an ERROR; a refused
+        item (lost cache, bad position) is listed in its FORWARD's RESULT under `refused` and
+        the other items are computed as if it were not there.
         """
         started = time.perf_counter()
         shard, store = self._shard, self._store
@@ -705,97 +726,118 @@ class StageWorker:
                 checked.append(self._check_forward(job.msg))
             except Refusal as r:
                 checked.append(r)
-        accepted = [
-            (j, i, entry)
-            for j, plan in enumerate(checked)
-            if not isinstance(plan, Refusal)
-            for i, entry in enumerate(plan)
-            if not isinstance(entry, Refusal)
-        ]
-        outputs: dict[tuple[int, int], torch.Tensor] = {}
         # Items with the same number of new positions run as one batch (decode steps
-        # together, prompts or chunks of one length together); a lone item takes the exact
-        # batch-1 path.
-        batches: dict[int, list[tuple[tuple[int, int], torch.Tensor, Any]]] = {}
-        try:
-            for j, i, (item, x, fresh) in accepted:
+        # together, prompts or chunks of one length together); a lone item, and every item
+        # of a shard that cannot batch, takes the exact batch-1 path.
+        groups: dict[int, list[tuple[int, int]]] = {}
+        solo: list[tuple[int, int]] = []
+        inputs: dict[tuple[int, int], tuple[torch.Tensor, KVState]] = {}
+        unfinished: dict[int, int] = {}
+        for j, plan in enumerate(checked):
+            if isinstance(plan, Refusal):
+                yield jobs[j], self._refuse_forward(jobs[j], plan)
+                continue
+            for i, entry in enumerate(plan):
+                if isinstance(entry, Refusal):
+                    continue
+                item, x, fresh = entry
                 cache = (
                     store.start(item["rid"], fresh) if fresh is not None else store.get(item["rid"])
                 )
                 if x.device != shard.device:
                     x = x.to(shard.device)
+                inputs[(j, i)] = (x, cache.state)
+                unfinished[j] = unfinished.get(j, 0) + 1
                 if shard.batchable:
-                    batches.setdefault(item["n"], []).append(((j, i), x, cache.state))
+                    groups.setdefault(item["n"], []).append((j, i))
                 else:
-                    outputs[(j, i)] = shard.forward(x, cache.state, logits="last")
-            for batch in batches.values():
+                    solo.append((j, i))
+        for j, plan in enumerate(checked):
+            if not isinstance(plan, Refusal) and j not in unfinished:
+                yield jobs[j], self._result(jobs[j], j, plan, {}, started, 0)  # all refused
+        batches = [groups[n] for n in sorted(groups)] + [[key] for key in solo]
+        outputs: dict[tuple[int, int], torch.Tensor] = {}
+        widths: dict[int, int] = {}
+        for batch in batches:
+            try:
                 if len(batch) == 1:
-                    key, x, state = batch[0]
-                    outputs[key] = shard.forward(x, state, logits="last")
+                    x, state = inputs[batch[0]]
+                    outputs[batch[0]] = shard.forward(x, state, logits="last")
                 else:
-                    results = shard.forward_batch([x for _, x, _ in batch], [b[2] for b in batch])
-                    outputs.update(zip((key for key, _, _ in batch), results, strict=True))
-        except Exception:
-            # A cache may hold some of this round's layers but not all: never reuse it.
-            store.release(item["rid"] for _, _, (item, _, _) in accepted)
-            raise
-        done = time.perf_counter()
-        # Items that shared the widest forward of the round (1: every item ran alone).
-        widest = max((len(b) for b in batches.values()), default=1 if accepted else 0)
-        replies = []
-        for j, (job, plan) in enumerate(zip(jobs, checked, strict=True)):
-            header = job.msg.header
-            if isinstance(plan, Refusal):
-                replies.append(
-                    encode(
-                        STAGE_TAG,
-                        Cmd.ERROR,
-                        error_header(
-                            plan.code,
-                            plan.message,
-                            step=header["step"],
-                            epoch=header["epoch"],
-                            rid=plan.rid,
-                        ),
+                    results = shard.forward_batch(
+                        *zip(*(inputs[key] for key in batch), strict=True)
                     )
+                    outputs.update(zip(batch, results, strict=True))
+                    self._stats.batches += 1
+                    self._stats.batched_items += len(batch)
+            except Exception:
+                # A cache of an unanswered FORWARD may hold some of its layers or steps but not
+                # all: never reuse it.
+                store.release(checked[j][i][0]["rid"] for j, i in inputs if j in unfinished)
+                raise
+            for j, _ in batch:
+                widths[j] = max(widths.get(j, 0), len(batch))
+                unfinished[j] -= 1
+                if not unfinished[j]:
+                    del unfinished[j]
+                    yield jobs[j], self._result(jobs[j], j, checked[j], outputs, started, widths[j])
+        store.evict(keep=set().union(*(_rids(job) for job in jobs)))
+
+    def _refuse_forward(self, job: ForwardJob, refusal: Refusal) -> list:
+        header = job.msg.header
+        return encode(
+            STAGE_TAG,
+            Cmd.ERROR,
+            error_header(
+                refusal.code,
+                refusal.message,
+                step=header["step"],
+                epoch=header["epoch"],
+                rid=refusal.rid,
+            ),
+        )
+
+    def _result(
+        self,
+        job: ForwardJob,
+        j: int,
+        plan: list,
+        outputs: dict[tuple[int, int], torch.Tensor],
+        started: float,
+        width: int,
+    ) -> list:
+        """A FORWARD's RESULT: its items' outputs in order, and the items it refused.
+
+        `compute_s` runs from the round's start to this answer; `batch` is the width of the
+        widest forward its items ran in (1: alone)."""
+        shard, store = self._shard, self._store
+        done = time.perf_counter()
+        tensors, refused = [], []
+        for i, entry in enumerate(plan):
+            if isinstance(entry, Refusal):
+                refused.append(
+                    {"i": i, "rid": entry.rid, "code": str(entry.code), "message": entry.message}
                 )
                 continue
-            tensors, refused = [], []
-            for i, entry in enumerate(plan):
-                if isinstance(entry, Refusal):
-                    refused.append(
-                        {
-                            "i": i,
-                            "rid": entry.rid,
-                            "code": str(entry.code),
-                            "message": entry.message,
-                        }
-                    )
-                    continue
-                item = entry[0]
-                out = outputs[(j, i)]
-                if shard.last and not item.get("logits", True):
-                    out = out[:, :0]
-                store.commit(item["rid"], item["hash"])
-                tensors.append(out)
-                self._stats.tokens += item["n"]
-                self._stats.progress += 1
-            reply = {
-                "step": header["step"],
-                "epoch": header["epoch"],
-                "compute_s": done - started,
-                "queue_s": started - job.received,
-                "batch": widest,
-            }
-            if refused:
-                reply["refused"] = refused
-            replies.append(encode(STAGE_TAG, Cmd.RESULT, reply, tensors))
-        for batch in batches.values():
-            if len(batch) > 1:
-                self._stats.batches += 1
-                self._stats.batched_items += len(batch)
-        store.evict(keep=set().union(*(_rids(job) for job in jobs)))
-        return replies
+            item = entry[0]
+            out = outputs[(j, i)]
+            if shard.last and not item.get("logits", True):
+                out = out[:, :0]
+            store.commit(item["rid"], item["hash"])
+            tensors.append(out)
+            self._stats.tokens += item["n"]
+            self._stats.progress += 1
+        header = job.msg.header
+        reply = {
+            "step": header["step"],
+            "epoch": header["epoch"],
+            "compute_s": done - started,
+            "queue_s": started - job.received,
+            "batch": width,
+        }
+        if refused:
+            reply["refused"] = refused
+        return encode(STAGE_TAG, Cmd.RESULT, reply, tensors)
 
     def _check_forward(self, msg: Message) -> list:
         """Check a FORWARD before anything is computed: per item, (item, input, fresh cache)

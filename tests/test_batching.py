@@ -166,7 +166,7 @@ def test_a_decode_batch_keeps_its_tensors_while_its_requests_decode_together(che
         x = [torch.tensor([[tokens[i][-1]]]) for i in members]
         for k, shard in enumerate(shards):
             x = shard.forward_batch(x, [states[i][k] for i in members])
-        batches.append(shards[0].live)
+        batches.append(states[0][0].batch)  # request 0 is in every batch
         for i, out in zip(members, x, strict=True):
             tokens[i].append(int(out[0, -1].argmax()))
         for i in set(range(len(prompts))) - set(members):
@@ -183,12 +183,12 @@ def test_a_decode_batch_keeps_its_tensors_while_its_requests_decode_together(che
     assert all(b is batches[13] for b in batches[13:20])
     assert batches[20] is not batches[19]
     assert len({id(b) for b in batches[20:]}) == 2
-    for i, p in enumerate(prompts):
+    for i in range(len(prompts)):
         done = steps + 1 if i != 3 else steps - 20 + 1
         assert tokens[i] == expected[i][:done], f"{arch}: request {i} diverged"
     # A row's bytes are its share of the batch's tensors, room included; stepping alone
     # gives the request its own cache back, with exactly its positions.
-    live = shards[1].live
+    live = states[0][1].batch
     row = states[0][1]
     assert row.batch is live and row.nbytes() == live.row_bytes() > 0
     shards[1].forward(torch.zeros(1, 1, shards[1].hidden_size), row)
@@ -203,8 +203,39 @@ def test_a_failed_batch_leaves_no_request_usable(checkpoints):
     for state, n in zip(states, (4, 7), strict=True):
         shard.forward(torch.arange(3, 3 + n).unsqueeze(0), state)
     shard.forward_batch([torch.tensor([[5]])] * 2, states)
-    assert states[0].batch is shard.live
+    assert states[0].batch in shard.live
     with pytest.raises(IndexError):
         shard.forward_batch([torch.tensor([[5]]), torch.tensor([[VOCAB + 5]])], states)
-    assert shard.live is None
+    assert shard.live == []
     assert all(s.batch is None and s.length == -1 and s.nbytes() == 0 for s in states)
+
+
+def test_groups_that_take_turns_each_keep_their_batch(checkpoints):
+    """Two groups of requests decoding in turn, as a pipeline's groups reach a stage: each
+    keeps its own batch, built once."""
+    directory = checkpoints["llama"]
+    ref = _reference(directory)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, VOCAB, (1, n), generator=g) for n in (4, 9, 2, 7)]
+    steps = 10
+    expected = [
+        ref.generate(p, do_sample=False, max_new_tokens=steps + 1)[0, p.shape[1] :].tolist()
+        for p in prompts
+    ]
+    shards = [load_shard(directory, 0, 3), load_shard(directory, 3, 5)]
+    states, tokens = [], []
+    for p in prompts:
+        st, tok = _prefill(shards, p)
+        states.append(st)
+        tokens.append([tok])
+    for step in range(steps):
+        for members in ([0, 1], [2, 3]):
+            x = [torch.tensor([[tokens[i][-1]]]) for i in members]
+            for k, shard in enumerate(shards):
+                x = shard.forward_batch(x, [states[i][k] for i in members])
+            for i, out in zip(members, x, strict=True):
+                tokens[i].append(int(out[0, -1].argmax()))
+    assert tokens == expected
+    for shard in shards:
+        assert (shard.batches_built, shard.batches_kept) == (2, 2 * steps - 2)
+        assert len(shard.live) == 2

@@ -52,6 +52,7 @@ def test_smoke_writes_expected_keys(smoke):
         "zmq_floor",
         "broker_cpu",
         "memory",
+        "long_prompt",
         "targets",
         "plots",
     ):
@@ -114,8 +115,17 @@ def test_smoke_baselines_and_scenarios(smoke):
     assert all(
         _positive(r["peak_rss_bytes"]) and _positive(r["limit_bytes"]) for r in mem["stages"]
     )
+    (long,) = rep["long_prompt"]
+    assert long["prompt_len"] == rep["options"]["long_prompt_len"] > long["prefill_chunk"]
+    assert len(long["idle_ttft_s"]) == len(long["loaded_ttft_s"]) == long["repeats"]
+    assert all(_positive(t) for t in long["idle_ttft_s"] + long["loaded_ttft_s"])
+    for window in ("baseline", "during"):
+        tpot = long["others_tpot_s"][window]
+        assert tpot["n"] > 0 and _positive(tpot["p50"]) and tpot["p99"] >= tpot["p50"]
+    assert _positive(long["ttft_ratio"]) and _positive(long["others_p99_ratio"])
     names = {t["target"] for t in rep["targets"]}
     assert any("monolithic" in n for n in names) and any("pyzmq" in n for n in names)
+    assert any("long prefill" in n for n in names) and any("long prompt" in n for n in names)
     assert all(isinstance(t["met"], bool) and _positive(t["figure"]) for t in rep["targets"])
 
 

@@ -544,6 +544,49 @@ def test_heartbeats_flow_during_a_long_forward(wide_checkpoint, procs, broker):
     assert hb["kv_requests"] == 1 and hb["kv_bytes"] > 0
 
 
+@pytest.mark.timeout(90)
+def test_a_decode_step_is_answered_before_a_prompt_queued_ahead_of_it(
+    wide_checkpoint, procs, broker
+):
+    """A decode step queued behind a long prompt chunk runs first in their round and is
+    answered at once: it waits neither for the chunk's compute nor for its answer."""
+    procs.start(broker.url, wide_checkpoint, "--dead-after", "30")
+    broker.expect(Cmd.READY, timeout=60)
+    broker.assign(0, 2, num_layers=2)
+    reference = load_shard(wide_checkpoint, 0, 2)
+    short, state = Seq("short"), reference.new_cache()
+    ids = prompt(9)
+    reply = broker.forward([short.item(ids)], [ids_tensor(ids)])
+    next_id = int(reply.tensor(0)[0, -1].argmax())
+    assert torch.equal(reply.tensor(0), run_reference(reference, state, ids))
+    short.advance(ids)
+    # The stage is busy for about a second with the first prompt; the chunk and the decode
+    # step queue behind it, in that order.
+    blocker, chunk = prompt(10, 1024), prompt(11, 512)
+    steps = {"blocker": 101, "chunk": 102, "decode": 103}
+    broker.send(
+        Cmd.FORWARD,
+        {"step": steps["blocker"], "epoch": EPOCH, "items": [Seq("blocker").item(blocker)]},
+        [ids_tensor(blocker)],
+    )
+    broker.send(
+        Cmd.FORWARD,
+        {"step": steps["chunk"], "epoch": EPOCH, "items": [Seq("chunk").item(chunk)]},
+        [ids_tensor(chunk)],
+    )
+    broker.send(
+        Cmd.FORWARD,
+        {"step": steps["decode"], "epoch": EPOCH, "items": [short.item([next_id])]},
+        [ids_tensor([next_id])],
+    )
+    replies = [broker.expect(Cmd.RESULT, timeout=60) for _ in steps]
+    order = [r.header["step"] for r in replies]
+    assert order.index(steps["decode"]) < order.index(steps["chunk"]), order
+    decode = replies[order.index(steps["decode"])]
+    assert torch.equal(decode.tensor(0), run_reference(reference, state, [next_id]))
+    assert decode.header["batch"] == 1
+
+
 def _cpu_seconds(pid: int) -> float:
     times = psutil.Process(pid).cpu_times()
     return times.user + times.system
