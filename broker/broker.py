@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import itertools
 import os
 import re
 import time
@@ -925,16 +924,14 @@ class Broker:
         scanned = 0
         while queue and len(taken) < cap and scanned < window:
             step = queue.popleft()
-            scanned += 1
             if step.dead:
                 continue
+            if step.rid in rids or step.rid in blocked:
+                kept.append(step)  # behind an earlier step of its request: not scanned
+                continue
+            scanned += 1
             n = step.item["n"]
-            if (
-                step.decode != decode
-                or step.rid in rids
-                or step.rid in blocked
-                or (taken and tokens + n > budget)
-            ):
+            if step.decode != decode or (taken and tokens + n > budget):
                 if decode and not step.decode:
                     step.passed = True
                 blocked.add(step.rid)
@@ -1341,13 +1338,19 @@ def _decode_turn(queue: collections.deque[Step], window: int) -> bool:
     """Whether the next FORWARD from `queue` is a decode one (else a prefill one).
 
     A decode step counts only if it may leave now, that is, no earlier step of its request
-    is queued (a replay queues a request's prefill and then its decode steps).
+    is queued (a replay queues a request's prefill and then its decode steps). Only the
+    first queued step of each request counts towards `window`, so the chunks of a long
+    prompt, queued at once, never hide the decode steps behind them.
     """
     first: Step | None = None
     waiting: set[str] = set()  # requests with a step ahead in the queue
-    for step in itertools.islice(queue, window):
-        if step.dead:
-            continue
+    scanned = 0
+    for step in queue:
+        if step.dead or step.rid in waiting:
+            continue  # a later step of a waiting request (a long prompt's chunks) is free
+        scanned += 1
+        if scanned > window:
+            break
         if first is None:
             if step.decode or step.passed:
                 return step.decode

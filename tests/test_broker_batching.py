@@ -112,3 +112,17 @@ def test_a_replayed_request_leaves_prefill_first(broker):
     assert broker.next_batch(stage, cap=32) == [other]
     assert broker.next_batch(stage, cap=32) == [prefill]
     assert broker.next_batch(stage, cap=32) == [d1]
+
+
+def test_decode_steps_behind_a_long_prompts_chunks_still_go_first(broker):
+    """A long prompt queues all its chunks at once; they cannot leave before their first, so
+    they do not use up the scan: decode steps queued behind 64 of them still go first."""
+    stage = _stage()
+    chunks = _queue(stage, *[("long", 16, 16 * k) for k in range(64)])
+    d1, d2 = _queue(stage, ("d", 1), ("e", 1))
+    assert broker.next_batch(stage, cap=2) == [d1, d2]
+    assert broker.next_batch(stage, cap=2) == [chunks[0]]  # passed once: it leads now
+    (d3,) = _queue(stage, ("d", 1))
+    assert broker.next_batch(stage, cap=2) == [d3]
+    assert broker.next_batch(stage, cap=2) == [chunks[1]]
+    assert list(stage.queue) == chunks[2:]
