@@ -7,6 +7,7 @@ transformers' modules in the order the monolithic forward does, so the bits are 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
@@ -241,7 +243,8 @@ class Shard:
         for x, row in zip(inputs, rows, strict=True):
             ordered[row] = x
         try:
-            hidden = self._run_batch(ordered, batch, n)
+            with _batch_attention(self.device):
+                hidden = self._run_batch(ordered, batch, n)
         except BaseException:
             batch.discard()
             if batch in self.live:
@@ -456,6 +459,22 @@ class _BatchCache(DynamicCache):
     def row_bytes(self) -> int:
         """Bytes one row takes, padding and room included."""
         return sum(t[0].numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+def _batch_attention(device: torch.device) -> contextlib.AbstractContextManager:
+    """The attention kernels of a batched forward: on CUDA, any but cuDNN's.
+
+    A batch passes an explicit mask, for which PyTorch prefers cuDNN's attention on recent
+    GPUs, and cuDNN builds a plan for every new key length, that is at every decode step:
+    measured on an H100 (torch 2.11, tinyllama in bf16), 2 ms of CPU per layer, and a
+    batch of 8 took 80 ms against 22 ms with the memory-efficient kernel. Batch 1 keeps
+    PyTorch's own choice, the one the monolithic model makes, so its bits stay the same.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel(
+        [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    )
 
 
 def _batched_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
