@@ -70,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how long the first stage waits for requests about to answer, so that their "
         "steps travel as one batch; 0 turns it off (default %(default)s)",
     )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=D.prefill_chunk,
+        help="prompt chunk advised to clients in STATUS; 0 chooses from the stages' devices: "
+        "128 tokens with any CPU stage, 1024 when every stage has an accelerator (default 0)",
+    )
     p.add_argument("--max-frame-mb", type=int, default=DEFAULT_LIMITS.max_frame_bytes >> 20)
     p.add_argument(
         "--admin-token", default=None, help="token that authorises DRAIN (admin) commands"
@@ -102,10 +109,15 @@ def feed_endpoint(bind: str, feed: str | None) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level)
-    if args.stage_window < 1 or args.forward_tokens < 1 or args.batch_linger_ms < 0:
+    if (
+        args.stage_window < 1
+        or args.forward_tokens < 1
+        or args.batch_linger_ms < 0
+        or args.prefill_chunk < 0
+    ):
         print(
             "broker: --stage-window and --forward-tokens must be at least 1, "
-            "--batch-linger-ms at least 0",
+            "--batch-linger-ms and --prefill-chunk at least 0",
             file=sys.stderr,
         )
         return 2
@@ -133,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         stage_window=args.stage_window,
         forward_tokens=args.forward_tokens,
         batch_linger_s=args.batch_linger_ms / 1e3,
+        prefill_chunk=args.prefill_chunk,
         expect_stages=args.expect_stages,
         settle_s=args.settle,
         rebalance_cooldown_s=args.rebalance_cooldown,

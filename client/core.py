@@ -156,9 +156,13 @@ def _load_tokenizer(tokenizer: Any, status: dict) -> tuple[Any, Path | None]:
 class _Frontend:
     """Validation and request building shared by Client and AsyncClient."""
 
-    def __init__(self, max_replays: int, prefill_chunk: int):
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+    def __init__(self, max_replays: int, prefill_chunk: int | None):
+        if prefill_chunk is not None and (
+            isinstance(prefill_chunk, bool)
+            or not isinstance(prefill_chunk, int)
+            or prefill_chunk < 1
+        ):
+            raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
         self.client_id = secrets.token_hex(4)
         self._counter = itertools.count(1)
         self._max_replays = max_replays
@@ -169,6 +173,10 @@ class _Frontend:
     def _configure(self, status: dict, tokenizer: Any) -> None:
         self.tokenizer, local_dir = _load_tokenizer(tokenizer, status)
         self.model = ModelInfo(status, self.tokenizer, local_dir)
+        if self._prefill_chunk is None:  # the broker's advice for its stages' devices
+            self.prefill_chunk = _first_int(status.get("prefill_chunk"), DEFAULT_PREFILL_CHUNK)
+        else:
+            self.prefill_chunk = self._prefill_chunk
 
     def _request(
         self,
@@ -211,7 +219,7 @@ class _Frontend:
             assembler=TextAssembler(self.tokenizer, ids[-DETOKENIZE_CONTEXT:], stops),
             eos_ids=frozenset() if ignore_eos else self.model.eos_ids,
             max_replays=self._max_replays,
-            prefill_chunk=self._prefill_chunk,
+            prefill_chunk=self.prefill_chunk,
         )
 
 
@@ -238,7 +246,7 @@ class Client(_Frontend):
         heartbeat: float = 0.25,
         reconnect_timeout: float = 30.0,
         max_replays: int = DEFAULT_MAX_REPLAYS,
-        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefill_chunk: int | None = None,
     ):
         super().__init__(max_replays, prefill_chunk)
         self.broker = broker or default_broker()
@@ -377,7 +385,7 @@ class AsyncClient(_Frontend):
         heartbeat: float = 0.25,
         reconnect_timeout: float = 30.0,
         max_replays: int = DEFAULT_MAX_REPLAYS,
-        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefill_chunk: int | None = None,
     ):
         super().__init__(max_replays, prefill_chunk)
         self.broker = broker or default_broker()

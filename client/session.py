@@ -26,6 +26,8 @@ DEFAULT_MAX_REPLAYS = 8
 # stages: a 1024-token prompt's first token came in 548 ms with 128-token chunks against 818
 # ms in one piece, and 8 other streams' p99 time per token during it grew 2.6x (4.3x with
 # 256-token chunks). Prompts up to this length take one step, the monolithic computation.
+# A client takes the chunk its broker advises in STATUS (`prefill_chunk`: this on CPU stages,
+# larger where every stage has an accelerator); this default serves a broker that advises none.
 DEFAULT_PREFILL_CHUNK = 128
 # Errors that mean "a stage lost or never had this request's cache": cured by a replay.
 REPLAY_CODES = frozenset({Code.CACHE_MISS, Code.CACHE_MISMATCH, Code.STALE_EPOCH})

@@ -228,7 +228,7 @@ def test_groups_that_take_turns_each_keep_their_batch(checkpoints):
         st, tok = _prefill(shards, p)
         states.append(st)
         tokens.append([tok])
-    for step in range(steps):
+    for _step in range(steps):
         for members in ([0, 1], [2, 3]):
             x = [torch.tensor([[tokens[i][-1]]]) for i in members]
             for k, shard in enumerate(shards):

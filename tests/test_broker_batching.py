@@ -126,3 +126,21 @@ def test_decode_steps_behind_a_long_prompts_chunks_still_go_first(broker):
     assert broker.next_batch(stage, cap=2) == [d3]
     assert broker.next_batch(stage, cap=2) == [chunks[1]]
     assert list(stage.queue) == chunks[2:]
+
+
+def test_the_advised_prefill_chunk_follows_the_stages_devices(broker):
+    """Small chunks while any stage computes on a CPU, large ones when every stage has an
+    accelerator (a forward there costs about the same up to a thousand tokens)."""
+    from broker.broker import ACCELERATOR_PREFILL_CHUNK, CPU_PREFILL_CHUNK
+    from broker.scheduler import assign_uniform
+
+    assert broker.prefill_chunk() == CPU_PREFILL_CHUNK  # no map yet
+    for name, device in (("a", "cuda"), ("b", "cpu")):
+        broker.stages[name] = StageRecord(
+            name=name, ident=name.encode(), caps={"device": device}, credits=32, joined=0.0
+        )
+    broker.layer_map = assign_uniform(["a", "b"], 5)
+    assert broker.prefill_chunk() == CPU_PREFILL_CHUNK
+    broker.stages["b"].caps["device"] = "cuda:1"
+    assert broker.prefill_chunk() == ACCELERATOR_PREFILL_CHUNK
+    assert broker.status()["prefill_chunk"] == ACCELERATOR_PREFILL_CHUNK

@@ -311,6 +311,28 @@ def test_chunked_prefill_flows_through_the_pipeline(checkpoints, llama_cluster):
 
 
 @pytest.mark.timeout(120)
+def test_clients_take_the_prefill_chunk_their_broker_advises(checkpoints, llama_cluster):
+    assert llama_cluster.status()["prefill_chunk"] == 128  # every stage computes on a CPU
+    directory = checkpoints["llama"]
+    prompt = prompt_ids(32, length=100)
+    expected = reference_greedy(directory, prompt, 12)
+    with Cluster(directory, 2, broker_args=("--prefill-chunk", "24")) as cluster:
+        assert cluster.status()["prefill_chunk"] == 24
+        with Client(cluster.url) as client:
+            assert client.prefill_chunk == 24
+            result = client.generate(prompt, max_new_tokens=12, ignore_eos=True)
+            assert result.token_ids == expected
+            jobs = {j["rid"]: j for j in client.jobs()}
+        assert jobs[result.rid]["steps"] == 5 + 11  # 24+24+24+24+4, then decode steps
+        with Client(cluster.url, prefill_chunk=50) as client:  # the caller's choice wins
+            assert client.prefill_chunk == 50
+            result = client.generate(prompt, max_new_tokens=12, ignore_eos=True)
+            assert result.token_ids == expected
+            jobs = {j["rid"]: j for j in client.jobs()}
+        assert jobs[result.rid]["steps"] == 2 + 11
+
+
+@pytest.mark.timeout(120)
 def test_stage_with_another_checkpoint_is_refused(checkpoints, llama_cluster):
     import subprocess
     import sys
