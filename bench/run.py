@@ -664,7 +664,7 @@ def _streams_targets(summaries: list[dict]) -> list[dict]:
     for config, levels in by_config.items():
         one, eight, sixteen = levels.get(1), levels.get(8), levels.get(16)
         if one and sixteen:
-            speedup = ratio(sixteen["tokens_per_s"], one["request_tokens_per_s"])
+            speedup = ratio(sixteen["tokens_per_s"], one["tokens_per_s"])
             p99 = ratio(sixteen["tpot_p99_s"], one["tpot_p99_s"])
             out.append(
                 {

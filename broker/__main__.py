@@ -13,6 +13,7 @@ from broker import protocol
 from broker.broker import Broker, BrokerConfig
 from broker.logs import configure_logging
 from broker.protocol import DEFAULT_LIMITS
+from broker.scheduler import STRATEGIES
 from stage.checkpoint import CheckpointError, open_checkpoint
 from stage.demo_model import DEFAULT_DEMO_DIR, ensure_demo_model
 
@@ -27,7 +28,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=str(DEFAULT_DEMO_DIR),
         help="local Hugging Face checkpoint directory (default: the built-in demo model)",
     )
-    p.add_argument("--strategy", choices=("uniform", "capacity"), default=D.strategy)
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default=D.strategy,
+        help="balanced: even compute per stage, the head counted (default); uniform: even "
+        "layer counts; capacity: layers in proportion to each stage's --memory-mb",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=D.dtype)
     p.add_argument(
         "--expect-stages",

@@ -49,7 +49,7 @@ class BrokerConfig:
     """Every knob of the broker, with the default and the reason for it."""
 
     bind: str = "tcp://127.0.0.1:5555"
-    strategy: str = "uniform"
+    strategy: str = "balanced"
     dtype: str = "float32"
     # Stages run on one LAN: 250 ms heartbeats notice a dead peer within about a second
     # while costing a few hundred bytes per second.

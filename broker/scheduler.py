@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-STRATEGIES = ("uniform", "capacity")
+STRATEGIES = ("balanced", "uniform", "capacity")
 
 _UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
 
@@ -152,6 +152,35 @@ def assign_uniform(names: Sequence[str], num_layers: int, epoch: int = 0) -> Lay
     return _layer_map(names[:used], counts, num_layers, epoch)
 
 
+def assign_balanced(
+    names: Sequence[str], num_layers: int, head_layers: float, epoch: int = 0
+) -> LayerMap:
+    """Split layers so that each stage's share of a token's compute is as even as it can be.
+
+    The last stage also runs the final norm and the head, which cost `head_layers` decoder
+    layers (their weights over a layer's: a decode step reads every weight once). Among the
+    splits with the smallest largest share, the most even one wins, and then the one with
+    more layers early. With `head_layers` 0 this is `assign_uniform`. Measured on `small`
+    (8 layers, a head of 5.5 layers): 3 stages get 4, 3 and 1 layers instead of 3, 3 and 2.
+    """
+    _check_inputs(names, num_layers)
+    if head_layers < 0:
+        raise ValueError(f"head_layers must be >= 0, got {head_layers}")
+    used = min(len(names), num_layers)
+    if used == 1:
+        return _layer_map(names[:1], [num_layers], num_layers, epoch)
+    best: tuple | None = None
+    for last in range(1, num_layers - (used - 1) + 1):
+        base, extra = divmod(num_layers - last, used - 1)
+        counts = [base + (1 if i < extra else 0) for i in range(used - 1)] + [last]
+        costs = [*counts[:-1], last + head_layers]
+        key = (max(costs), sum(c * c for c in costs), last)
+        if best is None or key < best[0]:
+            best = (key, counts)
+    assert best is not None
+    return _layer_map(names[:used], best[1], num_layers, epoch)
+
+
 def assign_capacity(
     stages: Sequence[StageCapacity],
     num_layers: int,
@@ -214,6 +243,12 @@ def plan(
     epoch: int = 0,
 ) -> LayerMap:
     """Make a layer map with the named strategy; memory-checked whenever `cost` is given."""
+    if strategy == "balanced":
+        head = cost.last_extra_bytes / cost.layer_bytes if cost and cost.layer_bytes else 0.0
+        layer_map = assign_balanced([s.name for s in stages], num_layers, head, epoch)
+        if cost is not None:
+            check_memory(layer_map, stages, cost)
+        return layer_map
     if strategy == "uniform":
         layer_map = assign_uniform([s.name for s in stages], num_layers, epoch)
         if cost is not None:

@@ -17,6 +17,7 @@ from broker.scheduler import (
     NotEnoughStages,
     StageCapacity,
     StageRange,
+    assign_balanced,
     assign_capacity,
     assign_uniform,
     check_memory,
@@ -125,6 +126,58 @@ def test_uniform_covers_all_layers_and_front_loads_remainder(names, num_layers):
     assert sizes == sorted(sizes, reverse=True)
     assert max(sizes) - min(sizes) <= 1
     assert assign_uniform(names, num_layers, epoch=3) == layer_map
+
+
+# --- balanced ------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(names=names_st, num_layers=layers_st)
+def test_balanced_without_a_head_is_uniform(names, num_layers):
+    assert assign_balanced(names, num_layers, 0.0, epoch=2) == assign_uniform(
+        names, num_layers, epoch=2
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    stages=st.integers(1, 4),
+    num_layers=st.integers(1, 12),
+    head=st.floats(0, 12, allow_nan=False),
+)
+def test_balanced_is_the_most_even_of_all_splits(stages, num_layers, head):
+    """Against every split into the same stages: none has a smaller largest share, and none
+    with the same largest share is more even (smaller sum of squared shares)."""
+    names = [f"s{i}" for i in range(stages)]
+    layer_map = assign_balanced(names, num_layers, head)
+    assert_valid(layer_map, names, num_layers)
+    counts = [r.end - r.start for r in layer_map.ranges]
+    k = len(counts)
+
+    def shares(split):
+        return [*split[:-1], split[-1] + head]
+
+    mine = shares(counts)
+    for cuts in itertools.combinations(range(1, num_layers), k - 1):
+        split = [b - a for a, b in itertools.pairwise((0, *cuts, num_layers))]
+        other = shares(split)
+        assert max(mine) <= max(other) + 1e-9, (counts, split)
+        if abs(max(mine) - max(other)) < 1e-9:
+            assert sum(c * c for c in mine) <= sum(c * c for c in other) + 1e-6, (counts, split)
+
+
+def test_balanced_gives_the_head_stage_fewer_layers():
+    """The bench models: `small` (8 layers, head = 5.55 layers) and `tinyllama` (22 layers,
+    head = 1.49 layers)."""
+    sizes = lambda m: [r.end - r.start for r in m.ranges]  # noqa: E731
+    assert sizes(assign_balanced(["a", "b", "c"], 8, 5.55)) == [4, 3, 1]
+    assert sizes(assign_balanced(["a", "b"], 22, 1.49)) == [12, 10]
+    assert sizes(assign_balanced(["a", "b", "c"], 22, 1.49)) == [8, 8, 6]
+    cost = LayerCost(layer_bytes=100, first_extra_bytes=555, last_extra_bytes=555)
+    stages = [StageCapacity(n, 10_000) for n in "abc"]
+    assert sizes(plan(stages, 8, "balanced", cost)) == [4, 3, 1]
+    with pytest.raises(InsufficientMemory):
+        plan([StageCapacity(n, 600) for n in "abc"], 8, "balanced", cost)
 
 
 # --- capacity ------------------------------------------------------------------------------
