@@ -94,9 +94,29 @@ class Cluster:
         self.stages[name] = proc
         return proc
 
+    def _start_broker_on_free_ports(self, attempts: int = 3) -> None:
+        """Start the broker and wait until it answers. `free_port` only finds ports free a
+        moment ago; another process (an outgoing connection of an earlier test's processes)
+        can take one before the broker binds it, and the broker then exits at once. It is
+        started again on new ports."""
+        for _ in range(attempts):
+            self.start_broker()
+            deadline = time.monotonic() + 30.0
+            while time.monotonic() < deadline and self.broker.poll() is None:
+                if self.status(0.5) is not None:
+                    return
+            if self.broker.poll() is None:
+                raise TimeoutError("the broker did not answer STATUS within 30 s of its start")
+            self.port = free_port()
+            self.url = f"tcp://127.0.0.1:{self.port}"
+            self.feed_url = f"tcp://127.0.0.1:{free_port()}"
+        raise RuntimeError(
+            f"the broker exited at start {attempts} times (exit code {self.broker.returncode})"
+        )
+
     def __enter__(self) -> Cluster:
         try:
-            self.start_broker()
+            self._start_broker_on_free_ports()
             for i in range(self.n):
                 self.start_stage(f"s{i}")
             self.wait_ready()
@@ -115,6 +135,10 @@ class Cluster:
         deadline = time.monotonic() + timeout_s
         status = None
         while time.monotonic() < deadline:
+            if self.broker is not None and self.broker.poll() is not None:
+                raise RuntimeError(
+                    f"the broker exited (code {self.broker.returncode}) while waiting for {what}"
+                )
             status = self.status()
             if status is not None and predicate(status):
                 return status

@@ -550,7 +550,7 @@ def test_a_decode_step_is_answered_before_a_prompt_queued_ahead_of_it(
 ):
     """A decode step queued behind a long prompt chunk runs first in their round and is
     answered at once: it waits neither for the chunk's compute nor for its answer."""
-    procs.start(broker.url, wide_checkpoint, "--dead-after", "30")
+    procs.start(broker.url, wide_checkpoint, "--dead-after", "30", "--heartbeat", "0.1")
     broker.expect(Cmd.READY, timeout=60)
     broker.assign(0, 2, num_layers=2)
     reference = load_shard(wide_checkpoint, 0, 2)
@@ -560,8 +560,8 @@ def test_a_decode_step_is_answered_before_a_prompt_queued_ahead_of_it(
     next_id = int(reply.tensor(0)[0, -1].argmax())
     assert torch.equal(reply.tensor(0), run_reference(reference, state, ids))
     short.advance(ids)
-    # The stage is busy for about a second with the first prompt; the chunk and the decode
-    # step queue behind it, in that order.
+    # The stage computes the first prompt for about a second; once a heartbeat says it is
+    # busy, the chunk and the decode step are sent, and queue behind it in that order.
     blocker, chunk = prompt(10, 1024), prompt(11, 512)
     steps = {"blocker": 101, "chunk": 102, "decode": 103}
     broker.send(
@@ -569,6 +569,8 @@ def test_a_decode_step_is_answered_before_a_prompt_queued_ahead_of_it(
         {"step": steps["blocker"], "epoch": EPOCH, "items": [Seq("blocker").item(blocker)]},
         [ids_tensor(blocker)],
     )
+    while broker.next_heartbeat()["state"] != "busy":
+        pass
     broker.send(
         Cmd.FORWARD,
         {"step": steps["chunk"], "epoch": EPOCH, "items": [Seq("chunk").item(chunk)]},
@@ -581,7 +583,7 @@ def test_a_decode_step_is_answered_before_a_prompt_queued_ahead_of_it(
     )
     replies = [broker.expect(Cmd.RESULT, timeout=60) for _ in steps]
     order = [r.header["step"] for r in replies]
-    assert order.index(steps["decode"]) < order.index(steps["chunk"]), order
+    assert order == [steps["blocker"], steps["decode"], steps["chunk"]], order
     decode = replies[order.index(steps["decode"])]
     assert torch.equal(decode.tensor(0), run_reference(reference, state, [next_id]))
     assert decode.header["batch"] == 1
