@@ -852,12 +852,16 @@ class Broker:
             return
         while (
             stage.queue
-            and len(stage.forwards) < self.config.stage_window
             and len(stage.inflight) < stage.credits
             and stage.state in ("ready", "draining")
         ):
             cap = min(stage.credits - len(stage.inflight), stage.max_batch, self.batch_cap())
-            steps = self.next_batch(stage, cap)
+            if len(stage.forwards) < self.config.stage_window:
+                steps = self.next_batch(stage, cap)
+            elif self.overtaking(stage):
+                steps = self._take(stage, cap, 4 * cap + 16, decode=True)
+            else:
+                return
             if not steps:
                 return
             now = time.monotonic()
@@ -875,6 +879,14 @@ class Broker:
             header = {"step": forward_id, "epoch": self.epoch, "items": items}
             if not self.send(stage.ident, P.encode(P.STAGE_TAG, Cmd.FORWARD, header, tensors)):
                 return
+
+    def overtaking(self, stage: StageRecord) -> bool:
+        """Whether a decode FORWARD may go to a stage beyond its window: when every FORWARD
+        it holds is a prefill. The stage runs it between two layers of the prompt, so decode
+        groups wait for one layer of a long prompt's chunk at each stage, not for all of it."""
+        return bool(stage.forwards) and all(
+            not step.decode for steps in stage.forwards.values() for step in steps
+        )
 
     def lingering(self, stage: StageRecord) -> bool:
         """Hold the first stage's next FORWARD a moment for requests about to answer."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,11 +173,19 @@ class Shard:
         return KVState(DynamicCache(config=self.shard_config))
 
     @torch.inference_mode()
-    def forward(self, inputs: torch.Tensor, state: KVState, logits: str = "last") -> torch.Tensor:
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        state: KVState,
+        logits: str = "last",
+        between: Callable[[], object] | None = None,
+    ) -> torch.Tensor:
         """Run n new positions: token ids [1, n] on the first shard, hidden [1, n, H] after.
 
         Returns the hidden states for the next shard, or on the last shard the logits of the
         last position (`logits="last"`, what generation needs) or of every position ("all").
+        `between`, if given, is called between two layers: the stage runs other requests'
+        decode steps there while a long prompt computes (they share no cache with it).
         """
         state.own()
         n = inputs.shape[1]
@@ -191,7 +200,9 @@ class Shard:
             self.shard_config, set(self.kinds), hidden, state.cache, position_ids
         )
         rotary = self.rotary(hidden, position_ids) if self.rotary is not None else None
-        for layer, kind in zip(self.layers, self.kinds, strict=True):
+        for i, (layer, kind) in enumerate(zip(self.layers, self.kinds, strict=True)):
+            if i and between is not None:
+                between()
             hidden = self.adapter.run_layer(
                 layer, hidden, masks[kind], position_ids, rotary, state.cache
             )
@@ -213,7 +224,10 @@ class Shard:
 
     @torch.inference_mode()
     def forward_batch(
-        self, inputs: list[torch.Tensor], states: list[KVState]
+        self,
+        inputs: list[torch.Tensor],
+        states: list[KVState],
+        between: Callable[[], object] | None = None,
     ) -> list[torch.Tensor]:
         """The same number n of new positions for each of several requests, as one forward.
 
@@ -227,7 +241,7 @@ class Shard:
         Matrix products over a batch may round differently from batch 1: results are equal in
         value to `forward`, not always in every bit (run with a batch limit of 1 for
         batch-invariant results). Returns per request what `forward` returns with
-        `logits="last"`.
+        `logits="last"`. `between` is called between two layers, as in `forward`.
         """
         n = inputs[0].shape[1]
         if n < 1 or any(x.shape[1] != n for x in inputs):
@@ -244,7 +258,7 @@ class Shard:
             ordered[row] = x
         try:
             with _batch_attention(self.device):
-                hidden = self._run_batch(ordered, batch, n)
+                hidden = self._run_batch(ordered, batch, n, between)
         except BaseException:
             batch.discard()
             if batch in self.live:
@@ -283,7 +297,13 @@ class Shard:
         self.batches_built += 1
         return batch
 
-    def _run_batch(self, inputs: list[torch.Tensor], batch: _BatchCache, n: int) -> torch.Tensor:
+    def _run_batch(
+        self,
+        inputs: list[torch.Tensor],
+        batch: _BatchCache,
+        n: int,
+        between: Callable[[], object] | None,
+    ) -> torch.Tensor:
         lengths = [state.length for state in batch.states]
         end = batch.end
         dev = self.device
@@ -305,7 +325,9 @@ class Shard:
         mask = torch.zeros(len(lengths), 1, n, end + n, dtype=hidden.dtype, device=dev)
         mask.masked_fill_(hidden_mask[:, None], torch.finfo(hidden.dtype).min)
         rotary = self.rotary(hidden, position_ids) if self.rotary is not None else None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if i and between is not None:
+                between()
             hidden = self.adapter.run_layer(layer, hidden, mask, position_ids, rotary, batch)
         if self.last:
             hidden = _batched_head(self.head, self.norm(hidden[:, -1:, :]))

@@ -194,6 +194,11 @@ class StageWorker:
         # Bumped by the I/O thread when a connection's work becomes void; jobs and results
         # carry the generation they belong to, and stale ones are dropped unseen.
         self._generation = 0
+        # Compute thread only: jobs taken off the queue but not run yet, in arrival order
+        # (see _gather_round and _overtake), and the requests of the rounds now computing,
+        # whose caches an eviction must not take.
+        self._pending: collections.deque = collections.deque()
+        self._busy: frozenset[str] = frozenset()
         self._closing = False
         self._leave_requested = False
         self._process = psutil.Process()
@@ -532,8 +537,7 @@ class StageWorker:
         out.setsockopt(zmq.LINGER, 0)
         out.connect(self._results_addr)
         stats = self._stats
-        # Jobs taken off the queue but not run yet, in arrival order (see _gather_round).
-        pending: collections.deque = collections.deque()
+        pending = self._pending
         try:
             with torch.inference_mode():
                 while True:
@@ -700,7 +704,7 @@ class StageWorker:
         fails, the FORWARDs not answered yet get an internal ERROR."""
         answered: set[int] = set()
         try:
-            for job, frames in self._forward_round(jobs):
+            for job, frames in self._forward_round(jobs, send):
                 answered.add(id(job))
                 send(frames)
         except Exception as e:  # a bug or an exhausted resource: answer, go on
@@ -708,7 +712,9 @@ class StageWorker:
                 if id(job) not in answered:
                     send(self._internal_error(job, e))
 
-    def _forward_round(self, jobs: list[ForwardJob]) -> Iterator[tuple[ForwardJob, list]]:
+    def _forward_round(
+        self, jobs: list[ForwardJob], send: Callable[[list], object]
+    ) -> Iterator[tuple[ForwardJob, list]]:
         """Check every item of a round, run items of one length as one batch, and yield each
         FORWARD's answer as soon as all its items are computed.
 
@@ -717,9 +723,22 @@ class StageWorker:
         problem (stale epoch, malformed) refuses the whole FORWARD with an ERROR; a refused
         item (lost cache, bad position) is listed in its FORWARD's RESULT under `refused` and
         the other items are computed as if it were not there.
+
+        Between two layers of a prompt or chunk, decode FORWARDs of other requests that have
+        arrived meanwhile run to their answers (`_overtake`): a decode group waits for one
+        layer of a long prompt at a stage, not for all of its layers.
         """
         started = time.perf_counter()
         shard, store = self._shard, self._store
+        outer = self._busy
+        self._busy = outer.union(*(_rids(job) for job in jobs))
+        try:
+            yield from self._compute_round(jobs, send, started, shard, store)
+        finally:
+            self._busy = outer
+
+    def _compute_round(self, jobs, send, started, shard, store):
+        """The body of `_forward_round`."""
         checked: list[list | Refusal] = []
         for job in jobs:
             try:
@@ -759,14 +778,15 @@ class StageWorker:
         outputs: dict[tuple[int, int], torch.Tensor] = {}
         widths: dict[int, int] = {}
         for batch in batches:
+            prompt = inputs[batch[0]][0].shape[1] > 1
+            between = (lambda: self._overtake(send)) if prompt else None
             try:
                 if len(batch) == 1:
                     x, state = inputs[batch[0]]
-                    outputs[batch[0]] = shard.forward(x, state, logits="last")
+                    outputs[batch[0]] = shard.forward(x, state, logits="last", between=between)
                 else:
-                    results = shard.forward_batch(
-                        *zip(*(inputs[key] for key in batch), strict=True)
-                    )
+                    xs, states = zip(*(inputs[key] for key in batch), strict=True)
+                    results = shard.forward_batch(list(xs), list(states), between=between)
                     outputs.update(zip(batch, results, strict=True))
                     self._stats.batches += 1
                     self._stats.batched_items += len(batch)
@@ -781,7 +801,40 @@ class StageWorker:
                 if not unfinished[j]:
                     del unfinished[j]
                     yield jobs[j], self._result(jobs[j], j, checked[j], outputs, started, widths[j])
-        store.evict(keep=set().union(*(_rids(job) for job in jobs)))
+        store.evict(keep=self._busy)
+
+    def _overtake(self, send: Callable[[list], object]) -> None:
+        """Run the decode FORWARDs waiting in the queue, between two layers of a prompt.
+
+        Only FORWARDs whose every item is one decode position, of requests not in a round now
+        computing and not in an earlier waiting FORWARD, and only up to the first load,
+        release or reset (a barrier), in arrival order.
+        """
+        pending = self._pending
+        while True:
+            try:
+                pending.append(self._jobs.get_nowait())
+            except queue.Empty:
+                break
+        taken, seen = [], set(self._busy)
+        for job in pending:
+            if not isinstance(job, ForwardJob):
+                break
+            if job.generation != self._generation:
+                continue
+            rids = _decode_rids(job)
+            if rids is not None and not rids & seen:
+                taken.append(job)
+            seen |= rids if rids is not None else _rids_of(job)
+        if not taken:
+            return
+        for job in taken:
+            pending.remove(job)
+        try:
+            self._answer_round(taken, send)
+        finally:
+            for _ in taken:
+                self._jobs.task_done()
 
     def _refuse_forward(self, job: ForwardJob, refusal: Refusal) -> list:
         header = job.msg.header
@@ -954,6 +1007,29 @@ def _send_frames(sock: zmq.Socket, frames: list) -> bool:
 
 def _rids(job: ForwardJob) -> set[str]:
     return {item["rid"] for item in job.msg.header["items"]}
+
+
+def _rids_of(job: ForwardJob) -> set[str]:
+    """The request ids a FORWARD names, reading a malformed header without failing."""
+    items = job.msg.header.get("items")
+    if not isinstance(items, list):
+        return set()
+    return {item.get("rid") for item in items if isinstance(item, dict)} - {None}
+
+
+def _decode_rids(job: ForwardJob) -> set[str] | None:
+    """A FORWARD's request ids if every item is one decode position (n 1 past position 0)."""
+    items = job.msg.header.get("items")
+    if not isinstance(items, list) or not items:
+        return None
+    rids = set()
+    for item in items:
+        if not isinstance(item, dict) or item.get("n") != 1 or not item.get("pos"):
+            return None
+        if not isinstance(item.get("rid"), str):
+            return None
+        rids.add(item["rid"])
+    return rids
 
 
 def _cores() -> int:

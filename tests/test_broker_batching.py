@@ -144,3 +144,16 @@ def test_the_advised_prefill_chunk_follows_the_stages_devices(broker):
     broker.stages["b"].caps["device"] = "cuda:1"
     assert broker.prefill_chunk() == ACCELERATOR_PREFILL_CHUNK
     assert broker.status()["prefill_chunk"] == ACCELERATOR_PREFILL_CHUNK
+
+
+def test_a_decode_forward_overtakes_only_prefills_in_flight(broker):
+    """Beyond its window a stage gets a decode FORWARD only while every FORWARD it holds is a
+    prefill: it runs the decode steps between two layers of the prompt."""
+    stage = _stage()
+    assert not broker.overtaking(stage)  # nothing in flight: the window decides
+    prompt, decode = _queue(stage, ("p", 64), ("d", 1))
+    stage.queue.clear()
+    stage.forwards[1] = [prompt]
+    assert broker.overtaking(stage)
+    stage.forwards[2] = [decode]
+    assert not broker.overtaking(stage)
