@@ -737,8 +737,15 @@ class StageWorker:
         finally:
             self._busy = outer
 
-    def _compute_round(self, jobs, send, started, shard, store):
-        """The body of `_forward_round`."""
+    def _compute_round(
+        self,
+        jobs: list[ForwardJob],
+        send: Callable[[list], object],
+        started: float,
+        shard: Shard,
+        store: KVStore,
+    ) -> Iterator[tuple[ForwardJob, list]]:
+        """`_forward_round` for its jobs, while their requests count as busy."""
         checked: list[list | Refusal] = []
         for job in jobs:
             try:
