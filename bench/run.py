@@ -261,12 +261,12 @@ def run_zmq(run: Run, payload: int) -> dict:
     return {"payload_bytes": payload, "rtt_s": rtt, "one_way_s": rtt["p50"] / 2}
 
 
-def run_pipeline(run: Run, model: presets.Model, stages: int, threads: int, omp: str) -> list[dict]:
+def _cluster(
+    run: Run, model: presets.Model, stages: int, threads: int, omp: str, name: str
+) -> Cluster:
+    """A broker and `stages` stages on the run's dtype and device, logging under `name`."""
     o = run.opts
-    name = f"{model.preset}-{stages}st-t{threads}-{omp}"
-    run.log(f"pipeline {name}: starting broker + {stages} stages")
-    records = []
-    with Cluster(
+    return Cluster(
         model.path,
         stages,
         threads=threads,
@@ -274,7 +274,15 @@ def run_pipeline(run: Run, model: presets.Model, stages: int, threads: int, omp:
         device=o.device,
         omp_wait_policy=omp,
         log_dir=run.logs / name,
-    ) as cluster:
+    )
+
+
+def run_pipeline(run: Run, model: presets.Model, stages: int, threads: int, omp: str) -> list[dict]:
+    o = run.opts
+    name = f"{model.preset}-{stages}st-t{threads}-{omp}"
+    run.log(f"pipeline {name}: starting broker + {stages} stages")
+    records = []
+    with _cluster(run, model, stages, threads, omp, name) as cluster:
         status = cluster.status(5.0)
         pipeline.warm_up(cluster.url, model.vocab_size, o.prompt_len)
         names = [r["stage"] for r in status["map"]]
@@ -329,15 +337,7 @@ def run_long_prompt(run: Run, model: presets.Model, stages: int, threads: int, o
     )
     name = f"{model.preset}-{stages}st-t{threads}-{omp}-long"
     run.log(f"long prompt {name}: {load.prompt_len} tokens, idle and beside {load.streams} streams")
-    with Cluster(
-        model.path,
-        stages,
-        threads=threads,
-        dtype=o.dtype,
-        device=o.device,
-        omp_wait_policy=omp,
-        log_dir=run.logs / name,
-    ) as cluster:
+    with _cluster(run, model, stages, threads, omp, name) as cluster:
         cluster.status(5.0)
         pipeline.warm_up(cluster.url, model.vocab_size, o.prompt_len)
         fig = longprompt.measure(cluster.url, model.vocab_size, load)

@@ -27,6 +27,16 @@ def _prefill(shards, prompt):
     return states, int(x[0, -1].argmax())
 
 
+def _prefill_each(shards, prompts):
+    """Each prompt prefilled alone: per request its states and its first greedy token."""
+    states, tokens = [], []
+    for p in prompts:
+        st, tok = _prefill(shards, p)
+        states.append(st)
+        tokens.append([tok])
+    return states, tokens
+
+
 @pytest.mark.parametrize("arch", BATCHABLE)
 def test_mixed_batches_equal_generate_for_each_request_alone(checkpoints, arch):
     directory = checkpoints[arch]
@@ -38,11 +48,7 @@ def test_mixed_batches_equal_generate_for_each_request_alone(checkpoints, arch):
     ]
     shards = [load_shard(directory, 0, 2), load_shard(directory, 2, 5)]
     assert all(s.batchable for s in shards)
-    states, tokens = [], []
-    for p in prompts:
-        st, tok = _prefill(shards, p)
-        states.append(st)
-        tokens.append([tok])
+    states, tokens = _prefill_each(shards, prompts)
     # Batches change at every step: requests leave and rejoin, lengths all differ.
     for step in range(STEPS):
         members = [i for i in range(len(prompts)) if (i + step) % 4 != 0]
@@ -145,11 +151,7 @@ def test_a_decode_batch_keeps_its_tensors_while_its_requests_decode_together(che
         for p in prompts
     ]
     shards = [load_shard(directory, 0, 2), load_shard(directory, 2, 5)]
-    states, tokens = [], []
-    for p in prompts:
-        st, tok = _prefill(shards, p)
-        states.append(st)
-        tokens.append([tok])
+    states, tokens = _prefill_each(shards, prompts)
 
     def members_at(step: int) -> list[int]:
         if step < 12:
@@ -223,11 +225,7 @@ def test_groups_that_take_turns_each_keep_their_batch(checkpoints):
         for p in prompts
     ]
     shards = [load_shard(directory, 0, 3), load_shard(directory, 3, 5)]
-    states, tokens = [], []
-    for p in prompts:
-        st, tok = _prefill(shards, p)
-        states.append(st)
-        tokens.append([tok])
+    states, tokens = _prefill_each(shards, prompts)
     for _step in range(steps):
         for members in ([0, 1], [2, 3]):
             x = [torch.tensor([[tokens[i][-1]]]) for i in members]
