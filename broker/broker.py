@@ -240,6 +240,7 @@ class Broker:
         # Stages to dispatch once the socket is drained: steps that arrive together leave
         # together, as one FORWARD.
         self.dirty: dict[str, StageRecord] = {}
+        self.unreachable: list[bytes] = []  # identities a send found gone (bury_unreachable)
         self.draining = False
         # Requests that were just sent a token, by when: their next step is expected.
         self.answering: dict[str, float] = {}
@@ -284,6 +285,7 @@ class Broker:
                 if poller.poll(timeout * 1000):
                     self.drain_socket()
                 self.run_timers()
+                self.bury_unreachable()
         finally:
             self.socket.close(linger=0)
             if self.feed is not None:
@@ -306,11 +308,13 @@ class Broker:
                 except zmq.Again:
                     break
                 self.handle(frames)
+                self.bury_unreachable()
         finally:
             self.draining = False
             dirty, self.dirty = self.dirty, {}
             for stage in dirty.values():
                 self.dispatch(stage)
+            self.bury_unreachable()
 
     def handle(self, frames: list) -> None:
         ident = frames[0].bytes
@@ -391,11 +395,23 @@ class Broker:
             self.counters.send_failures += 1
             name = self.by_ident.get(ident)
             if e.errno == errno.EHOSTUNREACH and name is not None:
-                self.log.warning("stage_unreachable", stage=name)
-                self.stage_dead(self.stages[name], cause="unreachable")
+                # Declared dead once the caller is done: a reshard started here, inside a
+                # reshard's or a dispatch's loop, would change the map under that loop.
+                if ident not in self.unreachable:
+                    self.log.warning("stage_unreachable", stage=name)
+                    self.unreachable.append(ident)
             elif e.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 raise
             return False
+
+    def bury_unreachable(self) -> None:
+        """Declare dead the stages a send found gone, one at a time, each after the last's
+        reshard has finished. An identity the stage has replaced since is left alone."""
+        while self.unreachable:
+            ident = self.unreachable.pop(0)
+            name = self.by_ident.get(ident)
+            if name is not None and self.stages[name].ident == ident:
+                self.stage_dead(self.stages[name], cause="unreachable")
 
     def send_heartbeats(self) -> None:
         frames = P.encode(P.STAGE_TAG, Cmd.HEARTBEAT, {"epoch": self.epoch})

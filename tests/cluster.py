@@ -41,6 +41,10 @@ class Cluster:
         self.n = stages
         self.broker_args = broker_args
         self.stage_args = stage_args
+        # LAYERLINE_TEST_LOGS=DIR keeps every cluster's process logs, one folder per cluster.
+        kept = os.environ.get("LAYERLINE_TEST_LOGS")
+        if log_dir is None and kept:
+            log_dir = Path(kept) / f"{time.strftime('%H%M%S')}-{self.port}"
         self.log_dir = log_dir
         self.broker: subprocess.Popen | None = None
         self.stages: dict[str, subprocess.Popen] = {}

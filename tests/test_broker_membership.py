@@ -1,0 +1,102 @@
+"""A stage that vanishes while the broker is busy sending: its death waits for the send loop.
+
+The broker runs in this process, driven by hand; the stages are real DEALER sockets on
+loopback, so the broker's ROUTER finds a closed one unreachable exactly as in a cluster.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from broker import protocol as P
+from broker.broker import Broker, BrokerConfig
+from broker.protocol import Cmd
+from stage.checkpoint import open_checkpoint
+
+
+@pytest.fixture
+def cluster(checkpoints):
+    """A broker expecting three stages, and three registered DEALERs s0, s1, s2."""
+    ctx = zmq.Context()
+    checkpoint = open_checkpoint(checkpoints["llama"])
+    broker = Broker(
+        BrokerConfig(bind="tcp://127.0.0.1:*", feed=None, expect_stages=3),
+        checkpoint,
+        context=ctx,
+    )
+    dealers = {}
+    for name in ("s0", "s1", "s2"):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(broker.endpoint)
+        header = {
+            "name": name,
+            "fingerprint": checkpoint.fingerprint,
+            "caps": {"device": "cpu", "dtype": "float32", "memory_bytes": 1 << 30},
+            "credits": 8,
+            "held": None,
+        }
+        sock.send_multipart(P.encode(P.STAGE_TAG, Cmd.READY, header))
+        dealers[name] = sock
+    deadline = time.monotonic() + 10
+    while len(broker.stages) < 3:
+        assert time.monotonic() < deadline, "the stages did not register"
+        broker.socket.poll(100)
+        broker.drain_socket()
+    yield broker, dealers
+    for sock in dealers.values():
+        sock.close(linger=0)
+    broker.socket.close(linger=0)
+    ctx.term()
+
+
+def _assigns(sock: zmq.Socket) -> list[dict]:
+    """Every ASSIGN header a stage's socket has received so far, in order."""
+    out = []
+    while sock.poll(200):
+        msg = P.decode(sock.recv_multipart(copy=False), P.DEFAULT_LIMITS, inbound=False)
+        if msg.cmd == Cmd.ASSIGN:
+            out.append(msg.header)
+    return out
+
+
+def _disconnect(broker: Broker, sock: zmq.Socket) -> None:
+    """Close a stage's socket and wait until the broker's ROUTER has dropped the peer."""
+    monitor = broker.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        sock.close(linger=0)
+        assert monitor.poll(5000), "the broker never saw the stage disconnect"
+        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+    finally:
+        broker.socket.disable_monitor()
+        monitor.close(linger=0)
+
+
+def test_a_stage_gone_during_the_first_map_is_dropped_after_it(cluster):
+    """s1 vanishes before the first map's ASSIGNs go out. The map is sent whole, then s1 is
+    declared dead and the layers reshard onto s0 and s2: every live stage's last ASSIGN is
+    its range in the broker's final map, and no epoch names two ranges for one stage."""
+    broker, dealers = cluster
+    _disconnect(broker, dealers.pop("s1"))
+
+    broker.form_map_if_due(time.monotonic())  # three stages joined: the first map forms
+    broker.bury_unreachable()
+
+    assert "s1" not in broker.stages
+    final = broker.layer_map
+    assert [r.name for r in final.ranges] == ["s0", "s2"]
+    assert final.ranges[0].start == 0 and final.ranges[-1].end == broker.num_layers
+    for name, sock in dealers.items():
+        assigns = _assigns(sock)
+        assert assigns, f"{name} got no ASSIGN"
+        last = assigns[-1]
+        mine = final.range_of(name)
+        assert (last["epoch"], last["start"], last["end"]) == (broker.epoch, mine.start, mine.end)
+        ranges_by_epoch: dict[int, set] = {}
+        for a in assigns:
+            ranges_by_epoch.setdefault(a["epoch"], set()).add((a["start"], a["end"]))
+        assert all(len(r) == 1 for r in ranges_by_epoch.values()), assigns
