@@ -494,6 +494,9 @@ class Broker:
             credits=stage.credits,
         )
         self.publish("join", stage=name, host=stage.caps.get("host"))
+        # Answered at once: a stage that hears nothing for its dead-after time reconnects under
+        # a new identity, and the map may form only later (expect_stages, settle_s).
+        self.send(ident, P.encode(P.STAGE_TAG, Cmd.HEARTBEAT, {"epoch": self.epoch}))
         if self.map_formed:
             self.schedule_rebalance(cause="join", now=now, immediate=not self.ready)
 

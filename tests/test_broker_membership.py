@@ -100,3 +100,14 @@ def test_a_stage_gone_during_the_first_map_is_dropped_after_it(cluster):
         for a in assigns:
             ranges_by_epoch.setdefault(a["epoch"], set()).add((a["start"], a["end"]))
         assert all(len(r) == 1 for r in ranges_by_epoch.values()), assigns
+
+
+def test_a_joining_stage_hears_from_the_broker_at_once(cluster):
+    """Before any map forms, a registered stage has a HEARTBEAT: its silence clock, which
+    would make it reconnect under a new identity, restarts when the broker knows it."""
+    broker, dealers = cluster
+    assert broker.layer_map is None
+    for name, sock in dealers.items():
+        assert sock.poll(1000), f"{name} heard nothing"
+        msg = P.decode(sock.recv_multipart(copy=False), P.DEFAULT_LIMITS)
+        assert msg.cmd == Cmd.HEARTBEAT and msg.header["epoch"] == broker.epoch
