@@ -42,7 +42,7 @@ RID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 # chunk costs about what a decode step does, and a 1024-token prompt in 8 chunks took 221 ms.
 CPU_PREFILL_CHUNK = 128
 ACCELERATOR_PREFILL_CHUNK = 1024
-# A decode FORWARD overtakes a stage's prefill only if the prefill holds a step this long.
+# A decode FORWARD overtakes a stage's prefills only if they hold this many positions.
 OVERTAKE_POSITIONS = 64
 
 
@@ -903,15 +903,15 @@ class Broker:
 
     def overtaking(self, stage: StageRecord) -> bool:
         """Whether a decode FORWARD may go to a stage beyond its window: when every FORWARD
-        it holds is a prefill and one of them holds a long prompt's step (OVERTAKE_POSITIONS
-        or more). The stage runs it between two layers of the prompt, so decode groups wait
-        for one layer of a long prompt's chunk at each stage, not for all of it; short
-        prompts, which finish soon, are not interrupted."""
+        it holds is a prefill and together they hold OVERTAKE_POSITIONS positions or more (a
+        long prompt's chunk, or many short prompts that arrived together). The stage runs it
+        between two layers of the prefill, so decode groups wait for one layer of it at each
+        stage, not for all of it; a short prompt, which finishes soon, is not interrupted."""
         steps = [step for forward in stage.forwards.values() for step in forward]
         return (
             bool(steps)
             and not any(step.decode for step in steps)
-            and any(step.item["n"] >= OVERTAKE_POSITIONS for step in steps)
+            and sum(step.item["n"] for step in steps) >= OVERTAKE_POSITIONS
         )
 
     def lingering(self, stage: StageRecord) -> bool:

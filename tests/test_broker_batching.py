@@ -148,13 +148,17 @@ def test_the_advised_prefill_chunk_follows_the_stages_devices(broker):
 
 def test_a_decode_forward_overtakes_only_prefills_in_flight(broker):
     """Beyond its window a stage gets a decode FORWARD only while every FORWARD it holds is a
-    prefill, one of them a long prompt's step: it runs the decode steps between two layers."""
+    prefill, of 64 positions or more in all: it runs the decode steps between two layers."""
     stage = _stage()
     assert not broker.overtaking(stage)  # nothing in flight: the window decides
-    prompt, short, decode = _queue(stage, ("p", 64), ("s", 63), ("d", 1))
+    prompt, short, tiny, decode = _queue(stage, ("p", 64), ("s", 63), ("t", 1, 0), ("d", 1))
     stage.queue.clear()
     stage.forwards[1] = [short]
     assert not broker.overtaking(stage)  # a short prompt finishes soon: not interrupted
+    stage.forwards[1] = [prompt]
+    assert broker.overtaking(stage)
+    stage.forwards[1] = [short, tiny]  # prompts that arrived together: 64 positions in all
+    assert broker.overtaking(stage)
     stage.forwards[1] = [short, prompt]
     assert broker.overtaking(stage)
     stage.forwards[2] = [decode]
