@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.run import _streams_targets
+
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -136,3 +138,35 @@ def test_smoke_plots_are_pngs(smoke):
     for path in plots.values():
         data = Path(path).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 1000, path
+
+
+def test_stream_targets_pair_phases_of_the_same_round():
+    """16 streams against batch 1 is a ratio within each round, then the median over rounds:
+    a fast round's batch 1 is never set against a slow round's 16 streams."""
+
+    def phase(rnd, c, tps, p99):
+        return {
+            "round": rnd,
+            "concurrency": c,
+            "tokens_per_s": tps,
+            "tpot_s": {"p99": p99},
+            "preset": "small",
+            "stages": 3,
+            "threads": 1,
+            "omp_wait_policy": "PASSIVE",
+        }
+
+    records = [
+        phase(0, 1, 40.0, 0.030),
+        phase(0, 16, 200.0, 0.100),  # 5.0x, p99 3.33x
+        phase(1, 1, 30.0, 0.040),
+        phase(1, 16, 210.0, 0.100),  # 7.0x, p99 2.5x
+        phase(2, 1, 35.0, 0.035),
+        phase(2, 16, 231.0, 0.098),  # 6.6x, p99 2.8x
+    ]
+    speedup, p99 = _streams_targets([], records)
+    assert speedup["per_round"] == pytest.approx([5.0, 7.0, 6.6])
+    assert speedup["figure"] == pytest.approx(6.6) and speedup["met"]
+    assert p99["per_round"] == pytest.approx([0.100 / 0.030, 2.5, 2.8])
+    assert p99["figure"] == pytest.approx(2.8) and p99["met"]
+    # The ratio of the medians would mix rounds: 210 / 35 = 6.0, 0.100 / 0.035 = 2.86.
