@@ -409,9 +409,9 @@ class Broker:
         reshard has finished. An identity the stage has replaced since is left alone."""
         while self.unreachable:
             ident = self.unreachable.pop(0)
-            name = self.by_ident.get(ident)
-            if name is not None and self.stages[name].ident == ident:
-                self.stage_dead(self.stages[name], cause="unreachable")
+            stage = self.stages.get(self.by_ident.get(ident, ""))
+            if stage is not None and stage.ident == ident:
+                self.stage_dead(stage, cause="unreachable")
 
     def send_heartbeats(self) -> None:
         frames = P.encode(P.STAGE_TAG, Cmd.HEARTBEAT, {"epoch": self.epoch})
