@@ -832,7 +832,7 @@ class StageWorker:
             rids = _decode_rids(job)
             if rids is not None and not rids & seen:
                 taken.append(job)
-            seen |= rids if rids is not None else _rids_of(job)
+            seen |= rids if rids is not None else _rids(job)
         if not taken:
             return
         for job in taken:
@@ -1016,27 +1016,13 @@ def _rids(job: ForwardJob) -> set[str]:
     return {item["rid"] for item in job.msg.header["items"]}
 
 
-def _rids_of(job: ForwardJob) -> set[str]:
-    """The request ids a FORWARD names, reading a malformed header without failing."""
-    items = job.msg.header.get("items")
-    if not isinstance(items, list):
-        return set()
-    return {item.get("rid") for item in items if isinstance(item, dict)} - {None}
-
-
 def _decode_rids(job: ForwardJob) -> set[str] | None:
-    """A FORWARD's request ids if every item is one decode position (n 1 past position 0)."""
-    items = job.msg.header.get("items")
-    if not isinstance(items, list) or not items:
+    """A FORWARD's request ids if every item is one decode position (n 1 past position 0).
+    Its items were checked against the protocol's item schema when it was decoded."""
+    items = job.msg.header["items"]
+    if not items or any(item["n"] != 1 or item["pos"] == 0 for item in items):
         return None
-    rids = set()
-    for item in items:
-        if not isinstance(item, dict) or item.get("n") != 1 or not item.get("pos"):
-            return None
-        if not isinstance(item.get("rid"), str):
-            return None
-        rids.add(item["rid"])
-    return rids
+    return _rids(job)
 
 
 def _cores() -> int:

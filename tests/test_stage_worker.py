@@ -550,22 +550,30 @@ def test_heartbeats_flow_during_a_long_forward(wide_checkpoint, procs, broker):
     assert hb["kv_requests"] == 1 and hb["kv_bytes"] > 0
 
 
+def _stage_with_a_short_request(procs, broker, checkpoint: Path, layers: int, seed: int):
+    """A stage holding all `layers`, with one short request prefilled and checked against
+    the batch-1 reference: (reference shard, the request, its reference cache, its next id)."""
+    procs.start(broker.url, checkpoint, "--dead-after", "30", "--heartbeat", "0.1")
+    broker.expect(Cmd.READY, timeout=60)
+    broker.assign(0, layers, num_layers=layers)
+    reference = load_shard(checkpoint, 0, layers)
+    short, state = Seq("short"), reference.new_cache()
+    ids = prompt(seed)
+    reply = broker.forward([short.item(ids)], [ids_tensor(ids)])
+    assert torch.equal(reply.tensor(0), run_reference(reference, state, ids))
+    short.advance(ids)
+    return reference, short, state, int(reply.tensor(0)[0, -1].argmax())
+
+
 @pytest.mark.timeout(90)
 def test_a_decode_step_is_answered_before_a_prompt_queued_ahead_of_it(
     wide_checkpoint, procs, broker
 ):
     """A decode step queued behind a long prompt chunk runs first in their round and is
     answered at once: it waits neither for the chunk's compute nor for its answer."""
-    procs.start(broker.url, wide_checkpoint, "--dead-after", "30", "--heartbeat", "0.1")
-    broker.expect(Cmd.READY, timeout=60)
-    broker.assign(0, 2, num_layers=2)
-    reference = load_shard(wide_checkpoint, 0, 2)
-    short, state = Seq("short"), reference.new_cache()
-    ids = prompt(9)
-    reply = broker.forward([short.item(ids)], [ids_tensor(ids)])
-    next_id = int(reply.tensor(0)[0, -1].argmax())
-    assert torch.equal(reply.tensor(0), run_reference(reference, state, ids))
-    short.advance(ids)
+    reference, short, state, next_id = _stage_with_a_short_request(
+        procs, broker, wide_checkpoint, layers=2, seed=9
+    )
     # The stage computes the first prompt for about a second; once a heartbeat says it is
     # busy, the chunk and the decode step are sent, and queue behind it in that order.
     blocker, chunk = prompt(10, 1024), prompt(11, 512)
@@ -605,16 +613,9 @@ def deep_checkpoint(tmp_path_factory) -> Path:
 def test_a_decode_step_runs_between_two_layers_of_a_long_prompt(deep_checkpoint, procs, broker):
     """A decode FORWARD that arrives while a long prompt computes runs between two of the
     prompt's layers and is answered first; both results are the exact batch-1 bits."""
-    procs.start(broker.url, deep_checkpoint, "--dead-after", "30", "--heartbeat", "0.1")
-    broker.expect(Cmd.READY, timeout=60)
-    broker.assign(0, 4, num_layers=4)
-    reference = load_shard(deep_checkpoint, 0, 4)
-    short, state = Seq("short"), reference.new_cache()
-    ids = prompt(12)
-    reply = broker.forward([short.item(ids)], [ids_tensor(ids)])
-    assert torch.equal(reply.tensor(0), run_reference(reference, state, ids))
-    next_id = int(reply.tensor(0)[0, -1].argmax())
-    short.advance(ids)
+    reference, short, state, next_id = _stage_with_a_short_request(
+        procs, broker, deep_checkpoint, layers=4, seed=12
+    )
     long = prompt(13, 1024)
     broker.send(
         Cmd.FORWARD,
