@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stage.shard import ShardError, load_shard
+from stage.shard import SKINNY_ROWS, ShardError, _SkinnyLinear, load_shard
 from tests.test_parity import _reference
 from tests.tiny_models import ARCHITECTURES, VOCAB
 
@@ -84,6 +84,27 @@ def test_batched_values_match_unbatched(checkpoints):
     outs = shard.forward_batch([torch.tensor([[7]])] * len(prompts), batched)
     for (_, want), got in zip(solo, outs, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_decode_batches_take_the_skinny_product_and_batch_one_keeps_linear(checkpoints):
+    shard = load_shard(checkpoints["llama"], 0, 5)
+    linears = [m for m in shard.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is _SkinnyLinear for m in linears)
+    proj = linears[0]
+    g = torch.Generator().manual_seed(3)
+    width = proj.in_features
+    for shape in [(1, 1, width), (1, 9, width), (3, 4, width), (SKINNY_ROWS + 1, 1, width)]:
+        x = torch.randn(*shape, generator=g)
+        assert torch.equal(proj(x), torch.nn.functional.linear(x, proj.weight, proj.bias))
+    biased = torch.nn.Linear(width, 8)
+    biased.__class__ = _SkinnyLinear  # as the shard gives its layers (qwen2's q, k, v)
+    for layer in (proj, biased):
+        for rows in range(2, SKINNY_ROWS + 1):
+            x = torch.randn(rows, 1, width, generator=g)
+            got = layer(x)
+            assert got.shape == (rows, 1, layer.out_features) and got.is_contiguous()
+            want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+            torch.testing.assert_close(got, want)
 
 
 def test_sliding_window_shards_do_not_batch(checkpoints):
