@@ -526,7 +526,7 @@ def _batched_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class _SkinnyLinear(nn.Linear):
-    """A CPU linear layer that multiplies a decode batch's few rows as `weight @ x.T`.
+    """A float32 CPU linear layer that multiplies a decode batch's few rows as `weight @ x.T`.
 
     For 2 to 6 single-position rows, BLAS streams the weight once this way instead of
     packing it. Measured on `small`, one thread: a stage's decoder layers took 20-25 % less
@@ -551,7 +551,8 @@ class _SkinnyLinear(nn.Linear):
 def _skinny_linears(layer: nn.Module) -> None:
     """Give a CPU layer's plain linear sublayers the decode-batch product of _SkinnyLinear.
 
-    Only the class changes: the parameters, their names and the module tree stay.
+    Only the class changes: the parameters, their names and the module tree stay. Only
+    float32 layers get it: that is the dtype it was measured in.
     """
     for module in layer.modules():
         if type(module) is nn.Linear:
@@ -697,7 +698,7 @@ def load_shard(
             with torch.device("meta"):
                 layer = layer_cls(full_config, layer_idx=g)
             _fill(layer, f"layers.{i}", f"{adapter.layers}.{g}", ckpt, torch_dtype, dev)
-            if dev.type == "cpu":
+            if dev.type == "cpu" and torch_dtype == torch.float32:
                 _skinny_linears(layer)
         rebuilt.append(layer)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stage.shard import SKINNY_ROWS, ShardError, _SkinnyLinear, load_shard
+from stage.shard import SKINNY_ROWS, ShardError, _skinny_linears, _SkinnyLinear, load_shard
 from tests.test_parity import _reference
 from tests.tiny_models import ARCHITECTURES, VOCAB
 
@@ -96,8 +96,10 @@ def test_cpu_decode_batches_take_the_skinny_product_and_batch_one_keeps_linear(c
     for shape in [(1, 1, width), (1, 9, width), (3, 4, width), (SKINNY_ROWS + 1, 1, width)]:
         x = torch.randn(*shape, generator=g)
         assert torch.equal(proj(x), torch.nn.functional.linear(x, proj.weight, proj.bias))
-    biased = torch.nn.Linear(width, 8)
-    biased.__class__ = _SkinnyLinear  # as the shard gives its layers (qwen2's q, k, v)
+    holder = torch.nn.Sequential(torch.nn.Linear(width, 8))  # biased, like qwen2's q, k, v
+    _skinny_linears(holder)
+    biased = holder[0]
+    assert type(biased) is _SkinnyLinear
     for layer in (proj, biased):
         for rows in range(2, SKINNY_ROWS + 1):
             x = torch.randn(rows, 1, width, generator=g)
@@ -105,6 +107,8 @@ def test_cpu_decode_batches_take_the_skinny_product_and_batch_one_keeps_linear(c
             assert got.shape == (rows, 1, layer.out_features) and got.is_contiguous()
             want = torch.nn.functional.linear(x, layer.weight, layer.bias)
             torch.testing.assert_close(got, want)
+    bf16 = load_shard(checkpoints["llama"], 0, 2, dtype="bfloat16")
+    assert all(type(m) is not _SkinnyLinear for m in bf16.layers.modules())
 
 
 def test_sliding_window_shards_do_not_batch(checkpoints):
