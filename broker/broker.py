@@ -905,8 +905,9 @@ class Broker:
         """Whether a decode FORWARD may go to a stage beyond its window: when every FORWARD
         it holds is a prefill and together they hold OVERTAKE_POSITIONS positions or more (a
         long prompt's chunk, or many short prompts that arrived together). The stage runs it
-        between two layers of the prefill, so decode groups wait for one layer of it at each
-        stage, not for all of it; a short prompt, which finishes soon, is not interrupted."""
+        between two layers of the prefill or before the head, so decode groups wait for one
+        layer of it at each stage, not for all of it; a short prompt, which finishes soon, is
+        not interrupted."""
         steps = [step for forward in stage.forwards.values() for step in forward]
         return (
             bool(steps)

@@ -187,8 +187,10 @@ class Shard:
 
         Returns the hidden states for the next shard, or on the last shard the logits of the
         last position (`logits="last"`, what generation needs) or of every position ("all").
-        `between`, if given, is called between two layers: the stage runs other requests'
-        decode steps there while a long prompt computes (they share no cache with it).
+        `between`, if given, is called between two layers, and on the last shard also
+        between its last layer and the head (a one-layer last shard has no other such point):
+        the stage runs other requests' decode steps there while a long prompt computes (they
+        share no cache with it).
         """
         state.own()
         n = inputs.shape[1]
@@ -212,6 +214,8 @@ class Shard:
         state.length += n
         if not self.last:
             return hidden
+        if between is not None:
+            between()
         hidden = self.norm(hidden)
         if logits == "last":
             hidden = hidden[:, -1:, :]
@@ -244,7 +248,7 @@ class Shard:
         Matrix products over a batch may round differently from batch 1: results are equal in
         value to `forward`, not always in every bit (run with a batch limit of 1 for
         batch-invariant results). Returns per request what `forward` returns with
-        `logits="last"`. `between` is called between two layers, as in `forward`.
+        `logits="last"`. `between` is called where `forward` calls it.
         """
         n = inputs[0].shape[1]
         if n < 1 or any(x.shape[1] != n for x in inputs):
@@ -333,6 +337,8 @@ class Shard:
                 between()
             hidden = self.adapter.run_layer(layer, hidden, mask, position_ids, rotary, batch)
         if self.last:
+            if between is not None:
+                between()
             hidden = _batched_head(self.head, self.norm(hidden[:, -1:, :]))
         return hidden
 

@@ -724,9 +724,10 @@ class StageWorker:
         item (lost cache, bad position) is listed in its FORWARD's RESULT under `refused` and
         the other items are computed as if it were not there.
 
-        Between two layers of a prompt or chunk, decode FORWARDs of other requests that have
-        arrived meanwhile run to their answers (`_overtake`): a decode group waits for one
-        layer of a long prompt at a stage, not for all of its layers.
+        Between two layers of a prompt or chunk, and on the last stage before its head,
+        decode FORWARDs of other requests that have arrived meanwhile run to their answers
+        (`_overtake`): a decode group waits for one layer of a long prompt at a stage, not
+        for all of its layers.
         """
         started = time.perf_counter()
         shard, store = self._shard, self._store
@@ -811,7 +812,8 @@ class StageWorker:
         store.evict(keep=self._busy)
 
     def _overtake(self, send: Callable[[list], object]) -> None:
-        """Run the decode FORWARDs waiting in the queue, between two layers of a prompt.
+        """Run the decode FORWARDs waiting in the queue, between two layers of a prompt (or
+        before the head).
 
         Only FORWARDs whose every item is one decode position, of requests not in a round now
         computing and not in an earlier waiting FORWARD, and only up to the first load,

@@ -111,6 +111,30 @@ def test_cpu_decode_batches_take_the_skinny_product_and_batch_one_keeps_linear(c
     assert all(type(m) is not _SkinnyLinear for m in bf16.layers.modules())
 
 
+def test_a_prompt_can_be_overtaken_between_layers_and_before_the_head(checkpoints):
+    """Where a stage may run other requests' decode steps during a prompt: between two
+    layers, and before the head on the last shard (a one-layer last stage has no other
+    point). The prompt's own results keep their bits."""
+    directory = checkpoints["llama"]
+    g = torch.Generator().manual_seed(5)
+    calls: list[int] = []
+    for start, end, points in [(4, 5, 1), (2, 5, 3), (0, 2, 1)]:
+        shard = load_shard(directory, start, end)
+        prompts = (
+            [torch.randint(3, VOCAB, (1, 6), generator=g) for _ in range(2)]
+            if shard.first
+            else [torch.randn(1, 6, shard.hidden_size, generator=g) for _ in range(2)]
+        )
+        calls.clear()
+        want = shard.forward(prompts[0], shard.new_cache())
+        got = shard.forward(prompts[0], shard.new_cache(), between=lambda: calls.append(1))
+        assert len(calls) == points and torch.equal(got, want), (start, end)
+        calls.clear()
+        states = [shard.new_cache(), shard.new_cache()]
+        shard.forward_batch(prompts, states, between=lambda: calls.append(1))
+        assert len(calls) == points, (start, end)
+
+
 def test_sliding_window_shards_do_not_batch(checkpoints):
     shard = load_shard(checkpoints["mistral"], 0, 5)
     assert not shard.batchable
