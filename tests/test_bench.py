@@ -142,14 +142,16 @@ def test_smoke_plots_are_pngs(smoke):
 
 def test_stream_targets_pair_phases_of_the_same_round():
     """16 streams against batch 1 is a ratio within each round, then the median over rounds:
-    a fast round's batch 1 is never set against a slow round's 16 streams."""
+    a fast round's batch 1 is never set against a slow round's 16 streams. So is 8 streams
+    against that round's batch-8 generate."""
 
-    def phase(rnd, c, tps, p99):
+    def phase(rnd, c, tps, p99, mono=None):
         return {
             "round": rnd,
             "concurrency": c,
             "tokens_per_s": tps,
             "tpot_s": {"p99": p99},
+            "ratio_to_monolithic": mono,
             "preset": "small",
             "stages": 3,
             "threads": 1,
@@ -163,10 +165,16 @@ def test_stream_targets_pair_phases_of_the_same_round():
         phase(1, 16, 210.0, 0.100),  # 7.0x, p99 2.5x
         phase(2, 1, 35.0, 0.035),
         phase(2, 16, 231.0, 0.098),  # 6.6x, p99 2.8x
+        phase(0, 8, 150.0, 0.060, mono=0.75),
+        phase(1, 8, 160.0, 0.060, mono=0.9),
+        phase(2, 8, 155.0, 0.060, mono=0.82),
     ]
-    speedup, p99 = _streams_targets([], records)
+    speedup, p99, eight = _streams_targets(records)
     assert speedup["per_round"] == pytest.approx([5.0, 7.0, 6.6])
     assert speedup["figure"] == pytest.approx(6.6) and speedup["met"]
     assert p99["per_round"] == pytest.approx([0.100 / 0.030, 2.5, 2.8])
     assert p99["figure"] == pytest.approx(2.8) and p99["met"]
+    assert eight["target"] == "8 streams tokens/s vs batch-8 generate"
+    assert eight["per_round"] == pytest.approx([0.75, 0.9, 0.82])
+    assert eight["figure"] == pytest.approx(0.82) and eight["met"]
     # The ratio of the medians would mix rounds: 210 / 35 = 6.0, 0.100 / 0.035 = 2.86.
