@@ -36,8 +36,9 @@ DTYPES = {
 
 # Decode batches a shard keeps between steps (see Shard.live).
 MAX_LIVE_BATCHES = 8
-# Decode batches of at most this many rows multiply a CPU layer's weights as `weight @ x.T`
-# (see _SkinnyLinear); at 8 rows, in a running cluster, `linear` was as fast.
+# On a CPU stage with more than one thread, decode batches of at most this many rows multiply
+# a layer's weights as `weight @ x.T` (see _SkinnyLinear); at 8 rows, in a running cluster,
+# `linear` was as fast. One-thread stages take stage.kernels' product up to its KERNEL_ROWS.
 SKINNY_ROWS = 6
 
 
@@ -511,9 +512,10 @@ def _batch_attention(device: torch.device) -> contextlib.AbstractContextManager:
 def _batched_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The vocabulary projection of a batch of single positions, [B, 1, H] -> [B, 1, V].
 
-    For a few rows against a wide head, `weight @ hidden.T` runs about twice as fast on CPU
-    as `linear(hidden, weight)` (measured on `small`'s 32000 x 512 head: 11 vs 19 ms at 8
-    rows): BLAS streams the large matrix once instead of packing it. Same values, other
+    For a few rows against a wide head, BLAS's `linear(hidden, weight)` packs the large
+    matrix first. On a one-thread float32 CPU stage the rows take stage.kernels' product
+    (`small`'s 32000 x 512 head at 8 rows: 7.4 ms); otherwise `weight @ hidden.T`, which
+    streams the weight once (11 ms, against 19 ms for `linear`). Same values, other
     rounding, as any batched product.
     """
     weight = getattr(head, "weight", None)
@@ -525,20 +527,36 @@ def _batched_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     ):
         return head(hidden)
     rows = hidden.reshape(hidden.shape[0], hidden.shape[2])
+    if weight.dtype == torch.float32:
+        kernels = _kernels()
+        if kernels.takes(rows, weight):
+            return kernels.rows_linear(rows, weight, head.bias).unsqueeze(1)
     logits = torch.mm(weight, rows.t()).t()
     if head.bias is not None:
         logits = logits + head.bias
     return logits.unsqueeze(1)
 
 
-class _SkinnyLinear(nn.Linear):
-    """A float32 CPU linear layer that multiplies a decode batch's few rows as `weight @ x.T`.
+def _kernels():
+    """stage.kernels, imported (and its kernel compiled or loaded) on first use.
 
-    For 2 to 6 single-position rows, BLAS streams the weight once this way instead of
-    packing it. Measured on `small`, one thread: a stage's decoder layers took 20-25 % less
-    at 4 rows and 10-20 % less at 6, alone; in a 3-stage cluster at 8 streams (groups of
-    4) the three stages' compute per group fell from 34 to 29 ms. At 8 rows the gain seen
-    alone (5-10 %) did not hold in the cluster, and from 12 rows on `linear` is faster.
+    Only float32 CPU stages need it, so an accelerator host never imports numba.
+    """
+    from stage import kernels
+
+    return kernels
+
+
+class _SkinnyLinear(nn.Linear):
+    """A float32 CPU linear layer that multiplies a decode batch's few rows without packing.
+
+    BLAS's `linear` packs the weight for a product of a few rows, and reads it at a
+    fraction of the speed a core can stream. For 2 to KERNEL_ROWS single-position rows on a
+    one-thread stage, this layer takes stage.kernels' product, which reads each weight row
+    once: on `small` at 8 rows, 1.38 ms a decoder layer against 2.72 ms with `linear`. With
+    more threads, 2 to SKINNY_ROWS rows take `weight @ x.T`, which BLAS streams once too:
+    20-25 % less than `linear` at 4 rows, measured alone on one thread, and 34 against
+    29 ms per group for the three stages of a cluster at 8 streams.
     Batch 1 ([1, n, H]) and prompts ([B, n > 1, H]) take `F.linear`, the call `nn.Linear`
     makes, so the batch-1 path keeps the monolithic model's bits. Batched results are
     equal in value, not always in every bit, as for any batched product.
@@ -546,9 +564,15 @@ class _SkinnyLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if x.dim() != 3 or x.shape[1] != 1 or not 2 <= rows <= SKINNY_ROWS:
+        if x.dim() != 3 or x.shape[1] != 1 or rows < 2:
             return nn.functional.linear(x, self.weight, self.bias)
-        y = torch.mm(self.weight, x.reshape(rows, -1).t()).t().contiguous()
+        x = x.reshape(rows, -1)
+        kernels = _kernels()
+        if kernels.takes(x, self.weight):
+            return kernels.rows_linear(x, self.weight, self.bias).unsqueeze(1)
+        if rows > SKINNY_ROWS:
+            return nn.functional.linear(x, self.weight, self.bias).unsqueeze(1)
+        y = torch.mm(self.weight, x.t()).t().contiguous()
         if self.bias is not None:
             y += self.bias
         return y.unsqueeze(1)
@@ -558,8 +582,10 @@ def _skinny_linears(layer: nn.Module) -> None:
     """Give a CPU layer's plain linear sublayers the decode-batch product of _SkinnyLinear.
 
     Only the class changes: the parameters, their names and the module tree stay. Only
-    float32 layers get it: that is the dtype it was measured in.
+    float32 layers get it: that is the dtype it was measured in. The kernel is compiled
+    (or loaded from its cache) here, while the shard loads, not at the first decode step.
     """
+    _kernels()
     for module in layer.modules():
         if type(module) is nn.Linear:
             module.__class__ = _SkinnyLinear

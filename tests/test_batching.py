@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
-from stage.shard import SKINNY_ROWS, ShardError, _skinny_linears, _SkinnyLinear, load_shard
+from stage import kernels
+from stage.kernels import KERNEL_ROWS
+from stage.shard import (
+    SKINNY_ROWS,
+    ShardError,
+    _batched_head,
+    _skinny_linears,
+    _SkinnyLinear,
+    load_shard,
+)
 from tests.test_parity import _reference
 from tests.tiny_models import ARCHITECTURES, VOCAB
 
@@ -37,9 +49,26 @@ def _prefill_each(shards, prompts):
     return states, tokens
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Compute as a `--threads n` stage does: which product a decode batch takes depends on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("arch", BATCHABLE)
-def test_mixed_batches_equal_generate_for_each_request_alone(checkpoints, arch):
-    directory = checkpoints[arch]
+def test_mixed_batches_equal_generate_for_each_request_alone(checkpoints, arch, threads):
+    """One thread takes the row kernel for decode groups; two take BLAS (see _SkinnyLinear)."""
+    with torch_threads(threads):
+        _mixed_batches_equal_generate(checkpoints[arch], arch)
+
+
+def _mixed_batches_equal_generate(directory, arch):
     ref = _reference(directory)
     prompts = _prompts()
     expected = [
@@ -69,9 +98,14 @@ def test_mixed_batches_equal_generate_for_each_request_alone(checkpoints, arch):
         assert all(st.length == p.shape[1] + STEPS for st in states[i])
 
 
-def test_batched_values_match_unbatched(checkpoints):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_values_match_unbatched(checkpoints, threads):
     """Same values as batch 1 (bits may differ: batch-1 stays the exact path)."""
-    directory = checkpoints["llama"]
+    with torch_threads(threads):
+        _batched_values_match_unbatched(checkpoints["llama"])
+
+
+def _batched_values_match_unbatched(directory):
     shard = load_shard(directory, 0, 5)
     prompts = _prompts()
     solo, batched = [], []
@@ -86,29 +120,76 @@ def test_batched_values_match_unbatched(checkpoints):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_decode_batches_take_the_skinny_product_and_batch_one_keeps_linear(checkpoints):
+def test_the_row_kernel_equals_a_float64_product_for_odd_shapes():
+    g = torch.Generator().manual_seed(11)
+    for rows in range(2, KERNEL_ROWS + 1):
+        for width, out in [(37, 5), (64, 33), (513, 7)]:
+            x = torch.randn(rows, width, generator=g)
+            w = torch.randn(out, width, generator=g)
+            b = torch.randn(out, generator=g)
+            want = (x.double() @ w.double().t() + b.double()).float()
+            got = kernels.rows_linear(x, w, b)
+            assert got.shape == (rows, out) and got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * width**0.5)
+            torch.testing.assert_close(kernels.rows_linear(x, w, None), want - b)
+
+
+def test_cpu_decode_batches_take_the_row_kernel_and_batch_one_keeps_linear(checkpoints):
     shard = load_shard(checkpoints["llama"], 0, 5)
     linears = [m for m in shard.layers.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m) is _SkinnyLinear for m in linears)
     proj = linears[0]
     g = torch.Generator().manual_seed(3)
     width = proj.in_features
-    for shape in [(1, 1, width), (1, 9, width), (3, 4, width), (SKINNY_ROWS + 1, 1, width)]:
-        x = torch.randn(*shape, generator=g)
-        assert torch.equal(proj(x), torch.nn.functional.linear(x, proj.weight, proj.bias))
     holder = torch.nn.Sequential(torch.nn.Linear(width, 8))  # biased, like qwen2's q, k, v
     _skinny_linears(holder)
     biased = holder[0]
     assert type(biased) is _SkinnyLinear
+    linear = torch.nn.functional.linear
+    # Batch 1, prompts, and decode groups past each product's limit keep `linear`'s bits.
+    for threads, limit in [(1, KERNEL_ROWS), (2, SKINNY_ROWS)]:
+        with torch_threads(threads):
+            for shape in [(1, 1, width), (1, 9, width), (3, 4, width), (limit + 1, 1, width)]:
+                x = torch.randn(*shape, generator=g)
+                assert torch.equal(proj(x), linear(x, proj.weight, proj.bias)), (threads, shape)
     for layer in (proj, biased):
-        for rows in range(2, SKINNY_ROWS + 1):
-            x = torch.randn(rows, 1, width, generator=g)
-            got = layer(x)
-            assert got.shape == (rows, 1, layer.out_features) and got.is_contiguous()
-            want = torch.nn.functional.linear(x, layer.weight, layer.bias)
-            torch.testing.assert_close(got, want)
+        # One thread: 2..KERNEL_ROWS rows take the kernel.
+        with torch_threads(1):
+            for rows in range(2, KERNEL_ROWS + 1):
+                x = torch.randn(rows, 1, width, generator=g)
+                got = layer(x)
+                assert got.shape == (rows, 1, layer.out_features) and got.is_contiguous()
+                flat = x.reshape(rows, width)
+                assert torch.equal(got[:, 0], kernels.rows_linear(flat, layer.weight, layer.bias))
+                torch.testing.assert_close(got, linear(x, layer.weight, layer.bias))
+        # More threads: 2..SKINNY_ROWS rows take `weight @ x.T`, which BLAS runs on them all.
+        with torch_threads(2):
+            for rows in range(2, SKINNY_ROWS + 1):
+                x = torch.randn(rows, 1, width, generator=g)
+                got = layer(x)
+                assert got.shape == (rows, 1, layer.out_features) and got.is_contiguous()
+                flat = x.reshape(rows, width)
+                streamed = torch.mm(layer.weight, flat.t()).t()
+                if layer.bias is not None:
+                    streamed = streamed + layer.bias
+                assert torch.equal(got[:, 0], streamed)
+                torch.testing.assert_close(got, linear(x, layer.weight, layer.bias))
     bf16 = load_shard(checkpoints["llama"], 0, 2, dtype="bfloat16")
     assert all(type(m) is not _SkinnyLinear for m in bf16.layers.modules())
+
+
+def test_a_decode_batch_takes_the_row_kernel_at_the_head(checkpoints):
+    shard = load_shard(checkpoints["llama"], 4, 5)
+    g = torch.Generator().manual_seed(4)
+    head = shard.head
+    for rows in (2, 5, KERNEL_ROWS):
+        hidden = torch.randn(rows, 1, head.in_features, generator=g)
+        with torch_threads(1):
+            got = _batched_head(head, hidden)
+        assert got.shape == (rows, 1, head.out_features)
+        flat = hidden.reshape(rows, -1)
+        assert torch.equal(got[:, 0], kernels.rows_linear(flat, head.weight, head.bias))
+        torch.testing.assert_close(got, head(hidden))
 
 
 def test_a_prompt_can_be_overtaken_between_layers_and_before_the_head(checkpoints):
