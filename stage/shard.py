@@ -36,9 +36,9 @@ DTYPES = {
 
 # Decode batches a shard keeps between steps (see Shard.live).
 MAX_LIVE_BATCHES = 8
-# On a CPU stage with more than one thread, decode batches of at most this many rows multiply
-# a layer's weights as `weight @ x.T` (see _SkinnyLinear); at 8 rows, in a running cluster,
-# `linear` was as fast. One-thread stages take stage.kernels' product up to its KERNEL_ROWS.
+# Decode batches of at most this many rows multiply a float32 CPU layer's weights as
+# `weight @ x.T` (see _SkinnyLinear); at 8 rows, in a running cluster, `linear` was as fast.
+# On one thread the row kernel takes batches of up to its KERNEL_ROWS (_RowKernelLinear).
 SKINNY_ROWS = 6
 
 
@@ -135,6 +135,8 @@ class Shard:
     kinds: tuple[str, ...] = field(default=())
     max_positions: int = 1 << 30
     vocab_size: int = 0
+    # A decode group's products take stage.kernels' row kernel (see _RowKernelLinear).
+    row_kernel: bool = False
     # Decode batches whose tensors stay from one step to the next (see `_BatchCache`), most
     # recently used last: a pipeline keeps several groups of requests in flight, and each
     # group comes back to every stage once per token.
@@ -340,7 +342,7 @@ class Shard:
         if self.last:
             if between is not None:
                 between()
-            hidden = _batched_head(self.head, self.norm(hidden[:, -1:, :]))
+            hidden = _batched_head(self.head, self.norm(hidden[:, -1:, :]), self.row_kernel)
         return hidden
 
     def check_inputs(self, inputs: torch.Tensor, state: KVState, start_pos: int) -> None:
@@ -509,11 +511,11 @@ def _batch_attention(device: torch.device) -> contextlib.AbstractContextManager:
     )
 
 
-def _batched_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def _batched_head(head: nn.Module, hidden: torch.Tensor, row_kernel: bool) -> torch.Tensor:
     """The vocabulary projection of a batch of single positions, [B, 1, H] -> [B, 1, V].
 
     For a few rows against a wide head, BLAS's `linear(hidden, weight)` packs the large
-    matrix first. On a one-thread float32 CPU stage the rows take stage.kernels' product
+    matrix first. With `row_kernel`, on one thread, the rows take stage.kernels' product
     (`small`'s 32000 x 512 head at 8 rows: 7.4 ms); otherwise `weight @ hidden.T`, which
     streams the weight once (11 ms, against 19 ms for `linear`). Same values, other
     rounding, as any batched product.
@@ -527,7 +529,7 @@ def _batched_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     ):
         return head(hidden)
     rows = hidden.reshape(hidden.shape[0], hidden.shape[2])
-    if weight.dtype == torch.float32:
+    if row_kernel:
         kernels = _kernels()
         if kernels.takes(rows, weight):
             return kernels.rows_linear(rows, weight, head.bias).unsqueeze(1)
@@ -538,9 +540,10 @@ def _batched_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _kernels():
-    """stage.kernels, imported (and its kernel compiled or loaded) on first use.
+    """stage.kernels, imported (and its kernel compiled or loaded from its cache) on first use.
 
-    Only float32 CPU stages need it, so an accelerator host never imports numba.
+    Only float32 CPU shards with the row kernel import it, so an accelerator host never
+    imports numba; `python -m stage` imports it at start, before it registers.
     """
     from stage import kernels
 
@@ -548,15 +551,14 @@ def _kernels():
 
 
 class _SkinnyLinear(nn.Linear):
-    """A float32 CPU linear layer that multiplies a decode batch's few rows without packing.
+    """A float32 CPU linear layer that multiplies a decode batch of 2 to SKINNY_ROWS rows as
+    `weight @ x.T`.
 
-    BLAS's `linear` packs the weight for a product of a few rows, and reads it at a
-    fraction of the speed a core can stream. For 2 to KERNEL_ROWS single-position rows on a
-    one-thread stage, this layer takes stage.kernels' product, which reads each weight row
-    once: on `small` at 8 rows, 1.38 ms a decoder layer against 2.72 ms with `linear`. With
-    more threads, 2 to SKINNY_ROWS rows take `weight @ x.T`, which BLAS streams once too:
-    20-25 % less than `linear` at 4 rows, measured alone on one thread, and 34 against
-    29 ms per group for the three stages of a cluster at 8 streams.
+    BLAS's `linear` packs the weight for a product of a few rows; `weight @ x.T` streams it
+    once. Measured on `small`, one thread: a stage's decoder layers took 20-25 % less at 4
+    rows and 10-20 % less at 6, alone; in a 3-stage cluster at 8 streams (groups of 4) the
+    three stages' compute per group fell from 34 to 29 ms. At 8 rows the gain seen alone
+    (5-10 %) did not hold in the cluster, and from 12 rows on `linear` is faster.
     Batch 1 ([1, n, H]) and prompts ([B, n > 1, H]) take `F.linear`, the call `nn.Linear`
     makes, so the batch-1 path keeps the monolithic model's bits. Batched results are
     equal in value, not always in every bit, as for any batched product.
@@ -564,31 +566,45 @@ class _SkinnyLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if x.dim() != 3 or x.shape[1] != 1 or rows < 2:
+        if x.dim() != 3 or x.shape[1] != 1 or not 2 <= rows <= SKINNY_ROWS:
             return nn.functional.linear(x, self.weight, self.bias)
-        x = x.reshape(rows, -1)
-        kernels = _kernels()
-        if kernels.takes(x, self.weight):
-            return kernels.rows_linear(x, self.weight, self.bias).unsqueeze(1)
-        if rows > SKINNY_ROWS:
-            return nn.functional.linear(x, self.weight, self.bias).unsqueeze(1)
-        y = torch.mm(self.weight, x.t()).t().contiguous()
+        y = torch.mm(self.weight, x.reshape(rows, -1).t()).t().contiguous()
         if self.bias is not None:
             y += self.bias
         return y.unsqueeze(1)
 
 
-def _skinny_linears(layer: nn.Module) -> None:
-    """Give a CPU layer's plain linear sublayers the decode-batch product of _SkinnyLinear.
+class _RowKernelLinear(_SkinnyLinear):
+    """A _SkinnyLinear whose decode batches of 2 to KERNEL_ROWS rows, on one thread, take
+    stage.kernels' row kernel, which reads each weight row once.
+
+    On `small` at 8 rows, one thread: 1.38 ms a decoder layer, against 2.72 ms with
+    `linear` and 2.24 ms as `weight @ x.T`. With more torch threads the kernel, which runs
+    on the calling thread only, gives way to _SkinnyLinear's BLAS products, which use them
+    all. Batch 1 and prompts still take `F.linear`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if x.dim() == 3 and x.shape[1] == 1 and rows >= 2:
+            kernels = _kernels()
+            flat = x.reshape(rows, -1)
+            if kernels.takes(flat, self.weight):
+                return kernels.rows_linear(flat, self.weight, self.bias).unsqueeze(1)
+        return super().forward(x)
+
+
+def _skinny_linears(layer: nn.Module, row_kernel: bool) -> None:
+    """Give a CPU layer's plain linear sublayers the decode-batch products of _SkinnyLinear,
+    or of _RowKernelLinear with `row_kernel`.
 
     Only the class changes: the parameters, their names and the module tree stay. Only
-    float32 layers get it: that is the dtype it was measured in. The kernel is compiled
-    (or loaded from its cache) here, while the shard loads, not at the first decode step.
+    float32 layers get them: that is the dtype they were measured in.
     """
-    _kernels()
+    cls = _RowKernelLinear if row_kernel else _SkinnyLinear
     for module in layer.modules():
         if type(module) is nn.Linear:
-            module.__class__ = _SkinnyLinear
+            module.__class__ = cls
 
 
 def _shard_config(config, start: int, end: int):
@@ -683,11 +699,14 @@ def load_shard(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     reuse: Shard | None = None,
+    row_kernel: bool = True,
 ) -> Shard:
     """Build layers [start, end) of a checkpoint, reading only their own tensors.
 
     With `reuse`, layers (and embeddings or head) that shard already holds are moved over
-    instead of read again: a reshard loads only what is new.
+    instead of read again: a reshard loads only what is new. With `row_kernel`, a float32
+    CPU shard multiplies decode groups with stage.kernels' row kernel when it runs on one
+    thread (see _RowKernelLinear); it costs the process about 130 MiB for numba, once.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     num_layers = ckpt.num_layers
@@ -721,6 +740,12 @@ def load_shard(
         or reuse.device != dev
     ):
         reuse = None
+    skinny = dev.type == "cpu" and torch_dtype == torch.float32
+    row_kernel = row_kernel and skinny
+    if row_kernel:
+        _kernels()  # compiled or loaded now, not at the first decode step
+    if reuse is not None and reuse.row_kernel != row_kernel:
+        reuse = None
     rebuilt = nn.ModuleList()
     for i in range(end - start):
         g = start + i
@@ -730,8 +755,8 @@ def load_shard(
             with torch.device("meta"):
                 layer = layer_cls(full_config, layer_idx=g)
             _fill(layer, f"layers.{i}", f"{adapter.layers}.{g}", ckpt, torch_dtype, dev)
-            if dev.type == "cpu" and torch_dtype == torch.float32:
-                _skinny_linears(layer)
+            if skinny:
+                _skinny_linears(layer, row_kernel)
         rebuilt.append(layer)
 
     parts: dict[str, nn.Module | None] = {
@@ -793,6 +818,7 @@ def load_shard(
             or getattr(ckpt.config, "n_positions", 1 << 30)
         ),
         vocab_size=int(ckpt.config.vocab_size),
+        row_kernel=row_kernel,
         **parts,
     )
     for module in shard.modules():

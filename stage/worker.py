@@ -104,6 +104,8 @@ class StageConfig:
     heartbeat: float = DEFAULT_HEARTBEAT_S
     dead_after: float = DEFAULT_DEAD_AFTER_S
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S
+    # Decode groups of a float32 CPU shard take stage.kernels' row kernel on one thread.
+    row_kernel: bool = True
 
 
 # --- jobs for the compute thread (one FIFO queue) -------------------------------------------
@@ -660,7 +662,13 @@ class StageWorker:
         else:
             try:
                 shard = load_shard(
-                    self.checkpoint, job.start, job.end, dtype=dtype, device=self.device, reuse=old
+                    self.checkpoint,
+                    job.start,
+                    job.end,
+                    dtype=dtype,
+                    device=self.device,
+                    reuse=old,
+                    row_kernel=self.config.row_kernel,
                 )
             except Exception as e:
                 # A reused layer may already have been renumbered for the new shard: the old

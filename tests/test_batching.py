@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from torch.nn import Linear
 
 from stage import kernels
 from stage.kernels import KERNEL_ROWS
@@ -14,6 +15,7 @@ from stage.shard import (
     SKINNY_ROWS,
     ShardError,
     _batched_head,
+    _RowKernelLinear,
     _skinny_linears,
     _SkinnyLinear,
     load_shard,
@@ -137,23 +139,31 @@ def test_the_row_kernel_equals_a_float64_product_for_odd_shapes():
 def test_cpu_decode_batches_take_the_row_kernel_and_batch_one_keeps_linear(checkpoints):
     shard = load_shard(checkpoints["llama"], 0, 5)
     linears = [m for m in shard.layers.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(type(m) is _SkinnyLinear for m in linears)
-    proj = linears[0]
+    assert shard.row_kernel and linears and all(type(m) is _RowKernelLinear for m in linears)
+    blas = load_shard(checkpoints["llama"], 0, 5, row_kernel=False)
+    blas_linears = [m for m in blas.layers.modules() if isinstance(m, Linear)]
+    assert not blas.row_kernel and all(type(m) is _SkinnyLinear for m in blas_linears)
+    proj, blas_proj = linears[0], blas_linears[0]
     g = torch.Generator().manual_seed(3)
     width = proj.in_features
-    holder = torch.nn.Sequential(torch.nn.Linear(width, 8))  # biased, like qwen2's q, k, v
-    _skinny_linears(holder)
-    biased = holder[0]
-    assert type(biased) is _SkinnyLinear
+    holder = torch.nn.Sequential(Linear(width, 8), Linear(width, 8))  # biased, like qwen2's q
+    _skinny_linears(holder[0], row_kernel=True)
+    _skinny_linears(holder[1], row_kernel=False)
+    biased, blas_biased = holder
+    assert type(biased) is _RowKernelLinear and type(blas_biased) is _SkinnyLinear
     linear = torch.nn.functional.linear
     # Batch 1, prompts, and decode groups past each product's limit keep `linear`'s bits.
-    for threads, limit in [(1, KERNEL_ROWS), (2, SKINNY_ROWS)]:
+    for layer, threads, limit in [
+        (proj, 1, KERNEL_ROWS),
+        (proj, 2, SKINNY_ROWS),
+        (blas_proj, 1, SKINNY_ROWS),
+    ]:
         with torch_threads(threads):
             for shape in [(1, 1, width), (1, 9, width), (3, 4, width), (limit + 1, 1, width)]:
                 x = torch.randn(*shape, generator=g)
-                assert torch.equal(proj(x), linear(x, proj.weight, proj.bias)), (threads, shape)
+                assert torch.equal(layer(x), linear(x, layer.weight, layer.bias)), (threads, shape)
+    # The row kernel on one thread, 2..KERNEL_ROWS rows.
     for layer in (proj, biased):
-        # One thread: 2..KERNEL_ROWS rows take the kernel.
         with torch_threads(1):
             for rows in range(2, KERNEL_ROWS + 1):
                 x = torch.randn(rows, 1, width, generator=g)
@@ -162,33 +172,38 @@ def test_cpu_decode_batches_take_the_row_kernel_and_batch_one_keeps_linear(check
                 flat = x.reshape(rows, width)
                 assert torch.equal(got[:, 0], kernels.rows_linear(flat, layer.weight, layer.bias))
                 torch.testing.assert_close(got, linear(x, layer.weight, layer.bias))
-        # More threads: 2..SKINNY_ROWS rows take `weight @ x.T`, which BLAS runs on them all.
-        with torch_threads(2):
+    # `weight @ x.T` for 2..SKINNY_ROWS rows: without the row kernel, or with more threads,
+    # which BLAS uses and the kernel would not.
+    for layer, threads in [(proj, 2), (biased, 2), (blas_proj, 1), (blas_biased, 1)]:
+        with torch_threads(threads):
             for rows in range(2, SKINNY_ROWS + 1):
                 x = torch.randn(rows, 1, width, generator=g)
                 got = layer(x)
                 assert got.shape == (rows, 1, layer.out_features) and got.is_contiguous()
-                flat = x.reshape(rows, width)
-                streamed = torch.mm(layer.weight, flat.t()).t()
+                streamed = torch.mm(layer.weight, x.reshape(rows, width).t()).t()
                 if layer.bias is not None:
                     streamed = streamed + layer.bias
-                assert torch.equal(got[:, 0], streamed)
+                assert torch.equal(got[:, 0], streamed), (threads, rows)
                 torch.testing.assert_close(got, linear(x, layer.weight, layer.bias))
     bf16 = load_shard(checkpoints["llama"], 0, 2, dtype="bfloat16")
-    assert all(type(m) is not _SkinnyLinear for m in bf16.layers.modules())
+    assert not bf16.row_kernel
+    assert all(type(m) is Linear for m in bf16.layers.modules() if isinstance(m, Linear))
 
 
 def test_a_decode_batch_takes_the_row_kernel_at_the_head(checkpoints):
     shard = load_shard(checkpoints["llama"], 4, 5)
+    assert shard.row_kernel
     g = torch.Generator().manual_seed(4)
     head = shard.head
     for rows in (2, 5, KERNEL_ROWS):
         hidden = torch.randn(rows, 1, head.in_features, generator=g)
-        with torch_threads(1):
-            got = _batched_head(head, hidden)
-        assert got.shape == (rows, 1, head.out_features)
         flat = hidden.reshape(rows, -1)
+        with torch_threads(1):
+            got = _batched_head(head, hidden, row_kernel=True)
+            blas = _batched_head(head, hidden, row_kernel=False)
+        assert got.shape == blas.shape == (rows, 1, head.out_features)
         assert torch.equal(got[:, 0], kernels.rows_linear(flat, head.weight, head.bias))
+        assert torch.equal(blas[:, 0], torch.mm(head.weight, flat.t()).t())
         torch.testing.assert_close(got, head(hidden))
 
 

@@ -18,6 +18,7 @@ FIXED_OVERHEAD_BYTES = 48 * 1024 * 1024
 MEASURE = r"""
 import json, sys
 import torch, transformers, safetensors  # imported before the baseline is taken
+import stage.kernels  # so is the row kernel: `python -m stage` imports it at start
 from stage.shard import load_shard
 from stage.checkpoint import open_checkpoint
 ckpt = open_checkpoint(sys.argv[1])

@@ -740,3 +740,52 @@ def test_bad_arguments_exit_2(tmp_path):
         assert out.returncode == 2, (args, out.stderr)
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and reason in lines[0], out.stderr
+
+
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.timeout(120)
+def test_a_one_thread_stage_loads_the_row_kernel_at_start_unless_told_not_to(checkpoints, procs):
+    """Decode groups take the row kernel by default and BLAS with `--no-row-kernel`; either
+    way a group's logits are those of an in-process shard with the same choice, and only
+    the default stage maps numba's LLVM (about 130 MiB)."""
+    brokers = {True: FakeBroker(), False: FakeBroker()}
+    try:
+        stages = {
+            kernel: procs.start(
+                b.url,
+                checkpoints["llama"],
+                "--dead-after",
+                "60",
+                *(() if kernel else ("--no-row-kernel",)),
+            )
+            for kernel, b in brokers.items()
+        }
+        for kernel, b in brokers.items():
+            b.expect(Cmd.READY, timeout=60)
+            # Mapped before the stage registers, so no ASSIGN waits for the compiler.
+            assert ("llvmlite" in _maps(stages[kernel].pid)) is kernel
+            b.assign(0, 5)
+            shard = load_shard(checkpoints["llama"], 0, 5, row_kernel=kernel)
+            seqs = [Seq(f"k{kernel}-{i}") for i in range(3)]
+            states = [shard.new_cache() for _ in seqs]
+            ids = [prompt(20 + i) for i in range(3)]
+            with stage_threads():
+                for seq, state, p in zip(seqs, states, ids, strict=True):
+                    assert b.forward([seq.item(p)], [ids_tensor(p)]).cmd == Cmd.RESULT
+                    shard.forward(ids_tensor(p), state)
+                    seq.advance(p)
+                for token in (5, 9):
+                    steps = [ids_tensor([token + i]) for i in range(3)]
+                    reply = b.forward([s.item([token + i]) for i, s in enumerate(seqs)], steps)
+                    assert reply.cmd == Cmd.RESULT and reply.header["batch"] == 3, reply.header
+                    want = shard.forward_batch(steps, states)
+                    for i, seq in enumerate(seqs):
+                        assert torch.equal(reply.tensor(i), want[i]), (kernel, token, i)
+                        seq.advance([token + i])
+            assert ("llvmlite" in _maps(stages[kernel].pid)) is kernel
+    finally:
+        for b in brokers.values():
+            b.close()
