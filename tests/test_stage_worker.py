@@ -57,13 +57,25 @@ class FakeBroker:
             self.heartbeats.append((time.monotonic(), msg.header))
         return identity.bytes, msg
 
-    def expect(self, *cmds: Cmd, timeout: float = 20.0) -> Message:
-        """The next message with one of `cmds`, skipping heartbeats; READY sets the peer."""
+    def expect(self, *cmds: Cmd, timeout: float = 20.0, keepalive: float | None = None) -> Message:
+        """The next message with one of `cmds`, skipping heartbeats; READY sets the peer.
+
+        With `keepalive`, a HEARTBEAT goes to the peer every that many seconds meanwhile, as
+        a real broker's do: the stage then does not count the broker lost while it works.
+        """
         deadline = time.monotonic() + timeout
+        beat = time.monotonic()
         seen = []
         while (left := deadline - time.monotonic()) > 0:
+            if keepalive is not None:
+                if time.monotonic() >= beat:
+                    self.send(Cmd.HEARTBEAT, {"epoch": self.epoch})
+                    beat = time.monotonic() + keepalive
+                left = min(left, max(beat - time.monotonic(), 0.0))
             got = self.recv(left)
             if got is None:
+                if keepalive is not None and time.monotonic() < deadline:
+                    continue
                 break
             identity, msg = got
             if msg.cmd == Cmd.READY:
@@ -92,7 +104,9 @@ class FakeBroker:
             "map": [{"stage": "s", "start": start, "end": end}],
         }
         self.send(Cmd.ASSIGN, header)
-        return self.expect(Cmd.LOADED, timeout=30).header
+        # A load may take longer than a stage's --dead-after: heartbeat meanwhile, as the
+        # broker does, so that the stage answers on the identity it was assigned on.
+        return self.expect(Cmd.LOADED, timeout=30, keepalive=0.25).header
 
     def forward(
         self,
