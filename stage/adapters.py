@@ -1,31 +1,66 @@
-"""Architecture adapters: where each model family keeps its embeddings, layers, norm and head.
+"""Every touch of transformers' internals, and the architecture adapters built on them.
 
 An adapter never does math of its own. It names the modules of transformers' own model class
 and calls them in the order that model's forward does, so a shard computes the same bits.
+
+This module is the only place in layerline that knows how transformers' modules are built,
+called and cached: the keyword a decoder layer takes its cache by, how masks are made, the
+private attention setting a layer reads, where a layer keeps its cache slot, how a rotary
+module is built, and the cache-layer extension point (`CacheLayerMixin` in
+`Cache(layers=...)`). Each such fact has a contract test in `tests/test_adapters.py`, so a
+release that changes one shows up as one red test with its name.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
-from transformers import masking_utils
-from transformers.cache_utils import Cache
+from transformers import AutoModelForCausalLM, masking_utils
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 
 class UnsupportedArchitecture(ValueError):
     """The checkpoint's model_type has no adapter."""
 
 
-def _mask_fn_takes(name: str) -> bool:
-    return name in inspect.signature(masking_utils.create_causal_mask).parameters
+def _takes(fn: Callable, name: str) -> bool:
+    # inspect.signature follows functools.wraps, so deprecation wrappers show the real names.
+    return name in inspect.signature(fn).parameters
 
 
 # transformers before 5.20 still threads cache_position through masks and layers.
-_MASKS_TAKE_CACHE_POSITION = _mask_fn_takes("cache_position")
+_MASKS_TAKE_CACHE_POSITION = _takes(masking_utils.create_causal_mask, "cache_position")
+# transformers 5.24 renamed the masks' and layers' `past_key_values` to `cache` (the old name
+# goes in 5.40); 5.17 to 5.23 know only `past_key_values`.
+_MASK_CACHE_KEYWORD = (
+    "cache" if _takes(masking_utils.create_causal_mask, "cache") else "past_key_values"
+)
+
+
+@functools.cache
+def cache_keyword(module_cls: type[nn.Module]) -> str:
+    """The keyword a module's forward (a decoder layer, a whole model) takes its cache by."""
+    params = inspect.signature(module_cls.forward).parameters
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    raise UnsupportedArchitecture(
+        f"{module_cls.__name__}.forward takes no cache keyword this transformers release "
+        "is known to use (cache, past_key_values)"
+    )
+
+
+def cache_kwargs(module: nn.Module, cache: Cache | None) -> dict[str, Cache | None]:
+    """`{keyword: cache}` for calling a module, a whole model included, with a KV cache."""
+    return {cache_keyword(type(module)): cache}
 
 
 def _get(root: nn.Module, path: str) -> nn.Module | None:
@@ -35,6 +70,150 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
         if module is None:
             return None
     return module
+
+
+# ---- building a shard's modules -----------------------------------------------------------
+
+
+def meta_model(config, dtype: torch.dtype) -> nn.Module:
+    """transformers' own `*ForCausalLM` for a config, on the meta device: no weight is read."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def layer_config(full_config, shard_config):
+    """The config a decoder layer is built from: the whole model's (some families derive a
+    layer's attention kind or scaling from its global index), with the attention
+    implementation that transformers chose for the shard's skeleton."""
+    config = copy.deepcopy(full_config)
+    config._attn_implementation = shard_config._attn_implementation
+    return config
+
+
+def build_layer(layer_cls: type[nn.Module], config, global_idx: int) -> nn.Module:
+    """One decoder layer with its global index, on the meta device."""
+    with torch.device("meta"):
+        return layer_cls(config, layer_idx=global_idx)
+
+
+def set_cache_slot(layer: nn.Module, adapter: Adapter, slot: int) -> None:
+    """Point a decoder layer at its slot in a shard's cache (its index within the shard)."""
+    getattr(layer, adapter.attention).layer_idx = slot
+
+
+def cache_slot(layer: nn.Module, adapter: Adapter) -> int:
+    return int(getattr(layer, adapter.attention).layer_idx)
+
+
+def build_rotary(skeleton_rotary: nn.Module, config, device: torch.device) -> nn.Module:
+    """A rotary embedding rebuilt off the meta device (its buffers are computed, not read)."""
+    return type(skeleton_rotary)(config=config).to(device)
+
+
+def materialize_buffer(module: nn.Module, name: str, device: torch.device) -> bool:
+    """Give a non-persistent buffer that no checkpoint holds its value; False if unknown.
+
+    Gemma's `embed_scale` is the one such buffer of the supported families.
+    """
+    if name == "embed_scale" and hasattr(module, "scalar_embed_scale"):
+        value = torch.tensor(module.scalar_embed_scale, device=device)
+        module.register_buffer(name, value, persistent=False)
+        return True
+    return False
+
+
+# ---- KV caches ----------------------------------------------------------------------------
+
+
+def new_request_cache(config) -> DynamicCache:
+    """An empty cache for one request's positions in a shard's layers."""
+    return DynamicCache(config=config)
+
+
+def cached_kv(cache: Cache, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values a request cache holds for one layer, [1, heads, length, dim]."""
+    layer = cache.layers[slot]
+    return layer.keys, layer.values
+
+
+def cache_nbytes(cache: Cache | None) -> int:
+    """Bytes of key and value tensors a cache holds."""
+    total = 0
+    for layer in cache.layers if cache is not None else ():
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+class BatchRows(Protocol):
+    """What a `BatchLayer` asks of the batch it belongs to."""
+
+    end: int
+    capacity: int
+
+    def build(self, slot: int, name: str, like: torch.Tensor) -> torch.Tensor: ...
+
+
+class BatchLayer(CacheLayerMixin):
+    """One layer of a left-padded batch of requests: keys and values [B, heads, capacity, dim].
+
+    Columns [0, length) are filled (each row's padding on the left, masked by the caller);
+    `update` writes n new columns for every row with one copy and returns columns
+    [0, length + n). The tensors are built on the first update, when the layer's key shape is
+    known, by the batch (`BatchRows.build`), which gathers its rows' earlier keys and values.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, rows: BatchRows, slot: int):
+        super().__init__()
+        self.rows = rows
+        self.slot = slot
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.keys = self.rows.build(self.slot, "keys", key_states)
+        self.values = self.rows.build(self.slot, "values", value_states)
+        self.length = self.rows.end
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        stop = self.length + key_states.shape[-2]
+        if stop > self.keys.shape[-2]:
+            raise ValueError(
+                f"batch cache of layer slot {self.slot} holds {self.keys.shape[-2]} columns, "
+                f"a step needs {stop}"
+            )
+        self.keys[:, :, self.length : stop].copy_(key_states)
+        self.values[:, :, self.length : stop].copy_(value_states)
+        self.length = stop
+        return self.keys[:, :, :stop], self.values[:, :, :stop]
+
+    def get_seq_length(self) -> int:
+        """Filled columns, each row's left padding included."""
+        return self.length if self.is_initialized else self.rows.end
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized else self.rows.capacity
+
+
+def batch_cache(rows: BatchRows, num_layers: int) -> Cache:
+    """A transformers `Cache` whose layers are `BatchLayer`s of one batch."""
+    return Cache(layers=[BatchLayer(rows, slot) for slot in range(num_layers)])
+
+
+# ---- the adapters -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -49,7 +228,8 @@ class Adapter:
     attention: str  # attribute of a decoder layer holding the attention module (owns layer_idx)
     rotary: str | None = None  # rotary embedding module, rebuilt on the real device
     positions: str | None = None  # learned absolute position embedding (GPT-2)
-    call_layer: Callable[..., torch.Tensor] | None = None
+    # Whether the decoder layer takes position_ids and rotary position_embeddings.
+    rotary_layers: bool = True
 
     def module(self, model: nn.Module, role: str) -> nn.Module | None:
         path = getattr(self, role)
@@ -76,7 +256,7 @@ class Adapter:
             "config": shard_config,
             "inputs_embeds": hidden,
             "attention_mask": None,
-            "past_key_values": cache,
+            _MASK_CACHE_KEYWORD: cache,
             "position_ids": position_ids,
         }
         if _MASKS_TAKE_CACHE_POSITION:
@@ -97,25 +277,19 @@ class Adapter:
         position_embeddings,
         cache: Cache,
     ) -> torch.Tensor:
-        extra = {"cache_position": position_ids[0]} if _MASKS_TAKE_CACHE_POSITION else {}
-        if self.call_layer is not None:
-            return self.call_layer(layer, hidden, mask, position_ids, cache, **extra)
-        out = layer(
-            hidden,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            position_embeddings=position_embeddings,
-            **extra,
-        )
+        kwargs = {
+            cache_keyword(type(layer)): cache,
+            "attention_mask": mask,
+            "position_ids": position_ids,
+            "use_cache": True,
+        }
+        if self.rotary_layers:
+            kwargs["position_embeddings"] = position_embeddings
+        if _MASKS_TAKE_CACHE_POSITION:
+            kwargs["cache_position"] = position_ids[0]
+        out = layer(hidden, **kwargs)
         # Older releases return a tuple from decoder layers.
         return out[0] if isinstance(out, tuple) else out
-
-
-def _call_gpt2_block(layer, hidden, mask, position_ids, cache, **extra) -> torch.Tensor:
-    out = layer(hidden, cache, mask, None, use_cache=True, position_ids=position_ids, **extra)
-    return out[0] if isinstance(out, tuple) else out
 
 
 _LLAMA_LIKE = dict(
@@ -142,7 +316,7 @@ ADAPTERS: dict[str, Adapter] = {
         norm="transformer.ln_f",
         head="lm_head",
         attention="attn",
-        call_layer=_call_gpt2_block,
+        rotary_layers=False,
     ),
 }
 

@@ -18,10 +18,22 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AutoModelForCausalLM
-from transformers.cache_utils import DynamicCache
 
-from stage.adapters import Adapter, adapter_for
+from stage.adapters import (
+    Adapter,
+    Cache,
+    adapter_for,
+    batch_cache,
+    build_layer,
+    build_rotary,
+    cache_nbytes,
+    cached_kv,
+    layer_config,
+    materialize_buffer,
+    meta_model,
+    new_request_cache,
+    set_cache_slot,
+)
 from stage.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 
 DTYPES = {
@@ -88,7 +100,7 @@ class KVState:
     a batch, in a row of that batch's tensors (`batch`); `own()` brings them back.
     """
 
-    cache: DynamicCache | None
+    cache: Cache | None
     length: int = 0
     batch: _BatchCache | None = field(default=None, repr=False)
 
@@ -107,12 +119,7 @@ class KVState:
     def nbytes(self) -> int:
         if self.batch is not None:
             return self.batch.row_bytes()
-        total = 0
-        for layer in self.cache.layers if self.cache is not None else ():
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
+        return cache_nbytes(self.cache)
 
 
 @dataclass
@@ -176,7 +183,7 @@ class Shard:
         return total
 
     def new_cache(self) -> KVState:
-        return KVState(DynamicCache(config=self.shard_config))
+        return KVState(new_request_cache(self.shard_config))
 
     @torch.inference_mode()
     def forward(
@@ -261,7 +268,7 @@ class Shard:
         else:
             for state in states:
                 state.own()
-            batch = _BatchCache(self.shard_config, states, room=n)
+            batch = _BatchCache(self.shard_config, len(self.layers), states, room=n)
         rows = [batch.row(state) for state in states]
         ordered: list[torch.Tensor] = [inputs[0]] * len(rows)
         for x, row in zip(inputs, rows, strict=True):
@@ -296,7 +303,9 @@ class Shard:
         holders = [s.batch for s in states if s.batch is not None]
         previous = max(set(holders), key=holders.count, default=None)
         longest = max(state.length for state in states)
-        batch = _BatchCache(self.shard_config, states, previous, room=max(32, longest // 4))
+        batch = _BatchCache(
+            self.shard_config, len(self.layers), states, previous, room=max(32, longest // 4)
+        )
         if previous is not None:
             previous.retire()
             self.live.remove(previous)
@@ -338,7 +347,7 @@ class Shard:
         for i, layer in enumerate(self.layers):
             if i and between is not None:
                 between()
-            hidden = self.adapter.run_layer(layer, hidden, mask, position_ids, rotary, batch)
+            hidden = self.adapter.run_layer(layer, hidden, mask, position_ids, rotary, batch.cache)
         if self.last:
             if between is not None:
                 between()
@@ -369,29 +378,28 @@ class Shard:
             )
 
 
-class _BatchCache(DynamicCache):
+class _BatchCache:
     """Several requests' keys and values, left-padded into one tensor per layer.
 
     Row i holds request i's positions in columns [end - length_i, end); the columns up to
-    `capacity` are room for later steps. `update` writes a forward's n new columns at
-    [end, end + n) for every row with one copy and returns columns [0, end + n); the caller
-    masks the padding. Zeros (not uninitialised memory) keep a masked score from being NaN.
+    `capacity` are room for later steps. The layers are `adapters.BatchLayer`s inside a
+    transformers `Cache` (`cache`), which the decoder layers update: a forward's n new
+    columns go to [end, end + n) for every row with one copy, and the caller masks the
+    padding. Zeros (not uninitialised memory) keep a masked score from being NaN.
 
-    Each layer's tensors are built on its first `update`, when the layer's key shape is
-    known: rows that were in `previous` (the batch these requests last decoded in) are
+    Each layer's tensors are built on its first update, when the layer's key shape is known
+    (`build`): rows that were in `previous` (the batch these requests last decoded in) are
     gathered from its tensors, the others copied from their own caches. Rows stay leased to
     the batch (`KVState.batch`) until `release` copies one back into its own cache.
     """
 
-    def __init__(self, config, states: list[KVState], previous=None, room: int = 0):
-        super().__init__(config=config)
+    def __init__(self, config, num_layers: int, states: list[KVState], previous=None, room=0):
         self.config = config
         self.states: list[KVState | None] = list(states)
         self._rows = {id(state): i for i, state in enumerate(self.states)}
         self.end = max(state.length for state in states)
         self.capacity = self.end + room
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+        self.cache = batch_cache(self, num_layers)
         if previous is None:
             kept = []
         else:
@@ -418,29 +426,22 @@ class _BatchCache(DynamicCache):
             and self.end + n <= self.capacity
         )
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        if layer_idx == len(self.keys):
-            self.keys.append(self._build(layer_idx, "keys", key_states))
-            self.values.append(self._build(layer_idx, "values", value_states))
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        stop = self.end + key_states.shape[2]
-        keys[:, :, self.end : stop].copy_(key_states)
-        values[:, :, self.end : stop].copy_(value_states)
-        return keys[:, :, :stop], values[:, :, :stop]
-
-    def _build(self, layer_idx: int, name: str, like: torch.Tensor) -> torch.Tensor:
+    def build(self, slot: int, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A layer's keys or values, [B, heads, capacity, dim], holding every row's past."""
         batch, heads, _, dim = like.shape
         shape = (batch, heads, self.capacity, dim)
         out = torch.zeros(shape, dtype=like.dtype, device=like.device)
         previous = self._previous
         if previous is not None:
             span = min(previous.end, self.end)
-            old = getattr(previous, name)[layer_idx][:, :, previous.end - span : previous.end]
+            held = getattr(previous.cache.layers[slot], name)
+            old = held[:, :, previous.end - span : previous.end]
             rows = old.index_select(0, self._kept_from.to(old.device))
             out[:, :, self.end - span : self.end].index_copy_(0, self._kept_to.to(out.device), rows)
+        which = 0 if name == "keys" else 1
         for i, state in self._joiners:
             if state.length:
-                cached = getattr(state.cache.layers[layer_idx], name)[0]
+                cached = cached_kv(state.cache, slot)[which][0]
                 out[i, :, self.end - state.length : self.end].copy_(cached)
         return out
 
@@ -464,12 +465,14 @@ class _BatchCache(DynamicCache):
     def release(self, state: KVState) -> None:
         """Copy one row back into the request's own cache; the row no longer counts."""
         i = self.forget(state)
-        cache = DynamicCache(config=self.config)
+        cache = new_request_cache(self.config)
         if state.length:
             begin = self.end - state.length
-            for j, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            for slot, layer in enumerate(self.cache.layers):
                 cache.update(
-                    k[i : i + 1, :, begin : self.end], v[i : i + 1, :, begin : self.end], j
+                    layer.keys[i : i + 1, :, begin : self.end],
+                    layer.values[i : i + 1, :, begin : self.end],
+                    slot,
                 )
         state.cache = cache
 
@@ -492,7 +495,12 @@ class _BatchCache(DynamicCache):
 
     def row_bytes(self) -> int:
         """Bytes one row takes, padding and room included."""
-        return sum(t[0].numel() * t.element_size() for t in (*self.keys, *self.values))
+        return sum(
+            t[0].numel() * t.element_size()
+            for layer in self.cache.layers
+            if layer.is_initialized
+            for t in (layer.keys, layer.values)
+        )
 
 
 def _batch_attention(device: torch.device) -> contextlib.AbstractContextManager:
@@ -681,13 +689,7 @@ def _materialize_buffers(module: nn.Module, device: torch.device) -> None:
     """Non-persistent buffers are not in the checkpoint; rebuild the few families that have one."""
     for sub in module.modules():
         for name, buf in list(sub.named_buffers(recurse=False)):
-            if not buf.is_meta:
-                continue
-            if name == "embed_scale" and hasattr(sub, "scalar_embed_scale"):
-                sub.register_buffer(
-                    name, torch.tensor(sub.scalar_embed_scale, device=device), persistent=False
-                )
-            else:
+            if buf.is_meta and not materialize_buffer(sub, name, device):
                 raise ShardError(f"{type(sub).__name__}.{name} has no value after loading")
 
 
@@ -725,13 +727,9 @@ def load_shard(
     # The skeleton has end - start layers: local layer i is global layer start + i, and the
     # cache is indexed locally. Layers are rebuilt with their global index (some families
     # derive their attention kind or scaling from it) and then told their local cache slot.
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(
-            _shard_config(ckpt.config, start, end), dtype=torch_dtype
-        )
+    skeleton = meta_model(_shard_config(ckpt.config, start, end), torch_dtype)
     shard_config = skeleton.config
-    full_config = copy.deepcopy(ckpt.config)
-    full_config._attn_implementation = shard_config._attn_implementation
+    full_config = layer_config(ckpt.config, shard_config)
     layers = adapter.module(skeleton, "layers")
     layer_cls = type(layers[0])
     if reuse is not None and (
@@ -752,8 +750,7 @@ def load_shard(
         if reuse is not None and reuse.start <= g < reuse.end:
             layer = reuse.layers[g - reuse.start]
         else:
-            with torch.device("meta"):
-                layer = layer_cls(full_config, layer_idx=g)
+            layer = build_layer(layer_cls, full_config, g)
             _fill(layer, f"layers.{i}", f"{adapter.layers}.{g}", ckpt, torch_dtype, dev)
             if skinny:
                 _skinny_linears(layer, row_kernel)
@@ -795,11 +792,11 @@ def load_shard(
 
     # Cache slots are renumbered only now: a load that failed above leaves `reuse` intact.
     for i, layer in enumerate(rebuilt):
-        getattr(layer, adapter.attention).layer_idx = i
+        set_cache_slot(layer, adapter, i)
     rotary = None
     skeleton_rotary = adapter.module(skeleton, "rotary")
     if skeleton_rotary is not None:
-        rotary = type(skeleton_rotary)(config=shard_config).to(dev)
+        rotary = build_rotary(skeleton_rotary, shard_config, dev)
     del skeleton
 
     shard = Shard(

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import zmq
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from broker.protocol import (
     BUNDLES,
@@ -47,6 +47,7 @@ from client import (
     RequestTimeout,
 )
 from client.session import TextAssembler
+from stage.adapters import cache_kwargs, new_request_cache
 from stage.demo_model import ensure_demo_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,7 +209,11 @@ class FakeBroker(threading.Thread):
         if pos == 0:
             if h["prev"] != EMPTY_PREFIX_HASH:
                 self.failures.append(f"prefill with prev != 0: {h}")
-            self.caches[rid] = {"cache": DynamicCache(), "len": 0, "hash": EMPTY_PREFIX_HASH}
+            self.caches[rid] = {
+                "cache": new_request_cache(self.model.config),
+                "len": 0,
+                "hash": EMPTY_PREFIX_HASH,
+            }
             self.prompt_len.setdefault(rid, n)
         entry = self.caches.get(rid)
         if entry is None:
@@ -222,7 +227,7 @@ class FakeBroker(threading.Thread):
             with torch.no_grad():
                 out = self.model(
                     input_ids=torch.tensor([ids]),
-                    past_key_values=entry["cache"],
+                    **cache_kwargs(self.model, entry["cache"]),
                     use_cache=True,
                     logits_to_keep=1,
                 )

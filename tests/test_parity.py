@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from transformers.cache_utils import DynamicCache
 
+from stage.adapters import cache_kwargs, new_request_cache
 from stage.shard import load_shard
 from tests.tiny_models import ARCHITECTURES, VOCAB
 
@@ -53,12 +53,14 @@ def test_prefill_and_decode_bit_exact(checkpoints, arch, split):
     ref = _reference(directory)
     shards = [load_shard(directory, a, b) for a, b in SPLITS[split]]
     states = [s.new_cache() for s in shards]
-    ref_cache = DynamicCache(config=ref.config)
+    ref_cache = new_request_cache(ref.config)
 
     ids = _prompt()
     with torch.no_grad():
         for step in range(DECODE_STEPS + 1):
-            out = ref(ids, past_key_values=ref_cache, use_cache=True, output_hidden_states=True)
+            out = ref(
+                ids, **cache_kwargs(ref, ref_cache), use_cache=True, output_hidden_states=True
+            )
             boundaries, logits = _run(shards, states, ids)
             for layer, hidden in boundaries:
                 assert torch.equal(hidden, out.hidden_states[layer]), (
