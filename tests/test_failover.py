@@ -43,6 +43,9 @@ def test_killed_stage_mid_stream(checkpoints):
     prompt = prompt_ids(21)
     expected = reference_greedy(directory, prompt, TOKENS)
     with Cluster(directory, 3, broker_args=FAST) as cluster, Client(cluster.url) as client:
+        # The pipeline's order is the order the stages registered in, which load can change.
+        before = [r["stage"] for r in cluster.status()["map"]]
+        after = [name for name in before if name != "s1"]
         t_kill = {}
 
         def on_token(i):
@@ -55,12 +58,13 @@ def test_killed_stage_mid_stream(checkpoints):
         reshards = [e for e in events if e["type"] == "reshard"]
         assert len(reshards) == 1
         assert reshards[0]["lost"] == "s1"
-        assert [r["stage"] for r in reshards[0]["old_map"]] == ["s0", "s1", "s2"]
-        assert [r["stage"] for r in reshards[0]["new_map"]] == ["s0", "s2"]
+        assert sorted(before) == ["s0", "s1", "s2"]
+        assert [r["stage"] for r in reshards[0]["old_map"]] == before
+        assert [r["stage"] for r in reshards[0]["new_map"]] == after
         status = cluster.wait_for(
             lambda s: stage_caches(s) == 0 and s["ready"], 10, "no caches left"
         )
-        assert [r["stage"] for r in status["map"]] == ["s0", "s2"]
+        assert [r["stage"] for r in status["map"]] == after
 
 
 @pytest.mark.timeout(180)
