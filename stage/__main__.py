@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from stage.adapters import UnsupportedArchitecture, adapter_for
     from stage.checkpoint import CheckpointError, open_checkpoint
-    from stage.shard import ShardError, check_device, resolve_dtype
+    from stage.devices import check_device, resolve_dtype
+    from stage.shard import ShardError
     from stage.worker import StageConfig, StageWorker
 
     try:

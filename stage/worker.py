@@ -41,15 +41,10 @@ from broker.protocol import (
     prefix_hash,
 )
 from stage.checkpoint import Checkpoint, open_checkpoint
+from stage.devices import resolve_dtype
 from stage.kvcache import KVStore
-from stage.shard import (
-    ContextOverflow,
-    KVState,
-    Shard,
-    ShardError,
-    load_shard,
-    resolve_dtype,
-)
+from stage.loading import load_shard
+from stage.shard import ContextOverflow, KVState, Shard, ShardError
 
 # Defaults, as in docs/protocol.md ("Limits and timeouts").
 # Credits bound the steps a stage holds; batching needs several of them queued at once, and

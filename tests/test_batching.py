@@ -11,15 +11,15 @@ from torch.nn import Linear
 
 from stage import kernels
 from stage.kernels import KERNEL_ROWS
-from stage.shard import (
+from stage.loading import load_shard
+from stage.products import (
     SKINNY_ROWS,
-    ShardError,
-    _batched_head,
-    _RowKernelLinear,
-    _skinny_linears,
-    _SkinnyLinear,
-    load_shard,
+    RowKernelLinear,
+    SkinnyLinear,
+    batched_head,
+    skinny_linears,
 )
+from stage.shard import ShardError
 from tests.test_parity import _reference
 from tests.tiny_models import ARCHITECTURES, VOCAB
 
@@ -65,7 +65,7 @@ def torch_threads(n: int) -> Iterator[None]:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("arch", BATCHABLE)
 def test_mixed_batches_equal_generate_for_each_request_alone(checkpoints, arch, threads):
-    """One thread takes the row kernel for decode groups; two take BLAS (see _SkinnyLinear)."""
+    """One thread takes the row kernel for decode groups; two take BLAS (see SkinnyLinear)."""
     with torch_threads(threads):
         _mixed_batches_equal_generate(checkpoints[arch], arch)
 
@@ -139,18 +139,18 @@ def test_the_row_kernel_equals_a_float64_product_for_odd_shapes():
 def test_cpu_decode_batches_take_the_row_kernel_and_batch_one_keeps_linear(checkpoints):
     shard = load_shard(checkpoints["llama"], 0, 5)
     linears = [m for m in shard.layers.modules() if isinstance(m, torch.nn.Linear)]
-    assert shard.row_kernel and linears and all(type(m) is _RowKernelLinear for m in linears)
+    assert shard.row_kernel and linears and all(type(m) is RowKernelLinear for m in linears)
     blas = load_shard(checkpoints["llama"], 0, 5, row_kernel=False)
     blas_linears = [m for m in blas.layers.modules() if isinstance(m, Linear)]
-    assert not blas.row_kernel and all(type(m) is _SkinnyLinear for m in blas_linears)
+    assert not blas.row_kernel and all(type(m) is SkinnyLinear for m in blas_linears)
     proj, blas_proj = linears[0], blas_linears[0]
     g = torch.Generator().manual_seed(3)
     width = proj.in_features
     holder = torch.nn.Sequential(Linear(width, 8), Linear(width, 8))  # biased, like qwen2's q
-    _skinny_linears(holder[0], row_kernel=True)
-    _skinny_linears(holder[1], row_kernel=False)
+    skinny_linears(holder[0], row_kernel=True)
+    skinny_linears(holder[1], row_kernel=False)
     biased, blas_biased = holder
-    assert type(biased) is _RowKernelLinear and type(blas_biased) is _SkinnyLinear
+    assert type(biased) is RowKernelLinear and type(blas_biased) is SkinnyLinear
     linear = torch.nn.functional.linear
     # Batch 1, prompts, and decode groups past each product's limit keep `linear`'s bits.
     for layer, threads, limit in [
@@ -199,8 +199,8 @@ def test_a_decode_batch_takes_the_row_kernel_at_the_head(checkpoints):
         hidden = torch.randn(rows, 1, head.in_features, generator=g)
         flat = hidden.reshape(rows, -1)
         with torch_threads(1):
-            got = _batched_head(head, hidden, row_kernel=True)
-            blas = _batched_head(head, hidden, row_kernel=False)
+            got = batched_head(head, hidden, row_kernel=True)
+            blas = batched_head(head, hidden, row_kernel=False)
         assert got.shape == blas.shape == (rows, 1, head.out_features)
         assert torch.equal(got[:, 0], kernels.rows_linear(flat, head.weight, head.bias))
         assert torch.equal(blas[:, 0], torch.mm(head.weight, flat.t()).t())

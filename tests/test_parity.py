@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from stage.adapters import cache_kwargs, new_request_cache
-from stage.shard import load_shard
+from stage.loading import load_shard
 from tests.tiny_models import ARCHITECTURES, VOCAB
 
 # 5 layers; uneven splits on purpose.

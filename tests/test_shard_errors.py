@@ -11,7 +11,8 @@ import torch
 
 from stage.adapters import UnsupportedArchitecture
 from stage.checkpoint import CheckpointError
-from stage.shard import ShardError, load_shard
+from stage.loading import load_shard
+from stage.shard import ShardError
 
 
 def _digest(directory) -> dict[str, str]:

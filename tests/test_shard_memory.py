@@ -19,7 +19,7 @@ MEASURE = r"""
 import json, sys
 import torch, transformers, safetensors  # imported before the baseline is taken
 import stage.kernels  # so is the row kernel: `python -m stage` imports it at start
-from stage.shard import load_shard
+from stage.loading import load_shard
 from stage.checkpoint import open_checkpoint
 ckpt = open_checkpoint(sys.argv[1])
 def status(field):

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from broker.protocol import STAGE_TAG, Cmd, Message, decode, encode, prefix_hash
 from stage.checkpoint import open_checkpoint
 from stage.kvcache import KVStore
-from stage.shard import load_shard
+from stage.loading import load_shard
 from tests.tiny_models import VOCAB
 
 REPO = Path(__file__).resolve().parents[1]

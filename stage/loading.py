@@ -1,0 +1,237 @@
+"""Loading a shard: layers [start, end) of a checkpoint, holding only their own weights.
+
+The shard is built on the meta device from transformers' own model class and filled only with
+its own tensors, read straight from the checkpoint's safetensors files.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from stage.adapters import (
+    adapter_for,
+    build_layer,
+    build_rotary,
+    layer_config,
+    materialize_buffer,
+    meta_model,
+    set_cache_slot,
+)
+from stage.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from stage.devices import check_device, resolve_dtype
+from stage.products import load_row_kernel, skinny_linears
+from stage.shard import Shard, ShardError
+
+
+def load_shard(
+    checkpoint: str | Path | Checkpoint,
+    start: int,
+    end: int,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    reuse: Shard | None = None,
+    row_kernel: bool = True,
+) -> Shard:
+    """Build layers [start, end) of a checkpoint, reading only their own tensors.
+
+    With `reuse`, layers (and embeddings or head) that shard already holds are moved over
+    instead of read again: a reshard loads only what is new. With `row_kernel`, a float32
+    CPU shard multiplies decode groups with stage.kernels' row kernel when it runs on one
+    thread (see RowKernelLinear); it costs the process about 130 MiB for numba, once.
+    """
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    num_layers = ckpt.num_layers
+    if not (isinstance(start, int) and isinstance(end, int)):
+        raise ShardError(f"layer range bounds must be integers, got {start!r}, {end!r}")
+    if start >= end:
+        raise ShardError(f"layer range [{start},{end}) is empty or inverted; need start < end")
+    if start < 0 or end > num_layers:
+        raise ShardError(
+            f"layer range [{start},{end}) is outside the model's layers [0,{num_layers})"
+        )
+    torch_dtype = resolve_dtype(dtype)
+    dev = check_device(device, torch_dtype)
+    adapter = adapter_for(ckpt.config)
+
+    # The skeleton has end - start layers: local layer i is global layer start + i, and the
+    # cache is indexed locally. Layers are rebuilt with their global index (some families
+    # derive their attention kind or scaling from it) and then told their local cache slot.
+    skeleton = meta_model(_shard_config(ckpt.config, start, end), torch_dtype)
+    shard_config = skeleton.config
+    full_config = layer_config(ckpt.config, shard_config)
+    layers = adapter.module(skeleton, "layers")
+    layer_cls = type(layers[0])
+    if reuse is not None and (
+        reuse.checkpoint.fingerprint != ckpt.fingerprint
+        or reuse.dtype != torch_dtype
+        or reuse.device != dev
+    ):
+        reuse = None
+    skinny = dev.type == "cpu" and torch_dtype == torch.float32
+    row_kernel = row_kernel and skinny
+    if row_kernel:
+        load_row_kernel()  # compiled or loaded now, not at the first decode step
+    if reuse is not None and reuse.row_kernel != row_kernel:
+        reuse = None
+    rebuilt = nn.ModuleList()
+    for i in range(end - start):
+        g = start + i
+        if reuse is not None and reuse.start <= g < reuse.end:
+            layer = reuse.layers[g - reuse.start]
+        else:
+            layer = build_layer(layer_cls, full_config, g)
+            _fill(layer, f"layers.{i}", f"{adapter.layers}.{g}", ckpt, torch_dtype, dev)
+            if skinny:
+                skinny_linears(layer, row_kernel)
+        rebuilt.append(layer)
+
+    parts: dict[str, nn.Module | None] = {
+        "embed": None,
+        "positions": None,
+        "norm": None,
+        "head": None,
+    }
+    if start == 0:
+        for role in ("embed", "positions"):
+            module = adapter.module(skeleton, role)
+            if reuse is not None and reuse.first and getattr(reuse, role) is not None:
+                parts[role] = getattr(reuse, role)
+            elif module is not None:
+                _fill(module, role, getattr(adapter, role), ckpt, torch_dtype, dev)
+                parts[role] = module
+    if end == num_layers and reuse is not None and reuse.last:
+        parts["norm"], parts["head"] = reuse.norm, reuse.head
+    elif end == num_layers:
+        parts["norm"] = adapter.module(skeleton, "norm")
+        _fill(parts["norm"], "norm", adapter.norm, ckpt, torch_dtype, dev)
+        head = adapter.module(skeleton, "head")
+        tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
+        if (
+            tied
+            and parts["embed"] is not None
+            and _checkpoint_key(ckpt, f"{adapter.head}.weight") is None
+        ):
+            head.weight = parts["embed"].weight  # one matrix, as in the monolithic model
+        else:
+            fallback = (
+                {"weight": _checkpoint_key(ckpt, f"{adapter.embed}.weight")} if tied else None
+            )
+            _fill(head, "head", adapter.head, ckpt, torch_dtype, dev, fallback)
+        parts["head"] = head
+
+    # Cache slots are renumbered only now: a load that failed above leaves `reuse` intact.
+    for i, layer in enumerate(rebuilt):
+        set_cache_slot(layer, adapter, i)
+    rotary = None
+    skeleton_rotary = adapter.module(skeleton, "rotary")
+    if skeleton_rotary is not None:
+        rotary = build_rotary(skeleton_rotary, shard_config, dev)
+    del skeleton
+
+    shard = Shard(
+        checkpoint=ckpt,
+        start=start,
+        end=end,
+        adapter=adapter,
+        shard_config=shard_config,
+        layers=rebuilt,
+        device=dev,
+        dtype=torch_dtype,
+        rotary=rotary,
+        kinds=tuple(adapter.attention_kind(ckpt.config, start + i) for i in range(end - start)),
+        max_positions=int(
+            getattr(ckpt.config, "max_position_embeddings", None)
+            or getattr(ckpt.config, "n_positions", 1 << 30)
+        ),
+        vocab_size=int(ckpt.config.vocab_size),
+        row_kernel=row_kernel,
+        **parts,
+    )
+    for module in shard.modules():
+        module.eval().requires_grad_(False)
+    return shard
+
+
+def _shard_config(config, start: int, end: int):
+    """The config a k-layer model would have: the cache and the masks are built from it."""
+    shard_config = copy.deepcopy(config)
+    shard_config.num_hidden_layers = end - start
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        shard_config.layer_types = list(layer_types[start:end])
+    return shard_config
+
+
+def _fill(
+    module: nn.Module,
+    local_prefix: str,
+    ckpt_prefix: str,
+    checkpoint: Checkpoint,
+    dtype: torch.dtype,
+    device: torch.device,
+    fallback: dict[str, str] | None = None,
+) -> None:
+    wanted: dict[str, str] = {}
+    for name in module.state_dict():
+        key = _checkpoint_key(checkpoint, f"{ckpt_prefix}.{name}")
+        if key is None and fallback is not None:
+            key = fallback.get(name)
+        if key is None:
+            raise CheckpointError(
+                f"{checkpoint.path} lacks tensor {ckpt_prefix}.{name} (needed by {local_prefix}); "
+                "the checkpoint is incomplete or of another architecture"
+            )
+        wanted[name] = key
+    tensors = _load_tensors(checkpoint, wanted, dtype, device)
+    try:
+        module.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{checkpoint.path}: tensors for {ckpt_prefix} do not fit: {e}"
+        ) from e
+    _materialize_buffers(module, device)
+
+
+def _checkpoint_key(checkpoint: Checkpoint, key: str) -> str | None:
+    if key in checkpoint.tensors:
+        return key
+    # Original GPT-2 checkpoints store the transformer's tensors without the prefix.
+    bare = key.removeprefix("transformer.")
+    return bare if bare in checkpoint.tensors else None
+
+
+def _load_tensors(
+    checkpoint: Checkpoint, wanted: dict[str, str], dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Read exactly the named tensors (local name -> checkpoint key), grouped by file."""
+    by_file: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for local, key in wanted.items():
+        by_file[checkpoint.tensors[key].file].append((local, key))
+    out: dict[str, torch.Tensor] = {}
+    for file, items in sorted(by_file.items()):
+        path = checkpoint.path / file
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for local, key in items:
+                    t = f.get_tensor(key)
+                    if t.is_floating_point():
+                        t = t.to(dtype)
+                    out[local] = t.to(device)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"cannot read tensors from {path}: {e}") from e
+    return out
+
+
+def _materialize_buffers(module: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers are not in the checkpoint; rebuild the few families that have one."""
+    for sub in module.modules():
+        for name, buf in list(sub.named_buffers(recurse=False)):
+            if buf.is_meta and not materialize_buffer(sub, name, device):
+                raise ShardError(f"{type(sub).__name__}.{name} has no value after loading")
