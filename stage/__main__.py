@@ -165,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from stage.adapters import UnsupportedArchitecture, adapter_for
     from stage.checkpoint import CheckpointError, open_checkpoint
+    from stage.config import StageConfig
     from stage.shard import ShardError, check_device, resolve_dtype
-    from stage.worker import StageConfig, StageWorker
+    from stage.worker import StageWorker
 
     try:
         check_device(args.device, resolve_dtype(args.dtype))
