@@ -1,8 +1,8 @@
 """The compute thread of a stage: jobs off one FIFO queue, FORWARDs run in rounds, loads.
 
-The I/O thread reaches this thread only through `Compute`'s methods under "handed over by the
-I/O thread": it puts jobs on the queue, reads `stats` and the cache sizes for heartbeats, and
-may run a lone decode step itself while this thread is idle. Replies go back, prefixed with
+The I/O thread reaches this thread only through `Compute`'s methods under "called by the I/O
+thread": it puts jobs on the queue, reads `stats` and the cache sizes for heartbeats, and may
+run a lone decode step itself while this thread is idle. Replies go back, prefixed with
 the generation of the connection they belong to, over an inproc PAIR socket that the I/O
 thread polls, so it wakes at once. Torch releases the GIL inside its ops, so heartbeats keep
 flowing during a long forward or a load.
@@ -115,7 +115,7 @@ class Compute:
         self._closing = False
         self._thread: threading.Thread | None = None
 
-    # --- handed over by the I/O thread --------------------------------------------------------
+    # --- called by the I/O thread -----------------------------------------------------------
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="compute", daemon=True)

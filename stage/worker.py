@@ -1,9 +1,9 @@
 """The stage worker: one DEALER to the broker, an I/O thread and a compute thread.
 
-The I/O thread (the one that calls `StageWorker.run`) runs the link to the broker
-(`stage.link`); the compute thread runs loads and forwards (`stage.compute`). The two share
-the job queue and the stats the compute side keeps, and one inproc PAIR socket that carries
-replies back, so the I/O thread wakes at once.
+The I/O thread (the one that calls `StageWorker.run`) is the only user of the DEALER socket:
+it runs the link to the broker (`stage.link`). The compute thread runs loads and forwards
+(`stage.compute`). The two share the job queue, the stats the compute side keeps, and one
+inproc PAIR socket that carries replies back, so the I/O thread wakes at once.
 """
 
 from __future__ import annotations
