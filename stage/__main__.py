@@ -165,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from stage.adapters import UnsupportedArchitecture, adapter_for
     from stage.checkpoint import CheckpointError, open_checkpoint
+    from stage.config import StageConfig
     from stage.devices import check_device, resolve_dtype
     from stage.shard import ShardError
-    from stage.worker import StageConfig, StageWorker
+    from stage.worker import StageWorker
 
     try:
         check_device(args.device, resolve_dtype(args.dtype))

@@ -1,0 +1,40 @@
+"""What a stage is asked to do, and the defaults of each setting with the reason for its value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# Defaults, as in docs/protocol.md ("Limits and timeouts").
+# Credits bound the steps a stage holds; batching needs several of them queued at once, and
+# 32 covers 16 streams with room for replays while keeping a bounded queue.
+DEFAULT_CREDITS = 32
+# Decode steps of different requests run as one batch up to this size; 1 turns batching off
+# (batch-invariant results, bit-exact with the monolithic forward under any load).
+DEFAULT_MAX_BATCH = 32
+DEFAULT_KV_MB = 1024
+DEFAULT_HEARTBEAT_S = 0.25
+DEFAULT_DEAD_AFTER_S = 1.0
+# Long enough for the broker to move this stage's layers and replay the requests it held.
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """What `python -m stage` was asked to do."""
+
+    broker: str
+    model: Path
+    name: str
+    memory_bytes: int
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int = 1
+    credits: int = DEFAULT_CREDITS
+    max_batch: int = DEFAULT_MAX_BATCH
+    kv_bytes: int = DEFAULT_KV_MB * 1024 * 1024
+    heartbeat: float = DEFAULT_HEARTBEAT_S
+    dead_after: float = DEFAULT_DEAD_AFTER_S
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S
+    # Decode groups of a float32 CPU shard take stage.kernels' row kernel on one thread.
+    row_kernel: bool = True
