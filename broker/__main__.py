@@ -10,10 +10,11 @@ import sys
 import structlog
 
 from broker import protocol
-from broker.broker import Broker, BrokerConfig
+from broker.broker import Broker
+from broker.layermap import STRATEGIES
 from broker.logs import configure_logging
 from broker.protocol import DEFAULT_LIMITS
-from broker.scheduler import STRATEGIES
+from broker.records import BrokerConfig
 from stage.checkpoint import CheckpointError, open_checkpoint
 from stage.demo_model import DEFAULT_DEMO_DIR, ensure_demo_model
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import zmq
 
-from broker.broker import Broker, BrokerConfig, StageRecord, Step
+from broker.broker import Broker
+from broker.records import BrokerConfig, StageRecord, Step
 from stage.checkpoint import open_checkpoint
 
 
@@ -131,8 +132,8 @@ def test_decode_steps_behind_a_long_prompts_chunks_still_go_first(broker):
 def test_the_advised_prefill_chunk_follows_the_stages_devices(broker):
     """Small chunks while any stage computes on a CPU, large ones when every stage has an
     accelerator (a forward there costs about the same up to a thousand tokens)."""
-    from broker.broker import ACCELERATOR_PREFILL_CHUNK, CPU_PREFILL_CHUNK
-    from broker.scheduler import assign_uniform
+    from broker.layermap import assign_uniform
+    from broker.views import ACCELERATOR_PREFILL_CHUNK, CPU_PREFILL_CHUNK
 
     assert broker.prefill_chunk() == CPU_PREFILL_CHUNK  # no map yet
     for name, device in (("a", "cuda"), ("b", "cpu")):

@@ -13,8 +13,9 @@ import pytest
 import zmq
 
 from broker import protocol as P
-from broker.broker import Broker, BrokerConfig
+from broker.broker import Broker
 from broker.protocol import Cmd
+from broker.records import BrokerConfig
 from stage.checkpoint import open_checkpoint
 
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from broker.scheduler import (
+from broker.layermap import (
     InsufficientMemory,
     LayerCost,
     LayerMap,

@@ -1,0 +1,148 @@
+"""What the broker keeps: its configuration, and one record per step, stage and request."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+from broker import protocol as P
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Every knob of the broker, with the default and the reason for it."""
+
+    bind: str = "tcp://127.0.0.1:5555"
+    strategy: str = "balanced"
+    dtype: str = "float32"
+    # Stages run on one LAN: 250 ms heartbeats notice a dead peer within about a second
+    # while costing a few hundred bytes per second.
+    heartbeat_s: float = 0.25
+    dead_after_s: float = 1.0
+    # A step may take long (a big prefill); it is stalled only past this floor and
+    # stall_factor times its expected duration from the stage's measured per-token time.
+    stall_floor_s: float = 5.0
+    stall_factor: float = 20.0
+    stall_first_s: float = 60.0  # before any measurement
+    ready_wait_s: float = 30.0
+    client_timeout_s: float = 30.0
+    max_queue: int = 1024
+    # Batching: the steps queued for a stage travel as one FORWARD, and the stage runs their
+    # decode steps as one batched forward. A stage holds stage_window FORWARDs at once; what
+    # arrives meanwhile waits in the broker and joins the next one, so groups of requests
+    # form and stay together through the pipeline. One FORWARD carries at most the stage's
+    # max_batch requests, at most forward_tokens tokens past its first step, and at most
+    # ceil(active requests / pipeline lanes) requests, so that every stage that can run in
+    # parallel with another gets a group (see layermap.parallel_lanes).
+    stage_window: int = 1
+    forward_tokens: int = 256
+    # Clients answer a token with their next step within a few milliseconds, one after
+    # another. While the first stage is idle and requests that just got a token have not
+    # answered yet, their group's first arrivals wait up to this long for the rest, instead
+    # of leaving alone and splitting the group for good. A lone request never waits.
+    batch_linger_s: float = 0.008
+    # The prompt chunk the broker advises clients in STATUS (0: chosen from the stages'
+    # devices, see Broker.prefill_chunk).
+    prefill_chunk: int = 0
+    max_requests: int = 512
+    max_client_requests: int = 64
+    max_replays: int = 8
+    busy_retry_s: float = 0.5
+    # Stages expected at start: the first map waits for them (or settle_s of quiet) so that
+    # a cluster start does not load the whole model on the first stage and then reshard.
+    expect_stages: int = 1
+    settle_s: float = 2.0
+    rebalance_cooldown_s: float = 5.0
+    history: int = 256
+    limits: P.Limits = P.DEFAULT_LIMITS
+    admin_token: str | None = None
+    # The monitor feed (PUB): stats snapshots, cluster events and token progress.
+    feed: str | None = None
+    feed_interval_s: float = 0.5
+
+
+@dataclass
+class Step:
+    """One client step on its way through the pipeline."""
+
+    id: int
+    rid: str
+    seq: int
+    client: bytes
+    item: dict
+    frames: list
+    descs: list
+    want_logits: bool
+    created: float
+    epoch: int = 0
+    hop: int = 0
+    enqueued: float = 0.0
+    sent: float = 0.0
+    broker_queue_s: float = 0.0
+    trace: list = field(default_factory=list)
+    dead: bool = False  # its request is replaying or the map changed: ignore its outcome
+    passed: bool = False  # a prefill that a decode FORWARD went ahead of at this stage
+
+    @property
+    def decode(self) -> bool:
+        """One new token on an existing cache: the steps a stage runs as one batch."""
+        return self.item["n"] == 1 and self.item["pos"] > 0
+
+
+@dataclass
+class StageRecord:
+    """One registered stage: its capabilities, its layers, its queue and what it holds."""
+
+    name: str
+    ident: bytes
+    caps: dict
+    credits: int
+    joined: float
+    held: tuple[int, int] | None = None
+    last_seen: float = 0.0
+    state: str = "joining"  # joining | loading | ready | draining | dead
+    start: int = 0
+    end: int = 0
+    loaded_epoch: int = -1
+    inflight: dict[int, Step] = field(default_factory=dict)  # by step id
+    forwards: dict[int, list[Step]] = field(default_factory=dict)  # by FORWARD id
+    max_batch: int = 32
+    queue: collections.deque = field(default_factory=collections.deque)
+    progress: int = 0
+    progress_at: float = 0.0
+    per_token_s: float = 0.0  # smoothed compute seconds per token
+    step_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=256))
+    tokens: int = 0
+    stats: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return f"{self.name}[{self.start},{self.end})"
+
+
+@dataclass
+class Request:
+    """One request of a client, from its first step until it ends, fails or is abandoned."""
+
+    rid: str
+    client: bytes
+    created: float
+    last_seen: float
+    replays: int = 0
+    replay_pending: bool = False
+    steps: int = 0
+    tokens: int = 0
+    events: list = field(default_factory=list)
+    first_result_at: float | None = None
+
+
+@dataclass
+class Counters:
+    """Totals since the broker started, shown in STATUS."""
+
+    forwarded: int = 0
+    forwarded_bytes: int = 0
+    malformed: int = 0
+    stale: int = 0
+    send_failures: int = 0
+    reshards: int = 0
+    busy: int = 0

@@ -1,0 +1,249 @@
+"""Routing of steps: queued for a stage, sent in FORWARDs, answered, passed on or delivered."""
+
+from __future__ import annotations
+
+import time
+
+from broker import batching
+from broker import protocol as P
+from broker.protocol import Cmd, Code
+from broker.records import StageRecord, Step
+
+
+class Routing:
+    """The `Broker`'s path of a step from stage to stage and back to its client."""
+
+    def enqueue(self, step: Step, now: float) -> StageRecord:
+        step.epoch = self.epoch
+        step.enqueued = now
+        step.passed = False
+        stage = self.stages[self.layer_map.ranges[step.hop].name]
+        stage.queue.append(step)
+        return stage
+
+    def dispatch(self, stage: StageRecord) -> None:
+        """Send a stage its queued steps, batched into FORWARDs, while it has room."""
+        if self.draining:
+            self.dirty[stage.name] = stage
+            return
+        if self.lingering(stage):
+            return
+        while (
+            stage.queue
+            and len(stage.inflight) < stage.credits
+            and stage.state in ("ready", "draining")
+        ):
+            cap = batching.forward_cap(stage, self.batch_cap())
+            if len(stage.forwards) < self.config.stage_window:
+                steps = self.next_batch(stage, cap)
+            elif self.overtaking(stage):
+                steps = batching.take(
+                    stage.queue,
+                    cap,
+                    batching.scan_window(cap),
+                    self.config.forward_tokens,
+                    decode=True,
+                )
+            else:
+                return
+            if not steps:
+                return
+            now = time.monotonic()
+            forward_id = self.next_forward_id
+            self.next_forward_id += 1
+            items, tensors = [], []
+            for step in steps:
+                step.broker_queue_s += now - step.enqueued
+                step.sent = now
+                stage.inflight[step.id] = step
+                items.append(step.item)
+                tensors.extend(zip(step.descs, step.frames, strict=True))
+            stage.forwards[forward_id] = steps
+            self.metrics.batch_items.labels(stage.name).observe(len(steps))
+            header = {"step": forward_id, "epoch": self.epoch, "items": items}
+            if not self.send(stage.ident, P.encode(P.STAGE_TAG, Cmd.FORWARD, header, tensors)):
+                return
+
+    # The batching policy (broker/batching.py), bound to this broker's state and config.
+
+    def lingering(self, stage: StageRecord) -> bool:
+        """Hold the first stage's next FORWARD a moment for requests about to answer."""
+        if self.layer_map is None or self.layer_map.ranges[0].name != stage.name:
+            return False
+        due = batching.linger_deadline(
+            stage, self.answering, time.monotonic(), self.config.batch_linger_s, self.batch_cap()
+        )
+        if due is None:
+            return False
+        self.linger_until = due if self.linger_until is None else min(self.linger_until, due)
+        return True
+
+    def batch_cap(self) -> int:
+        """Requests per FORWARD that leave a group for every lane of the pipeline."""
+        return batching.batch_cap(len(self.requests), self.lanes)
+
+    def next_batch(self, stage: StageRecord, cap: int) -> list[Step]:
+        """Take the steps of the stage's next FORWARD from its queue (`batching.next_batch`)."""
+        return batching.next_batch(stage.queue, cap, self.config.forward_tokens)
+
+    def overtaking(self, stage: StageRecord) -> bool:
+        """Whether a decode FORWARD may go to the stage beyond its window."""
+        return batching.overtaking(stage.forwards.values())
+
+    # Answers of the stages.
+
+    def on_result(self, ident: bytes, msg: P.Message) -> None:
+        stage = self.stage_of(ident)
+        h = msg.header
+        steps = self.take_forward(stage, h["step"])
+        now = time.monotonic()
+        if steps is None or h.get("epoch") != self.epoch:
+            self.counters.stale += 1
+            self.dispatch(stage)
+            return
+        refused = _refusals(h.get("refused"), len(steps))
+        if refused is None or len(msg.frames) != len(steps) - len(refused):
+            self.log.warning("bad_result", stage=stage.name, frames=len(msg.frames))
+            for step in steps:
+                if not step.dead and step.epoch == self.epoch:
+                    self.fail_step(
+                        step,
+                        Code.INTERNAL,
+                        f"stage {stage.name} returned {len(msg.frames)} outputs for "
+                        f"{len(steps)} items",
+                    )
+            self.dispatch(stage)
+            return
+        compute = float(h.get("compute_s", 0.0))
+        queued = float(h.get("queue_s", 0.0))
+        computed = [s for i, s in enumerate(steps) if i not in refused]
+        tokens = sum(s.item["n"] for s in computed)
+        self.metrics.step_seconds.labels(stage.name).observe(compute)
+        self.metrics.hop_seconds.labels(stage.name).observe(now - steps[0].sent)
+        if tokens:
+            stage.tokens += tokens
+            stage.step_times.append((now, compute, tokens))
+            per_token = compute / tokens
+            stage.per_token_s = (
+                per_token if stage.per_token_s == 0 else 0.9 * stage.per_token_s + 0.1 * per_token
+            )
+        stage.progress_at = now
+        outputs = iter(zip(msg.frames, msg.descs, strict=True))
+        following = None
+        answers: dict[bytes, list[Step]] = {}
+        for i, step in enumerate(steps):
+            live = not step.dead and step.epoch == self.epoch
+            if i in refused:
+                if live:
+                    self.step_refused(stage, step, *refused[i])
+                continue
+            frame, desc = next(outputs)
+            if not live:
+                self.counters.stale += 1
+                continue
+            step.trace.append(
+                {
+                    "stage": stage.name,
+                    "start": stage.start,
+                    "end": stage.end,
+                    "compute_s": compute,
+                    "queue_s": queued,
+                    "transfer_s": max(0.0, now - step.sent - compute - queued),
+                }
+            )
+            step.frames, step.descs = [frame], [desc]
+            step.hop += 1
+            self.counters.forwarded += 1
+            self.counters.forwarded_bytes += desc.nbytes
+            self.metrics.forwarded.inc()
+            self.metrics.forwarded_bytes.inc(desc.nbytes)
+            if step.hop < len(self.layer_map.ranges):
+                following = self.enqueue(step, now)
+            else:
+                answers.setdefault(step.client, []).append(step)
+        for client, done in answers.items():
+            self.deliver(client, done, now)
+        if following is not None:
+            self.dispatch(following)
+        self.dispatch(stage)
+
+    def on_error(self, ident: bytes, msg: P.Message) -> None:
+        """A FORWARD refused or failed as a whole: every step in it shares the outcome."""
+        stage = self.stage_of(ident)
+        h = msg.header
+        steps = self.take_forward(stage, h.get("step"))
+        if steps is None:
+            self.log.warning("stage_error", stage=stage.name, code=h["code"], reason=h["message"])
+            return
+        if h.get("epoch") == self.epoch:
+            for step in steps:
+                if not step.dead and step.epoch == self.epoch:
+                    self.step_refused(stage, step, h["code"], h["message"])
+        self.dispatch(stage)
+
+    def take_forward(self, stage: StageRecord, forward_id) -> list[Step] | None:
+        """The steps of an answered FORWARD, no longer outstanding at the stage."""
+        steps = stage.forwards.pop(forward_id, None) if isinstance(forward_id, int) else None
+        for step in steps or ():
+            stage.inflight.pop(step.id, None)
+        return steps
+
+    def step_refused(self, stage: StageRecord, step: Step, code: str, message: str) -> None:
+        """A lost or stale cache asks for a replay; any other refusal fails the step."""
+        if code in (Code.CACHE_MISS, Code.CACHE_MISMATCH, Code.STALE_EPOCH):
+            self.replay(step.rid, event="replay", reason=f"stage {stage.name}: {message}")
+        else:
+            self.fail_step(
+                step,
+                Code(code) if code in Code.__members__.values() else Code.INTERNAL,
+                f"stage {stage.name}: {message}",
+            )
+
+    def fail_step(self, step: Step, code: Code, message: str) -> None:
+        step.dead = True
+        self.send(
+            step.client,
+            P.encode(
+                P.CLIENT_TAG, Cmd.ERROR, P.error_header(code, message, rid=step.rid, seq=step.seq)
+            ),
+        )
+
+    def deliver(self, client: bytes, steps: list[Step], now: float) -> None:
+        """Send one client the logits of its finished steps: one RESULTS for a whole group, so
+        the client answers them together and their next steps arrive together."""
+        entries = []
+        for step in steps:
+            request = self.requests.get(step.rid)
+            if request is not None and step.want_logits:
+                self.answering[step.rid] = now
+                request.tokens += 1
+                self.metrics.tokens.inc()
+                if request.first_result_at is None:
+                    request.first_result_at = now
+            header = {
+                "rid": step.rid,
+                "seq": step.seq,
+                "pos": step.item["pos"],
+                "n": step.item["n"],
+                "epoch": step.epoch,
+                "trace": step.trace,
+                "broker_queue_s": step.broker_queue_s,
+            }
+            entries.append((header, (step.descs[0], step.frames[0])))
+        for frames in P.encode_bundled(P.CLIENT_TAG, Cmd.RESULT, entries):
+            self.send(client, frames)
+
+
+def _refusals(refused, items: int) -> dict[int, tuple[str, str]] | None:
+    """A RESULT's per-item refusals by item index, or None when the list is malformed."""
+    out: dict[int, tuple[str, str]] = {}
+    for entry in refused or ():
+        if not isinstance(entry, dict):
+            return None
+        i, code, message = entry.get("i"), entry.get("code"), entry.get("message")
+        if not isinstance(i, int) or not 0 <= i < items or i in out:
+            return None
+        if not isinstance(code, str) or not isinstance(message, str):
+            return None
+        out[i] = (code, message)
+    return out
