@@ -31,7 +31,7 @@ from broker.scheduler import (
     parallel_lanes,
     plan,
 )
-from stage.checkpoint import Checkpoint
+from common.checkpoint import CheckpointMeta
 
 log = structlog.get_logger("broker")
 
@@ -186,7 +186,7 @@ class Broker:
     def __init__(
         self,
         config: BrokerConfig,
-        checkpoint: Checkpoint,
+        checkpoint: CheckpointMeta,
         context: zmq.Context | None = None,
         metrics: Metrics | None = None,
     ):
@@ -194,10 +194,7 @@ class Broker:
         self.metrics = metrics or Metrics()
         self.checkpoint = checkpoint
         self.num_layers = checkpoint.num_layers
-        cfg = checkpoint.config
-        self.max_positions = int(
-            getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 1 << 20)
-        )
+        self.max_positions = checkpoint.context_length
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -1330,7 +1327,7 @@ class Broker:
         return CPU_PREFILL_CHUNK
 
     def status(self, requests: bool = False) -> dict:
-        cfg = self.checkpoint.config
+        cfg = self.checkpoint.raw_config
         view = {
             "ready": self.ready,
             "reason": None if self.ready else self.not_ready_reason,
@@ -1341,8 +1338,8 @@ class Broker:
             "model": str(Path(self.checkpoint.path).resolve()),
             "fingerprint": self.checkpoint.fingerprint,
             "max_position_embeddings": self.max_positions,
-            "eos_token_id": getattr(cfg, "eos_token_id", None),
-            "vocab_size": int(cfg.vocab_size),
+            "eos_token_id": cfg.get("eos_token_id"),
+            "vocab_size": cfg.get("vocab_size"),
             "dtype": self.config.dtype,
             "prefill_chunk": self.prefill_chunk(),
             "requests": len(self.requests),

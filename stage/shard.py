@@ -19,6 +19,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from common.checkpoint import CheckpointError
 from stage.adapters import (
     Adapter,
     Cache,
@@ -34,7 +35,7 @@ from stage.adapters import (
     new_request_cache,
     set_cache_slot,
 )
-from stage.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from stage.checkpoint import Checkpoint, open_checkpoint
 
 DTYPES = {
     "float32": torch.float32,
@@ -810,10 +811,7 @@ def load_shard(
         dtype=torch_dtype,
         rotary=rotary,
         kinds=tuple(adapter.attention_kind(ckpt.config, start + i) for i in range(end - start)),
-        max_positions=int(
-            getattr(ckpt.config, "max_position_embeddings", None)
-            or getattr(ckpt.config, "n_positions", 1 << 30)
-        ),
+        max_positions=ckpt.context_length,
         vocab_size=int(ckpt.config.vocab_size),
         row_kernel=row_kernel,
         **parts,

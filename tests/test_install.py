@@ -64,7 +64,9 @@ def test_this_environment_holds_exactly_the_locked_versions():
             installed = None
         if installed != version:
             wrong[name] = (str(version), str(installed))
-    assert not wrong, f"installed versions differ from requirements.lock (locked, installed): {wrong}"
+    assert not wrong, (
+        f"installed versions differ from requirements.lock (locked, installed): {wrong}"
+    )
 
 
 def test_torch_is_locked_to_the_cpu_build():

@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
+from common.checkpoint import CheckpointError
 from stage.adapters import UnsupportedArchitecture
-from stage.checkpoint import CheckpointError
 from stage.shard import ShardError, load_shard
 
 
