@@ -36,9 +36,11 @@ $(STAMP): pyproject.toml $(LOCK)
 test: install
 	$(OFFLINE) $(PY) -m pytest -q
 
+# ruff, then the dependency rules between the roles ([tool.importlinter] in pyproject.toml).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff format .
@@ -75,7 +77,7 @@ canary:
 	$(OFFLINE) .venv-canary/bin/python -m pytest -q $(CANARY_TESTS)
 
 run-cluster: install
-	$(OFFLINE) $(PY) -m broker.cluster --stages $(STAGES) $(if $(MODEL),--model $(MODEL),)
+	$(OFFLINE) $(PY) -m layerline.cluster --stages $(STAGES) $(if $(MODEL),--model $(MODEL),)
 
 tui: install
 	$(PY) -m tui $(if $(BROKER),--broker $(BROKER),)

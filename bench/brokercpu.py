@@ -23,11 +23,11 @@ from pathlib import Path
 import psutil
 import zmq
 
-from bench.cluster import PY, bench_env, free_port
+from bench.cluster import bench_env
 from bench.stats import summary
 from broker import protocol as P
-from broker.cluster import query_status
 from broker.protocol import Cmd
+from layerline.cluster import PY, broker_status, free_port
 
 # Fake requests restart well before the demo model's 2048 positions.
 MAX_POS = 1500
@@ -274,7 +274,7 @@ def _start_broker(
 def _wait_ready(url: str, broker: subprocess.Popen) -> None:
     deadline = time.monotonic() + 120
     while True:
-        status = query_status(url, 1.0)
+        status = broker_status(url, 1.0)
         if status is not None and status["ready"]:
             return
         if broker.poll() is not None or time.monotonic() > deadline:
@@ -356,9 +356,9 @@ def measure(
         for size in payloads:
             peers.payload = size
             time.sleep(warmup_s)
-            s0, (c0, m0), t0 = query_status(url, 5.0), _cpu(proc), time.monotonic()
+            s0, (c0, m0), t0 = broker_status(url, 5.0), _cpu(proc), time.monotonic()
             time.sleep(seconds)
-            s1, (c1, m1), t1 = query_status(url, 5.0), _cpu(proc), time.monotonic()
+            s1, (c1, m1), t1 = broker_status(url, 5.0), _cpu(proc), time.monotonic()
             if s0 is None or s1 is None:
                 raise RuntimeError("broker-cpu: the broker stopped answering STATUS")
             forwarded = s1["counters"]["forwarded"] - s0["counters"]["forwarded"]

@@ -19,8 +19,8 @@ import psutil
 
 from bench.stats import summary
 from bench.workload import prompt
-from broker.cluster import query_status
 from client import AsyncClient, Client
+from layerline.cluster import broker_status
 
 
 @dataclass
@@ -121,7 +121,7 @@ def run_phase(
     named = {**(pids or {}), "client": os.getpid()}
     procs = {name: psutil.Process(pid) for name, pid in named.items()}
     ours = list(procs.values())
-    phase.broker_before = query_status(url, 5.0)
+    phase.broker_before = broker_status(url, 5.0)
     cpu0 = _cpu(proc)
     busy0, ours0 = busy_cpu_s(), _total(ours)
     each0 = {name: _total([p]) for name, p in procs.items()}
@@ -134,7 +134,7 @@ def run_phase(
     cpu1 = _cpu(proc)
     phase.foreign_cpu_s = max(0.0, (busy_cpu_s() - busy0) - (_total(ours) - ours0))
     phase.process_cpu_s = {name: _total([p]) - each0[name] for name, p in procs.items()}
-    phase.broker_after = query_status(url, 5.0)
+    phase.broker_after = broker_status(url, 5.0)
     if cpu0 is not None and cpu1 is not None:
         phase.broker_cpu_s = cpu1 - cpu0
     return phase

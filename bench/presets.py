@@ -82,7 +82,8 @@ class Model:
 def ensure_model(preset: str, cache_dir: Path = CACHE_DIR, log=print) -> Model:
     """The preset's checkpoint, built first if it is missing or was built from another spec."""
     if preset == "demo":
-        from stage.demo_model import DEFAULT_DEMO_DIR, ensure_demo_model
+        from common.defaults import DEFAULT_DEMO_DIR
+        from stage.demo_model import ensure_demo_model
 
         path = ensure_demo_model(DEFAULT_DEMO_DIR)
     elif preset in SHAPES:

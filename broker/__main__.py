@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import signal
+import subprocess
 import sys
 
 import structlog
@@ -12,11 +13,12 @@ import structlog
 from broker import protocol
 from broker.broker import Broker
 from broker.layermap import STRATEGIES
-from broker.logs import configure_logging
 from broker.protocol import DEFAULT_LIMITS
 from broker.records import BrokerConfig
-from stage.checkpoint import CheckpointError, open_checkpoint
-from stage.demo_model import DEFAULT_DEMO_DIR, ensure_demo_model
+from common.checkpoint import CheckpointError, CheckpointMeta, read_checkpoint
+from common.defaults import DEFAULT_DEMO_DIR
+from common.logs import configure_logging
+from common.text import ships_tokenizer
 
 D = BrokerConfig()
 
@@ -114,6 +116,30 @@ def feed_endpoint(bind: str, feed: str | None) -> str | None:
         return None
 
 
+def open_model(model: str) -> CheckpointMeta:
+    """The --model checkpoint; the demo one is built first where it is missing or incomplete.
+
+    The builder needs torch, which the broker never imports: it runs in a subprocess.
+    """
+    if model != str(DEFAULT_DEMO_DIR):
+        return read_checkpoint(model)
+    try:
+        checkpoint = read_checkpoint(model)
+        if ships_tokenizer(checkpoint.path):
+            return checkpoint
+    except CheckpointError:
+        pass
+    build = subprocess.run(
+        [sys.executable, "-m", "stage.demo_model", "--if-missing", model], stdout=subprocess.DEVNULL
+    )
+    if build.returncode != 0:
+        raise CheckpointError(
+            f"building the demo checkpoint with `python -m stage.demo_model {model}` failed "
+            f"(exit code {build.returncode})"
+        )
+    return read_checkpoint(model)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level)
@@ -131,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log = structlog.get_logger("broker")
     try:
-        if args.model == str(DEFAULT_DEMO_DIR):
-            ensure_demo_model(DEFAULT_DEMO_DIR)
-        checkpoint = open_checkpoint(args.model)
+        checkpoint = open_model(args.model)
     except CheckpointError as e:
         print(f"broker: {e}", file=sys.stderr)
         return 2

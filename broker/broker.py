@@ -30,7 +30,7 @@ from broker.records import BrokerConfig, Counters, Request, StageRecord, Step
 from broker.recovery import Recovery
 from broker.routing import Routing
 from broker.views import Views
-from stage.checkpoint import Checkpoint
+from common.checkpoint import CheckpointMeta
 
 log = structlog.get_logger("broker")
 
@@ -44,7 +44,7 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
     def __init__(
         self,
         config: BrokerConfig,
-        checkpoint: Checkpoint,
+        checkpoint: CheckpointMeta,
         context: zmq.Context | None = None,
         metrics: Metrics | None = None,
     ):
@@ -52,10 +52,7 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
         self.metrics = metrics or Metrics()
         self.checkpoint = checkpoint
         self.num_layers = checkpoint.num_layers
-        cfg = checkpoint.config
-        self.max_positions = int(
-            getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 1 << 20)
-        )
+        self.max_positions = checkpoint.context_length
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)

@@ -15,17 +15,14 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import torch
 
-# Received frames are read-only and nothing writes into an input activation in place; a
-# module-level filter, because catch_warnings() per call is slow and not thread-safe.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+if TYPE_CHECKING:
+    import torch
 
 VERSION = 1
 STAGE_TAG = b"LLS1"
@@ -115,14 +112,15 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
+# Bytes per element of each dtype a tensor frame may carry. The broker checks frame lengths
+# with these alone; broker.tensors turns frames into torch tensors where a role computes.
+DTYPE_SIZES: dict[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 # Header fields each command must carry, with their types. `decode` rejects a message that
 # lacks one, so handlers can index headers without defensive code.
@@ -169,7 +167,7 @@ class TensorDesc:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPES[self.dtype].itemsize
+        n = DTYPE_SIZES[self.dtype]
         for d in self.shape:
             n *= d
         return n
@@ -194,10 +192,14 @@ class Message:
 
     def tensor(self, i: int = 0) -> torch.Tensor:
         """Tensor i as a view over its frame's buffer (no copy), read-only."""
+        # Deferred: only stages and clients build tensors, and the broker never imports torch.
+        from broker.tensors import tensor_from_frame
+
         return tensor_from_frame(self.frames[i], self.descs[i])
 
 
-def _buffer(frame) -> memoryview:
+def frame_buffer(frame) -> memoryview:
+    """A frame's bytes (zmq.Frame, bytes or memoryview) as a memoryview, without a copy."""
     if isinstance(frame, bytes | bytearray | memoryview):
         return memoryview(frame)
     return frame.buffer  # zmq.Frame: a view of the message, no copy
@@ -227,9 +229,9 @@ def _parse_desc(raw: Any, limits: Limits) -> TensorDesc:
     if not isinstance(raw, dict):
         raise ProtocolError(Code.BAD_REQUEST, "tensor descriptor must be an object")
     dtype, shape = raw.get("dtype"), raw.get("shape")
-    if dtype not in DTYPES:
+    if dtype not in DTYPE_SIZES:
         raise ProtocolError(
-            Code.BAD_REQUEST, f"tensor dtype {dtype!r} is not one of {sorted(DTYPES)}"
+            Code.BAD_REQUEST, f"tensor dtype {dtype!r} is not one of {sorted(DTYPE_SIZES)}"
         )
     if (
         not isinstance(shape, list)
@@ -256,7 +258,7 @@ def decode(
         raise ProtocolError(
             Code.MALFORMED, f"message has {len(frames)} frames; need tag, command, header"
         )
-    tag = bytes(_buffer(frames[0])) if _length(frames[0]) <= 8 else b""
+    tag = bytes(frame_buffer(frames[0])) if _length(frames[0]) <= 8 else b""
     if tag not in TAGS:
         if tag[:2] == b"LL":
             raise ProtocolError(
@@ -271,10 +273,10 @@ def decode(
     if _length(frames[1]) != 1:
         raise ProtocolError(Code.MALFORMED, "command frame must be exactly one byte")
     try:
-        cmd = Cmd(bytes(_buffer(frames[1]))[0])
+        cmd = Cmd(bytes(frame_buffer(frames[1]))[0])
     except ValueError:
         raise ProtocolError(
-            Code.UNKNOWN_COMMAND, f"unknown command 0x{bytes(_buffer(frames[1]))[0]:02x}"
+            Code.UNKNOWN_COMMAND, f"unknown command 0x{bytes(frame_buffer(frames[1]))[0]:02x}"
         ) from None
     if inbound and cmd not in INBOUND[tag]:
         raise ProtocolError(Code.UNKNOWN_COMMAND, f"{cmd.name} is not a {TAGS[tag]} command")
@@ -284,7 +286,7 @@ def decode(
             f"header of {_length(frames[2])} bytes exceeds {limits.max_header_bytes}",
         )
     try:
-        header = orjson.loads(_buffer(frames[2]))
+        header = orjson.loads(frame_buffer(frames[2]))
     except orjson.JSONDecodeError as e:
         raise ProtocolError(Code.MALFORMED, f"header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
@@ -388,37 +390,18 @@ def encode(tag: bytes, cmd: Cmd, header: dict[str, Any], tensors: Sequence = ())
     frames: list = []
     descs: list[dict] = []
     for t in tensors:
-        if isinstance(t, torch.Tensor):
-            desc, buf = tensor_to_frame(t)
-        else:
+        if isinstance(t, tuple):
             desc, buf = t
+        else:
+            # Deferred: only stages and clients send tensors; the broker forwards pairs.
+            from broker.tensors import tensor_to_frame
+
+            desc, buf = tensor_to_frame(t)
         descs.append(desc.to_json())
         frames.append(buf)
     if descs or "tensors" in header:
         header = {**header, "tensors": descs}
     return [tag, bytes((cmd,)), orjson.dumps(header), *frames]
-
-
-def tensor_to_frame(t: torch.Tensor) -> tuple[TensorDesc, memoryview]:
-    """A tensor as (descriptor, buffer). The buffer views the tensor's memory: send it copy=False
-    (pyzmq copies frames under zmq.COPY_THRESHOLD itself) and keep the tensor alive until sent."""
-    if t.dtype not in DTYPE_NAMES:
-        raise ProtocolError(Code.BAD_REQUEST, f"cannot send tensors of {t.dtype}")
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    # A uint8 view works for every dtype, bfloat16 included, which numpy cannot represent.
-    buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-    return TensorDesc(DTYPE_NAMES[t.dtype], tuple(t.shape)), buf
-
-
-def tensor_from_frame(frame, desc: TensorDesc) -> torch.Tensor:
-    """A tensor viewing the frame's buffer without a copy. Treat it as read-only."""
-    if desc.nbytes == 0:
-        return torch.empty(desc.shape, dtype=DTYPES[desc.dtype])
-    flat = torch.frombuffer(_buffer(frame), dtype=DTYPES[desc.dtype])
-    return flat.view(desc.shape)
 
 
 # --- the monitor feed (PUB) ---------------------------------------------------------------
@@ -445,7 +428,7 @@ def decode_feed(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> tuple[byte
     """(topic, message) of one feed message; raises ProtocolError."""
     if not frames:
         raise ProtocolError(Code.MALFORMED, "empty feed message")
-    topic = bytes(_buffer(frames[0]))
+    topic = bytes(frame_buffer(frames[0]))
     if topic not in FEED_TOPICS:
         raise ProtocolError(Code.UNKNOWN_COMMAND, f"unknown feed topic {topic!r}")
     return topic, decode([MONITOR_TAG, bytes((Cmd.STATUS,)), *frames[1:]], limits)

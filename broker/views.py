@@ -58,7 +58,7 @@ class Views:
         return CPU_PREFILL_CHUNK
 
     def status(self, requests: bool = False) -> dict:
-        cfg = self.checkpoint.config
+        cfg = self.checkpoint.raw_config
         view = {
             "ready": self.ready,
             "reason": None if self.ready else self.not_ready_reason,
@@ -69,8 +69,8 @@ class Views:
             "model": str(Path(self.checkpoint.path).resolve()),
             "fingerprint": self.checkpoint.fingerprint,
             "max_position_embeddings": self.max_positions,
-            "eos_token_id": getattr(cfg, "eos_token_id", None),
-            "vocab_size": int(cfg.vocab_size),
+            "eos_token_id": cfg.get("eos_token_id"),
+            "vocab_size": cfg.get("vocab_size"),
             "dtype": self.config.dtype,
             "prefill_chunk": self.prefill_chunk(),
             "requests": len(self.requests),

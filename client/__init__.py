@@ -5,7 +5,7 @@ with Client("tcp://127.0.0.1:5555") as c:
     print(c.generate("Once upon a time", max_new_tokens=32).text)
 """
 
-from client.core import AsyncClient, Client
+from client.core import AsyncClient, Client, query_broker
 from client.sampling import Sampler
 from client.session import (
     BrokerUnreachable,
@@ -28,4 +28,5 @@ __all__ = [
     "RequestFailed",
     "RequestTimeout",
     "Sampler",
+    "query_broker",
 ]

@@ -16,10 +16,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from broker.logs import configure_logging
 from broker.protocol import Cmd
-from client.core import Client, default_broker, query_broker
+from client.core import Client, query_broker
 from client.session import ClientError
+from common.defaults import default_broker
+from common.logs import configure_logging
 
 SUBCOMMANDS = ("status", "jobs")
 

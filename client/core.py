@@ -23,27 +23,22 @@ from client.sampling import Sampler, check_sampling_args
 from client.session import (
     DEFAULT_MAX_REPLAYS,
     DEFAULT_PREFILL_CHUNK,
-    DETOKENIZE_CONTEXT,
     ClientError,
     GenerationResult,
     Request,
     RequestTimeout,
-    TextAssembler,
     check_prompt,
     encode_prompt,
 )
 from client.transport import AsyncLink, SyncLink
-
-DEFAULT_BROKER = "tcp://127.0.0.1:5555"
-BROKER_ENV = "LAYERLINE_BROKER"
-
-
-def default_broker() -> str:
-    return os.environ.get(BROKER_ENV) or DEFAULT_BROKER
+from common.checkpoint import context_length
+from common.defaults import default_broker
+from common.text import DETOKENIZE_CONTEXT, TextAssembler, ships_tokenizer
 
 
-def query_broker(broker: str | None, cmd: Cmd, timeout: float = 3.0) -> dict:
-    """The reply header of one STATUS or JOBS, without a tokenizer (for tools and the CLI)."""
+def query_broker(broker: str | None, cmd: Cmd = Cmd.STATUS, timeout: float = 3.0) -> dict:
+    """The reply header of one STATUS or JOBS, without a tokenizer: for the CLI, tools and the
+    cluster launcher. BrokerUnreachable when the broker does not answer within `timeout`."""
     link = SyncLink(
         broker or default_broker(),
         client_id=secrets.token_hex(4),
@@ -65,11 +60,7 @@ class ModelInfo:
         local = _local_config(local_dir)
         self.path = status.get("model")
         self.vocab_size = _first_int(status.get("vocab_size"), local.get("vocab_size"))
-        self.context = _first_int(
-            status.get("max_position_embeddings"),
-            local.get("max_position_embeddings"),
-            local.get("n_positions"),
-        )
+        self.context = _first_int(status.get("max_position_embeddings"), context_length(local))
         eos: set[int] = set()
         for source in (
             status.get("eos_token_id"),
@@ -115,17 +106,6 @@ def _local_config(directory: Path | None) -> dict:
     )
 
 
-# Files of which a checkpoint directory holds at least one when it ships a tokenizer.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "vocab.json",
-    "spiece.model",
-    "vocab.txt",
-)
-
-
 def _load_tokenizer(tokenizer: Any, status: dict) -> tuple[Any, Path | None]:
     """The tokenizer (None for a checkpoint without one) and the local directory it came from."""
     if tokenizer is not None and not isinstance(tokenizer, str | os.PathLike):
@@ -138,7 +118,7 @@ def _load_tokenizer(tokenizer: Any, status: dict) -> tuple[Any, Path | None]:
                 "pass tokenizer=DIR (--tokenizer DIR) with a local copy of its tokenizer"
             )
         source = Path(path)
-        if not any((source / name).is_file() for name in TOKENIZER_FILES):
+        if not ships_tokenizer(source):
             return None, source  # a bare checkpoint (tests, benchmarks): token ids only
     else:
         source = Path(tokenizer).expanduser()

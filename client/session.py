@@ -17,6 +17,7 @@ import torch
 
 from broker.protocol import EMPTY_PREFIX_HASH, Cmd, Code, Message, prefix_hash
 from client.sampling import Sampler
+from common.text import TextAssembler
 
 # Replays per request before giving up; the broker enforces the same default (--max-replays).
 DEFAULT_MAX_REPLAYS = 8
@@ -31,12 +32,6 @@ DEFAULT_MAX_REPLAYS = 8
 DEFAULT_PREFILL_CHUNK = 128
 # Errors that mean "a stage lost or never had this request's cache": cured by a replay.
 REPLAY_CODES = frozenset({Code.CACHE_MISS, Code.CACHE_MISMATCH, Code.STALE_EPOCH})
-# Prompt tokens decoded together with the first generated ones, so that a tokenizer which
-# strips a leading space at the start of a decode keeps the space of the first new word.
-DETOKENIZE_CONTEXT = 5
-# Tokens held back while their text ends in U+FFFD (an incomplete UTF-8 character); four
-# covers any character split over single-byte tokens.
-MAX_PENDING_TOKENS = 4
 
 # A message for the broker, not yet encoded: (command, header, tensors). The transport sends
 # the STEPs that one incoming message caused as one STEPS bundle.
@@ -90,87 +85,6 @@ class GenerationResult:
     ttft_s: float = 0.0
     total_s: float = 0.0
     rid: str = ""
-
-
-class TextAssembler:
-    """Turns generated ids into text deltas: incremental detokenization plus stop strings.
-
-    Decodes only a short window of recent ids per token (O(1) per token), and holds back any
-    text that could still become a stop string, so the deltas never show a stop string and
-    always add up to the final text.
-    """
-
-    def __init__(self, tokenizer: Any, context: Sequence[int], stop: Sequence[str] = ()):
-        self.tokenizer = tokenizer
-        self.ids = list(context)
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
-        self.text = ""
-        self.emitted = 0
-        self.stop = tuple(stop)
-        self.max_stop = max((len(s) for s in self.stop), default=0)
-        self.searched = 0
-        self.stopped = False
-
-    def _decode(self, ids: list[int]) -> str:
-        if self.tokenizer is None:
-            return ""  # a checkpoint without a tokenizer: ids in, ids out
-        return self.tokenizer.decode(
-            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
-
-    def _advance(self, final: bool) -> None:
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset :])
-        # A trailing U+FFFD is usually half of a multi-byte character: wait for the next
-        # token, but not forever (a model can emit invalid UTF-8), so the window stays small.
-        pending = len(self.ids) - self.read_offset
-        if not final and full.endswith("\ufffd") and pending < MAX_PENDING_TOKENS:
-            return
-        self.text += full[len(prefix) :]
-        self.prefix_offset = self.read_offset
-        self.read_offset = len(self.ids)
-
-    def push(self, token_id: int) -> str:
-        """Add one generated token; return the text that may be shown now."""
-        if self.stopped:
-            return ""
-        self.ids.append(token_id)
-        self._advance(final=False)
-        return self._release(final=False)
-
-    def flush(self) -> str:
-        """No more tokens: return whatever text was still held back."""
-        if not self.stopped and self.read_offset < len(self.ids):
-            self._advance(final=True)
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        safe = len(self.text)
-        if self.stop and not self.stopped:
-            start = max(0, self.searched - self.max_stop + 1)
-            hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
-                self.stopped = True
-                safe = len(self.text)
-            else:
-                self.searched = len(self.text)
-                if not final:
-                    safe -= self._held_back()
-        out = self.text[self.emitted : safe]
-        self.emitted = max(self.emitted, safe)
-        return out
-
-    def _held_back(self) -> int:
-        """Length of the longest suffix of the text that begins some stop string."""
-        best = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
 
 
 class Request:

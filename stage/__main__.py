@@ -15,15 +15,16 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from common.defaults import DEFAULT_DEMO_DIR
+
 # Idle OpenMP threads spin-wait by default and steal the core that the next stage on the same
 # machine needs: measured 3.6x slower decode with 3 stages of 2 threads on 2 cores. Set before
 # torch is imported (the worker imports it lazily).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# Only the standard library above this line: arguments are checked, and torch's thread pools
-# sized, before torch is imported and does any work.
+# Only the standard library and the ground floor's constants above this line: arguments are
+# checked, and torch's thread pools sized, before torch is imported and does any work.
 
-DEFAULT_MODEL = Path(".cache/demo-model")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 DEVICE_CHOICES = ("cpu", "cuda")
 _URL = re.compile(
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         type=Path,
-        default=DEFAULT_MODEL,
+        default=DEFAULT_DEMO_DIR,
         help="local Hugging Face checkpoint directory (default: the demo checkpoint)",
     )
     p.add_argument("--name", help="stable stage name (default: HOST-PID)")
@@ -139,7 +140,7 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 
 def configure_logging(level: str) -> None:
-    from broker.logs import configure_logging as configure
+    from common.logs import configure_logging as configure
 
     configure(level)
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         check_url(args.broker)
     except UsageError as e:
         _fail(str(e))
-    if args.model != DEFAULT_MODEL and not args.model.is_dir():
+    if args.model != DEFAULT_DEMO_DIR and not args.model.is_dir():
         _fail(f"checkpoint directory {args.model} does not exist")  # before seconds of imports
 
     import torch
@@ -163,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import psutil
 
+    from common.checkpoint import CheckpointError
     from stage.adapters import UnsupportedArchitecture, adapter_for
-    from stage.checkpoint import CheckpointError, open_checkpoint
+    from stage.checkpoint import open_checkpoint
     from stage.config import StageConfig
     from stage.devices import check_device, resolve_dtype
     from stage.shard import ShardError
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         _fail(str(e))
     model = args.model
     try:
-        if model == DEFAULT_MODEL:
+        if model == DEFAULT_DEMO_DIR:
             from stage.demo_model import ensure_demo_model
 
             model = ensure_demo_model(model)

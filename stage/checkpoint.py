@@ -1,194 +1,33 @@
-"""A local Hugging Face checkpoint: its config, where each tensor lives, and its fingerprint."""
+"""A checkpoint as a stage opens it: the ground floor's metadata plus transformers' config."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-# A safetensors header is a little-endian u64 length then that many bytes of JSON; a length
-# above this is a corrupt or hostile file, not a checkpoint.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
-
-
-class CheckpointError(ValueError):
-    """The checkpoint directory is missing, incomplete or corrupt."""
+from common.checkpoint import CONFIG_FILE, CheckpointError, CheckpointMeta, read_checkpoint
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
+class Checkpoint(CheckpointMeta):
+    """A validated checkpoint with the `PretrainedConfig` that builds its layers."""
 
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
-def _read_header(path: Path) -> dict:
-    try:
-        with path.open("rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise CheckpointError(
-                    f"{path} is truncated (no safetensors header); re-download it"
-                )
-            (length,) = struct.unpack("<Q", raw)
-            if length > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path} has a corrupt safetensors header ({length} bytes)")
-            header = json.loads(f.read(length))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read safetensors header of {path}: {e}") from e
-    size = path.stat().st_size
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        if 8 + length + end > size:
-            raise CheckpointError(
-                f"{path} is truncated: tensor {name} ends at byte {8 + length + end} "
-                f"but the file has {size}; re-download or rebuild the checkpoint"
-            )
-    return header
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A checkpoint directory, validated: config readable, every weight file present."""
-
-    path: Path
     config: PretrainedConfig
-    tensors: dict[str, TensorInfo]
-    fingerprint: str
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.config.num_hidden_layers)
-
-    def layer_of(self, key: str) -> int | None:
-        m = _LAYER_KEY.search(key)
-        return int(m.group(1)) if m else None
-
-    def tensor_bytes(self, keys, dtype_bytes: int | None = None) -> int:
-        total = 0
-        for key in keys:
-            info = self.tensors[key]
-            total += info.numel * (dtype_bytes or DTYPE_BYTES.get(info.dtype, 4))
-        return total
-
-    def weight_bytes(self, dtype_bytes: int | None = None) -> dict[str, int]:
-        """Bytes of weights per role: 'layer' (largest layer), 'first' and 'last' extras."""
-        per_layer: dict[int, int] = {}
-        first = last = 0
-        for key, info in self.tensors.items():
-            nbytes = info.numel * (dtype_bytes or DTYPE_BYTES.get(info.dtype, 4))
-            layer = self.layer_of(key)
-            if layer is not None:
-                per_layer[layer] = per_layer.get(layer, 0) + nbytes
-            elif "embed" in key or key.endswith(("wte.weight", "wpe.weight")):
-                first += nbytes
-            else:
-                last += nbytes
-        if getattr(self.config, "tie_word_embeddings", False) and not any(
-            k.startswith("lm_head") for k in self.tensors
-        ):
-            last += max(
-                (
-                    self.tensors[k].numel * (dtype_bytes or 4)
-                    for k in self.tensors
-                    if "embed_tokens" in k or k.endswith("wte.weight")
-                ),
-                default=0,
-            )
-        return {"layer": max(per_layer.values(), default=0), "first": first, "last": last}
-
-
-# Hashing whole weight files would take minutes for large models; the headers pin the layout
-# and a sample of the bytes at both ends of each file tells two fine-tunes apart.
-SAMPLE_BYTES = 64 * 1024
-
-
-def _sample(file: Path) -> bytes:
-    size = file.stat().st_size
-    with file.open("rb") as f:
-        head = f.read(SAMPLE_BYTES)
-        f.seek(max(0, size - SAMPLE_BYTES))
-        return head + f.read(SAMPLE_BYTES)
-
-
-_LAYER_KEY = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 
 
 def open_checkpoint(directory: str | Path) -> Checkpoint:
-    """Validate a checkpoint directory and index its tensors, without reading any weight."""
-    path = Path(directory)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path} has no config.json; is it a Hugging Face checkpoint?")
+    """Validate a checkpoint directory, index its tensors and read its transformers config."""
+    meta = read_checkpoint(directory)
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(meta.path, local_files_only=True)
     except Exception as e:  # transformers raises many types for a bad config
-        raise CheckpointError(f"cannot read {config_file}: {e}") from e
-    if int(getattr(config, "num_hidden_layers", 0) or 0) < 1:
-        raise CheckpointError(f"{config_file} declares no decoder layers (num_hidden_layers < 1)")
-
-    index_file = path / INDEX_FILE
-    if index_file.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index_file.read_bytes())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_file} is corrupt: {e}") from e
-        files = sorted(set(weight_map.values()))
-    elif (path / SINGLE_FILE).is_file():
-        files = [SINGLE_FILE]
-    else:
-        raise CheckpointError(
-            f"{path} has no {SINGLE_FILE} or {INDEX_FILE}; layerline reads safetensors weights only"
-        )
-
-    digest = hashlib.sha256(config_file.read_bytes())
-    tensors: dict[str, TensorInfo] = {}
-    for name in files:
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{path} is incomplete: weight file {name} is missing")
-        header = _read_header(file)
-        digest.update(name.encode())
-        digest.update(json.dumps(header, sort_keys=True).encode())
-        digest.update(_sample(file))
-        for key, info in header.items():
-            if key != "__metadata__":
-                tensors[key] = TensorInfo(
-                    file=name, dtype=info["dtype"], shape=tuple(info["shape"])
-                )
+        raise CheckpointError(f"cannot read {meta.path / CONFIG_FILE}: {e}") from e
     return Checkpoint(
-        path=path, config=config, tensors=tensors, fingerprint=digest.hexdigest()[:16]
+        path=meta.path,
+        raw_config=meta.raw_config,
+        tensors=meta.tensors,
+        fingerprint=meta.fingerprint,
+        config=config,
     )

@@ -22,11 +22,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-DEFAULT_DEMO_DIR = Path(".cache/demo-model")
+from common.checkpoint import INDEX_FILE
+from common.defaults import DEFAULT_DEMO_DIR
+
 CORPUS_PATH = Path(__file__).with_name("demo_corpus.txt")
 SEED = 1234
 MAX_SHARD_SIZE = "2MB"
-INDEX_FILE = "model.safetensors.index.json"
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 # Special tokens get ids 0..n-1 in this order, which DEMO_CONFIG's token ids rely on.

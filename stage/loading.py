@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from common.checkpoint import CheckpointError
 from stage.adapters import (
     adapter_for,
     build_layer,
@@ -23,7 +24,7 @@ from stage.adapters import (
     meta_model,
     set_cache_slot,
 )
-from stage.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from stage.checkpoint import Checkpoint, open_checkpoint
 from stage.devices import check_device, resolve_dtype
 from stage.products import load_row_kernel, skinny_linears
 from stage.shard import Shard, ShardError
@@ -146,10 +147,7 @@ def load_shard(
         dtype=torch_dtype,
         rotary=rotary,
         kinds=tuple(adapter.attention_kind(ckpt.config, start + i) for i in range(end - start)),
-        max_positions=int(
-            getattr(ckpt.config, "max_position_embeddings", None)
-            or getattr(ckpt.config, "n_positions", 1 << 30)
-        ),
+        max_positions=ckpt.context_length,
         vocab_size=int(ckpt.config.vocab_size),
         row_kernel=row_kernel,
         **parts,

@@ -46,7 +46,7 @@ from client import (
     RequestFailed,
     RequestTimeout,
 )
-from client.session import TextAssembler
+from common.text import TextAssembler
 from stage.adapters import cache_kwargs, new_request_cache
 from stage.demo_model import ensure_demo_model
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from stage.demo_model import DEMO_CONFIG, INDEX_FILE, build_demo_model, ensure_demo_model
+from common.checkpoint import INDEX_FILE
+from stage.demo_model import DEMO_CONFIG, build_demo_model, ensure_demo_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

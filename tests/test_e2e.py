@@ -289,7 +289,7 @@ def test_a_steps_bundle_refuses_its_bad_item_alone(checkpoints, llama_cluster):
 @pytest.mark.timeout(60)
 def test_unreachable_broker_is_reported_quickly():
     from client import BrokerUnreachable
-    from tests.cluster import free_port
+    from layerline.cluster import free_port
 
     t0 = time.monotonic()
     with (

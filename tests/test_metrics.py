@@ -9,7 +9,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from client import Client
-from tests.cluster import Cluster, free_port
+from layerline.cluster import free_port
+from tests.cluster import Cluster
 from tests.test_e2e import prompt_ids
 
 

@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
+from common.checkpoint import CheckpointError
 from stage.adapters import UnsupportedArchitecture
-from stage.checkpoint import CheckpointError
 from stage.loading import load_shard
 from stage.shard import ShardError
 

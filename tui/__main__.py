@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from client.core import default_broker
+from common.defaults import default_broker
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def configure_quiet_logging(log_file: str | None, level: str) -> None:
     """The screen belongs to the TUI: logs go to a file or nowhere, never to the terminal."""
-    from broker.logs import configure_logging
+    from common.logs import configure_logging
 
     stream = open(log_file, "a", buffering=1) if log_file else open(os.devnull, "w")  # noqa: SIM115
     configure_logging(level, stream=stream, json=True)

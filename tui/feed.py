@@ -24,6 +24,7 @@ import zmq
 
 from broker import protocol as P
 from broker.protocol import Cmd
+from common.text import DETOKENIZE_CONTEXT, TextAssembler, ships_tokenizer
 
 log = structlog.get_logger("tui")
 
@@ -242,11 +243,7 @@ def parse_jobs(header: Mapping[str, Any]) -> Jobs:
 
 def load_tokenizer(model: str | None) -> Any:
     """The checkpoint's tokenizer if it is on this machine, else None (the app shows ids)."""
-    from client.core import TOKENIZER_FILES
-
-    if not model or not Path(model).is_dir():
-        return None
-    if not any((Path(model) / name).is_file() for name in TOKENIZER_FILES):
+    if not model or not Path(model).is_dir() or not ships_tokenizer(Path(model)):
         return None
     try:
         from transformers import AutoTokenizer  # deferred: importing it costs a second
@@ -264,14 +261,14 @@ class TokenText:
         self.tokenizer = tokenizer
         self.max_requests = max_requests
         # rid -> (next position, the request's TextAssembler)
-        self.requests: collections.OrderedDict[str, tuple[int, Any]] = collections.OrderedDict()
+        self.requests: collections.OrderedDict[str, tuple[int, TextAssembler]] = (
+            collections.OrderedDict()
+        )
 
     def pieces(self, rid: str, pos: int, ids: list[int]) -> tuple[str, ...] | None:
         """Text for each id, or None for ids already seen (a replay re-sends them)."""
         if self.tokenizer is None:
             return tuple(f"{i} " for i in ids)
-        from client.session import DETOKENIZE_CONTEXT, TextAssembler
-
         if pos == 0:
             text = self.tokenizer.decode(
                 ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
@@ -288,7 +285,7 @@ class TokenText:
         self._keep(rid, pos + len(ids), assembler)
         return out
 
-    def _keep(self, rid: str, next_pos: int, assembler: Any) -> None:
+    def _keep(self, rid: str, next_pos: int, assembler: TextAssembler) -> None:
         self.requests[rid] = (next_pos, assembler)
         self.requests.move_to_end(rid)
         while len(self.requests) > self.max_requests:

@@ -1,0 +1,1 @@
+"""Above every role: the cluster launcher and the `layerline` command."""

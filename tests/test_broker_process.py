@@ -1,0 +1,84 @@
+"""The broker process routes frames and reads checkpoint metadata: torch and transformers are
+neither imported nor mapped, whether it serves a given checkpoint or builds the demo one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common.checkpoint import read_checkpoint
+from layerline.cluster import broker_status, free_port
+from stage.checkpoint import open_checkpoint
+from tests.tiny_models import ARCHITECTURES
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "transformers")
+# `python -m broker`, which prints at exit which of HEAVY it imported.
+BROKER = (
+    "import atexit, runpy, sys\n"
+    f"atexit.register(lambda: print(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
+    "runpy.run_module('broker', run_name='__main__', alter_sys=True)\n"
+)
+
+
+def run_idle_broker(cwd: Path, *args: str, start_s: float) -> tuple[str, str]:
+    """Start a broker with no stages, wait until it answers (not ready), stop it with SIGTERM:
+    its memory map while it served, and what it printed at exit."""
+    url = f"tcp://127.0.0.1:{free_port()}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BROKER, "--bind", url, "--feed", "none", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + start_s
+        status = None
+        while status is None and proc.poll() is None and time.monotonic() < deadline:
+            status = broker_status(url, 0.5)
+        assert status is not None, f"the broker did not answer (exit code {proc.poll()})"
+        assert status["ready"] is False
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    return maps, out
+
+
+@pytest.mark.timeout(120)
+def test_broker_serves_a_checkpoint_without_torch_or_transformers(checkpoints, tmp_path):
+    maps, out = run_idle_broker(tmp_path, "--model", str(checkpoints["llama"]), start_s=60)
+    assert "libtorch" not in maps
+    assert out.strip() == "[]"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_broker_builds_the_demo_checkpoint_in_a_subprocess(tmp_path):
+    maps, out = run_idle_broker(tmp_path, start_s=240)
+    assert (tmp_path / ".cache/demo-model/tokenizer.json").is_file()
+    assert "libtorch" not in maps
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_stage_and_the_broker_read_the_same_checkpoint(checkpoints, arch):
+    """Same fingerprint, layers, weight bytes and context length on both sides of the wire."""
+    meta, full = read_checkpoint(checkpoints[arch]), open_checkpoint(checkpoints[arch])
+    assert meta.fingerprint == full.fingerprint
+    assert meta.num_layers == full.num_layers == full.config.num_hidden_layers
+    assert meta.weight_bytes(4) == full.weight_bytes(4)
+    assert meta.context_length == full.context_length == full.config.max_position_embeddings

@@ -1,0 +1,69 @@
+"""The `layerline` command: every role's command line under one entry point."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from layerline import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBCOMMANDS = ("broker", "stage", "generate", "status", "jobs", "tui", "run-cluster")
+
+
+def layerline(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "layerline", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_help_lists_every_subcommand():
+    out = layerline("--help")
+    assert out.returncode == 0, out.stderr
+    for name in SUBCOMMANDS:
+        assert re.search(rf"^  {re.escape(name)} +\S", out.stdout, re.MULTILINE), name
+
+
+def test_status_help_is_the_client_status_help():
+    out = layerline("status", "--help")
+    assert out.returncode == 0, out.stderr
+    assert "--broker" in out.stdout and "--json" in out.stdout
+
+
+def test_the_console_script_is_cli_main(capsys):
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, name = scripts["layerline"].partition(":")
+    main = getattr(importlib.import_module(module), name)
+    assert main is cli.main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    listing = capsys.readouterr().out
+    assert all(command in listing for command in SUBCOMMANDS)
+
+
+def test_an_unknown_subcommand_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'serve'" in capsys.readouterr().err
+
+
+def test_help_imports_no_torch():
+    code = (
+        "import sys; from layerline import cli; cli.build_parser(); print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.strip() == "False", out.stderr
