@@ -17,12 +17,9 @@ import hashlib
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
-
-if TYPE_CHECKING:
-    import torch
 
 VERSION = 1
 STAGE_TAG = b"LLS1"
@@ -113,7 +110,7 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 # Bytes per element of each dtype a tensor frame may carry. The broker checks frame lengths
-# with these alone; broker.tensors turns frames into torch tensors where a role computes.
+# with these alone; tensorframes turns frames into torch tensors where a role computes.
 DTYPE_SIZES: dict[str, int] = {
     "float32": 4,
     "float16": 2,
@@ -190,10 +187,10 @@ class Message:
     def role(self) -> str:
         return TAGS[self.tag]
 
-    def tensor(self, i: int = 0) -> torch.Tensor:
+    def tensor(self, i: int = 0) -> Any:
         """Tensor i as a view over its frame's buffer (no copy), read-only."""
         # Deferred: only stages and clients build tensors, and the broker never imports torch.
-        from broker.tensors import tensor_from_frame
+        from tensorframes import tensor_from_frame
 
         return tensor_from_frame(self.frames[i], self.descs[i])
 
@@ -394,7 +391,7 @@ def encode(tag: bytes, cmd: Cmd, header: dict[str, Any], tensors: Sequence = ())
             desc, buf = t
         else:
             # Deferred: only stages and clients send tensors; the broker forwards pairs.
-            from broker.tensors import tensor_to_frame
+            from tensorframes import tensor_to_frame
 
             desc, buf = tensor_to_frame(t)
         descs.append(desc.to_json())

@@ -1,7 +1,8 @@
 """Tensor frames as torch tensors and back, for the roles that compute: stages and clients.
 
 The wire format (`broker.protocol`) describes frames by dtype name and shape only, so that the
-broker, which forwards frames and never looks inside them, does not import torch.
+broker, which forwards frames and never looks inside them, does not import torch. This
+conversion lives outside the broker package for that reason.
 """
 
 from __future__ import annotations
