@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-LOCK := requirements.lock
+LOCK := requirements.txt
 # pip itself is pinned too: the resolver is part of what a fresh install depends on.
 PIP_VERSION := 26.3
 # torch is installed first, pinned to the local CPU build, so that nothing later resolves to a

@@ -16,12 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _lock() -> dict[str, Version]:
     pins: dict[str, Version] = {}
-    for line in (ROOT / "requirements.lock").read_text().splitlines():
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         name, sep, version = line.partition("==")
-        assert sep, f"requirements.lock line {line!r} is not an exact pin"
+        assert sep, f"requirements.txt line {line!r} is not an exact pin"
         pins[canonicalize_name(name)] = Version(version)
     return pins
 
@@ -44,9 +44,9 @@ def test_each_range_admits_its_locked_version_and_nothing_newer_than_its_minor(r
     """Upper bounds are honest: the locked version lies in the range, and the next minor
     release, which nobody has tested yet, does not."""
     locked = _lock().get(canonicalize_name(req.name))
-    assert locked is not None, f"{req.name} is in pyproject.toml but not in requirements.lock"
+    assert locked is not None, f"{req.name} is in pyproject.toml but not in requirements.txt"
     assert req.specifier.contains(locked, prereleases=True), (
-        f"requirements.lock has {req.name}=={locked}, outside pyproject.toml's {req.specifier}"
+        f"requirements.txt has {req.name}=={locked}, outside pyproject.toml's {req.specifier}"
     )
     assert not req.specifier.contains(_next_minor(locked), prereleases=True), (
         f"{req.name}{req.specifier} admits {_next_minor(locked)}, newer than the tested "
@@ -65,7 +65,7 @@ def test_this_environment_holds_exactly_the_locked_versions():
         if installed != version:
             wrong[name] = (str(version), str(installed))
     assert not wrong, (
-        f"installed versions differ from requirements.lock (locked, installed): {wrong}"
+        f"installed versions differ from requirements.txt (locked, installed): {wrong}"
     )
 
 
