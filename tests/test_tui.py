@@ -20,30 +20,13 @@ from broker import protocol as P
 from broker.protocol import Cmd
 from client import Client
 from tests.cluster import Cluster
-from tui.app import (
-    EventLog,
-    HelpScreen,
-    LayerlineApp,
-    MapBar,
-    RequestTable,
-    RequestText,
-    StageTable,
-    StatusLine,
-    ThroughputPanel,
-    format_map,
-)
-from tui.feed import (
-    ClusterState,
-    FeedReader,
-    Job,
-    Jobs,
-    Link,
-    Notice,
-    Snapshot,
-    Tokens,
-    parse_event,
-    parse_snapshot,
-)
+from tui.app import HelpScreen, LayerlineApp
+from tui.format import format_map
+from tui.reader import FeedReader
+from tui.records import Job, Jobs, Link, Notice, Snapshot, Tokens, parse_event, parse_snapshot
+from tui.state import ClusterState
+from tui.tables import RequestTable, StageTable
+from tui.widgets import EventLog, MapBar, RequestText, StatusLine, ThroughputPanel
 
 NOW = 1_700_000_000.0  # the frozen clock: 2023-11-14 22:13:20 UTC
 EPOCH = 1_699_999_990_000

@@ -4,6 +4,8 @@
 """
 
 from tui.app import LayerlineApp
-from tui.feed import ClusterState, FeedReader, FeedSource
+from tui.reader import FeedReader
+from tui.records import FeedSource
+from tui.state import ClusterState
 
 __all__ = ["ClusterState", "FeedReader", "FeedSource", "LayerlineApp"]

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_quiet_logging(args.log_file, args.log_level)
     from tui.app import LayerlineApp
-    from tui.feed import FeedReader
+    from tui.reader import FeedReader
 
     try:
         source = FeedReader(args.broker, args.feed, args.admin_token)
