@@ -1,25 +1,37 @@
-"""The layerline wire format: the only module that knows frame layouts (spec: docs/protocol.md).
+"""The layerline wire format: the only module that encodes and decodes messages (docs/protocol.md).
 
 Every message is a ZeroMQ multipart message from a DEALER to the broker's ROUTER or back:
 
     [tag][command][header][tensor 0][tensor 1]...
 
 `tag` names the role and protocol version (b"LLS1" stage, b"LLC1" client, b"LLM1" monitor),
-`command` is one byte, `header` is a small orjson object, and each tensor frame is raw bytes
-described by the header's `tensors` list of {"dtype", "shape"}. The ROUTER adds the sender's
-routing identity in front; DEALERs send no empty delimiter.
+`command` is one byte, `header` is a JSON object, one struct of `broker/messages.py` per
+command and direction, and each tensor frame is raw bytes described by the header's
+`tensors`. The ROUTER adds the sender's routing identity in front; DEALERs send no empty
+delimiter. The monitor feed (PUB) has a layout of its own: `[topic][header][tensors...]`.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
+import msgspec
+
+from broker import messages as M
+from broker.messages import (  # noqa: F401  (the vocabulary, re-exported for every role)
+    DTYPE_SIZES,
+    MAX_BUNDLE,
+    MAX_RID_LENGTH,
+    REPLAY_CODES,
+    Body,
+    Cmd,
+    Code,
+    TensorDesc,
+)
 
 VERSION = 1
 STAGE_TAG = b"LLS1"
@@ -27,71 +39,71 @@ CLIENT_TAG = b"LLC1"
 MONITOR_TAG = b"LLM1"
 TAGS = {STAGE_TAG: "stage", CLIENT_TAG: "client", MONITOR_TAG: "monitor"}
 
-
-class Cmd(enum.IntEnum):
-    # stage <-> broker
-    READY = 0x01  # S->B register: name, capabilities, checkpoint fingerprint
-    ASSIGN = 0x02  # B->S your layer range for an epoch (or none)
-    LOADED = 0x03  # S->B the assigned range is loaded and serving
-    FORWARD = 0x04  # B->S run these items over your layers
-    RESULT = 0x05  # S->B output of a FORWARD; B->C logits of a STEP
-    ERROR = 0x06  # any direction: a refusal with a code
-    HEARTBEAT = 0x07  # both ways, carries progress and stats
-    RELEASE = 0x08  # B->S free these requests' caches
-    LEAVING = 0x09  # S->B I am draining (SIGTERM); move my layers
-    BYE = 0x0A  # B->S you may exit now / you are not registered, register again
-    # client <-> broker
-    STEP = 0x10  # C->B run a prefill or decode of one request
-    END = 0x11  # C->B the request is finished or cancelled
-    EVENT = 0x12  # B->C something happened to your request (reshard, not-ready wait)
-    PING = 0x13  # C->B / M->B are you there
-    PONG = 0x14  # B->C / B->M yes
-    STATUS = 0x15  # C->B or M->B what is the cluster state; B replies STATUS
-    JOBS = 0x16  # C->B recent requests; B replies JOBS
-    DRAIN = 0x17  # M->B admin: drain this stage (needs the admin token)
-    STEPS = 0x18  # C->B several STEPs in one message (the next steps of many requests)
-    RESULTS = 0x19  # B->C several RESULTs in one message (a group's logits for one client)
-
-
-# Which tags may carry which commands, as sent *to* the broker.
-INBOUND = {
-    STAGE_TAG: {Cmd.READY, Cmd.LOADED, Cmd.RESULT, Cmd.ERROR, Cmd.HEARTBEAT, Cmd.LEAVING},
-    CLIENT_TAG: {Cmd.STEP, Cmd.STEPS, Cmd.END, Cmd.PING, Cmd.STATUS, Cmd.JOBS},
-    MONITOR_TAG: {Cmd.PING, Cmd.STATUS, Cmd.JOBS, Cmd.DRAIN},
+# What each role may send to the broker, and the header struct of each command.
+INBOUND: dict[bytes, dict[Cmd, type[Body]]] = {
+    STAGE_TAG: {
+        Cmd.READY: M.Ready,
+        Cmd.LOADED: M.Loaded,
+        Cmd.RESULT: M.ForwardResult,
+        Cmd.ERROR: M.Error,
+        Cmd.HEARTBEAT: M.StageHeartbeat,
+        Cmd.LEAVING: M.Leaving,
+    },
+    CLIENT_TAG: {
+        Cmd.STEP: M.Step,
+        Cmd.STEPS: M.Steps,
+        Cmd.END: M.End,
+        Cmd.PING: M.Ping,
+        Cmd.STATUS: M.StatusQuery,
+        Cmd.JOBS: M.JobsQuery,
+    },
+    MONITOR_TAG: {
+        Cmd.PING: M.Ping,
+        Cmd.STATUS: M.StatusQuery,
+        Cmd.JOBS: M.JobsQuery,
+        Cmd.DRAIN: M.Drain,
+    },
 }
-
-
-class Code(enum.StrEnum):
-    """Error codes carried in ERROR headers (`code`)."""
-
-    MALFORMED = "malformed"  # wrong number of frames, undecodable header
-    BAD_VERSION = "bad_version"  # unknown tag / protocol version
-    UNKNOWN_COMMAND = "unknown_command"
-    HEADER_TOO_LARGE = "header_too_large"
-    FRAME_TOO_LARGE = "frame_too_large"
-    TENSOR_MISMATCH = "tensor_mismatch"  # frame length differs from its descriptor
-    BAD_REQUEST = "bad_request"  # header fields missing, wrong type, out of range
-    NOT_READY = "not_ready"  # the live stages cannot cover the model
-    BUSY = "busy"  # a bounded queue is full; retry after `retry_after_s`
-    CONTEXT_OVERFLOW = "context_overflow"  # positions beyond the model's context
-    CACHE_MISS = "cache_miss"  # stage holds no cache for this request at this position
-    CACHE_MISMATCH = "cache_mismatch"  # position or prefix hash does not match the cache
-    STALE_EPOCH = "stale_epoch"  # message from an older layer map
-    FINGERPRINT = "fingerprint"  # stage sees a different checkpoint than the broker
-    REPLAY_LIMIT = "replay_limit"  # the request was replayed too often
-    TIMEOUT = "timeout"  # a bounded wait ran out
-    UNKNOWN_REQUEST = "unknown_request"
-    UNAUTHORIZED = "unauthorized"
-    INTERNAL = "internal"
+# What the broker sends to each role.
+OUTBOUND: dict[bytes, dict[Cmd, type[Body]]] = {
+    STAGE_TAG: {
+        Cmd.ASSIGN: M.Assign,
+        Cmd.FORWARD: M.Forward,
+        Cmd.RELEASE: M.Release,
+        Cmd.BYE: M.Bye,
+        Cmd.HEARTBEAT: M.BrokerHeartbeat,
+        Cmd.ERROR: M.Error,
+    },
+    CLIENT_TAG: {
+        Cmd.RESULT: M.StepResult,
+        Cmd.RESULTS: M.Results,
+        Cmd.EVENT: M.Event,
+        Cmd.PONG: M.Pong,
+        Cmd.STATUS: M.Status,
+        Cmd.JOBS: M.Jobs,
+        Cmd.ERROR: M.Error,
+    },
+    MONITOR_TAG: {
+        Cmd.PONG: M.Pong,
+        Cmd.STATUS: M.Status,
+        Cmd.JOBS: M.Jobs,
+        Cmd.ERROR: M.Error,
+    },
+}
+# A bundle (STEPS, RESULTS) carries one message per item, each with its one tensor frame.
+BUNDLES = {Cmd.STEPS: Cmd.STEP, Cmd.RESULTS: Cmd.RESULT}
+BUNDLE_OF = {single: bundle for bundle, single in BUNDLES.items()}
 
 
 class ProtocolError(Exception):
-    """A message that breaks the wire format; `code` goes into the ERROR reply."""
+    """A message that breaks the wire format; `code` goes into the ERROR reply, with `ids`:
+    the request or FORWARD the message named, as far as it could be read."""
 
-    def __init__(self, code: Code, message: str):
+    def __init__(self, code: Code, message: str, ids: dict[str, Any] | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.ids = ids or {}
 
 
 @dataclass(frozen=True)
@@ -109,69 +121,6 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
-# Bytes per element of each dtype a tensor frame may carry. The broker checks frame lengths
-# with these alone; tensorframes turns frames into torch tensors where a role computes.
-DTYPE_SIZES: dict[str, int] = {
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "int64": 8,
-    "int32": 4,
-}
-
-# Header fields each command must carry, with their types. `decode` rejects a message that
-# lacks one, so handlers can index headers without defensive code.
-_INT = int
-_STR = str
-SCHEMAS: dict[Cmd, dict[str, type | tuple[type, ...]]] = {
-    Cmd.READY: {"name": _STR, "fingerprint": _STR, "caps": dict, "credits": _INT},
-    Cmd.ASSIGN: {"epoch": _INT, "start": _INT, "end": _INT},
-    Cmd.LOADED: {"epoch": _INT, "start": _INT, "end": _INT},
-    Cmd.FORWARD: {"step": _INT, "epoch": _INT, "items": list},
-    Cmd.RESULT: {"step": _INT},
-    Cmd.ERROR: {"code": _STR, "message": _STR},
-    Cmd.HEARTBEAT: {},
-    Cmd.RELEASE: {"rids": list},
-    Cmd.LEAVING: {},
-    Cmd.BYE: {},
-    Cmd.STEP: {"rid": _STR, "seq": _INT, "pos": _INT, "n": _INT, "prev": _INT, "hash": _INT},
-    Cmd.END: {"rid": _STR},
-    Cmd.EVENT: {"rid": _STR, "event": _STR},
-    Cmd.PING: {},
-    Cmd.PONG: {},
-    Cmd.STATUS: {},
-    Cmd.JOBS: {},
-    Cmd.DRAIN: {"stage": _STR, "token": _STR},
-    Cmd.STEPS: {"items": list},
-    Cmd.RESULTS: {"items": list},
-}
-# A RESULT to a client names its request instead of the broker's step id.
-CLIENT_RESULT_SCHEMA: dict[str, type] = {"rid": str, "seq": int}
-ITEM_SCHEMA: dict[str, type] = {"rid": str, "pos": int, "n": int, "prev": int, "hash": int}
-MAX_RID_LENGTH = 64
-# A bundle (STEPS, RESULTS) carries one message per item, each with its one tensor frame.
-BUNDLES = {Cmd.STEPS: Cmd.STEP, Cmd.RESULTS: Cmd.RESULT}
-BUNDLE_OF = {single: bundle for bundle, single in BUNDLES.items()}
-# Items per bundle: a group of the largest batch a stage takes in one FORWARD by default;
-# larger sets travel as several bundles.
-MAX_BUNDLE = 32
-
-
-@dataclass(frozen=True)
-class TensorDesc:
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        n = DTYPE_SIZES[self.dtype]
-        for d in self.shape:
-            n *= d
-        return n
-
-    def to_json(self) -> dict:
-        return {"dtype": self.dtype, "shape": list(self.shape)}
-
 
 @dataclass
 class Message:
@@ -179,7 +128,7 @@ class Message:
 
     tag: bytes
     cmd: Cmd
-    header: dict[str, Any]
+    body: Any  # the command's struct from broker/messages.py
     frames: list = field(default_factory=list)
     descs: list[TensorDesc] = field(default_factory=list)
 
@@ -189,10 +138,14 @@ class Message:
 
     def tensor(self, i: int = 0) -> Any:
         """Tensor i as a view over its frame's buffer (no copy), read-only."""
-        # Deferred: only stages and clients build tensors, and the broker never imports torch.
-        from tensorframes import tensor_from_frame
+        return _tensor(self.frames[i], self.descs[i])
 
-        return tensor_from_frame(self.frames[i], self.descs[i])
+
+def _tensor(frame, desc: TensorDesc) -> Any:
+    # Deferred: only stages, clients and monitors build tensors; the broker never imports torch.
+    from tensorframes import tensor_from_frame
+
+    return tensor_from_frame(frame, desc)
 
 
 def frame_buffer(frame) -> memoryview:
@@ -206,39 +159,108 @@ def _length(frame) -> int:
     return frame.nbytes if isinstance(frame, memoryview) else len(frame)
 
 
-def _check_schema(header: dict, schema: dict[str, type | tuple[type, ...]], what: str) -> None:
-    for key, kind in schema.items():
-        value = header.get(key)
-        # bool is an int subclass; a flag is never a valid position or id.
-        if (
-            value is None
-            or not isinstance(value, kind)
-            or (kind is int and isinstance(value, bool))
-        ):
-            raise ProtocolError(Code.BAD_REQUEST, f"{what}: field {key!r} must be {_name(kind)}")
+# One decoder per header struct, built once: msgspec checks every field's type and range in C.
+_DECODERS: dict[type, msgspec.json.Decoder] = {
+    kind: msgspec.json.Decoder(kind)
+    for table in (*INBOUND.values(), *OUTBOUND.values())
+    for kind in table.values()
+} | {kind: msgspec.json.Decoder(kind) for kind in (M.Step, M.ClusterEvent, M.TokenSeen)}
+_ENCODER = msgspec.json.Encoder()
+_ID_TYPES = {"rid": str, "seq": int, "fid": int, "epoch": int}
 
 
-def _name(kind) -> str:
-    return kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+def ids_of(body: Any) -> dict[str, Any]:
+    """The ids (`rid`, `seq`, `fid`, `epoch`) of a message, which an ERROR answering it echoes."""
+    out = {}
+    for key in _ID_TYPES:
+        value = getattr(body, key, None)
+        if value is not None:
+            out[key] = value
+    return out
 
 
-def _parse_desc(raw: Any, limits: Limits) -> TensorDesc:
+def _raw_ids(buf) -> dict[str, Any]:
+    """The ids of a header that did not decode as its struct, where they have the right type."""
+    try:
+        raw = msgspec.json.decode(buf)
+    except msgspec.DecodeError:
+        return {}
     if not isinstance(raw, dict):
-        raise ProtocolError(Code.BAD_REQUEST, "tensor descriptor must be an object")
-    dtype, shape = raw.get("dtype"), raw.get("shape")
-    if dtype not in DTYPE_SIZES:
+        return {}
+    return {
+        key: raw[key]
+        for key, kind in _ID_TYPES.items()
+        if isinstance(raw.get(key), kind)
+        and not isinstance(raw[key], bool)
+        and not (kind is str and len(raw[key]) > MAX_RID_LENGTH)
+    }
+
+
+def _decode_header(kind: type, buf, what: str) -> Any:
+    try:
+        return _DECODERS[kind].decode(buf)
+    except msgspec.ValidationError as e:
+        reason = str(e)
+        if reason.startswith("Expected `object`") and " - at " not in reason:
+            raise ProtocolError(Code.MALFORMED, "header must be a JSON object") from None
+        raise ProtocolError(Code.BAD_REQUEST, f"{what}: {reason}", _raw_ids(buf)) from None
+    except msgspec.DecodeError as e:
+        raise ProtocolError(Code.MALFORMED, f"header is not valid JSON: {e}") from None
+
+
+def _check_tensors(body: Any, frames: list, limits: Limits, what: str) -> list[TensorDesc]:
+    descs = list(body.tensors)
+    if len(descs) > limits.max_tensors:
         raise ProtocolError(
-            Code.BAD_REQUEST, f"tensor dtype {dtype!r} is not one of {sorted(DTYPE_SIZES)}"
+            Code.BAD_REQUEST,
+            f"header 'tensors' must be a list of at most {limits.max_tensors} descriptors",
+            ids_of(body),
         )
-    if (
-        not isinstance(shape, list)
-        or len(shape) > limits.max_dims
-        or not all(
-            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape
+    if len(descs) != len(frames):
+        raise ProtocolError(
+            Code.TENSOR_MISMATCH,
+            f"header describes {len(descs)} tensors but {len(frames)} frames follow",
+            ids_of(body),
         )
-    ):
-        raise ProtocolError(Code.BAD_REQUEST, f"tensor shape {shape!r} is invalid")
-    return TensorDesc(dtype, tuple(shape))
+    for i, (desc, frame) in enumerate(zip(descs, frames, strict=True)):
+        if len(desc.shape) > limits.max_dims:
+            raise ProtocolError(
+                Code.BAD_REQUEST,
+                f"tensor shape {list(desc.shape)} has more than {limits.max_dims} dimensions",
+                ids_of(body),
+            )
+        size = _length(frame)
+        if size > limits.max_frame_bytes:
+            raise ProtocolError(
+                Code.FRAME_TOO_LARGE,
+                f"tensor frame {i} of {size} bytes exceeds {limits.max_frame_bytes}",
+                ids_of(body),
+            )
+        if size != desc.nbytes:
+            raise ProtocolError(
+                Code.TENSOR_MISMATCH,
+                f"tensor frame {i} has {size} bytes but {desc.dtype}{list(desc.shape)} "
+                f"needs {desc.nbytes}",
+                ids_of(body),
+            )
+    return descs
+
+
+def _check_layout(cmd: Cmd, body: Any, descs: Sequence[TensorDesc]) -> None:
+    """The tensors a command must carry, beyond what its descriptors say about themselves."""
+    if cmd == Cmd.STEP:
+        if len(descs) != 1 or descs[0].dtype != "int64" or descs[0].shape != (1, body.n):
+            raise ProtocolError(
+                Code.BAD_REQUEST,
+                f"STEP carries one int64 tensor of shape [1, {body.n}]",
+                ids_of(body),
+            )
+    elif cmd in (*BUNDLES, Cmd.FORWARD) and len(descs) != len(body.items):
+        raise ProtocolError(
+            Code.TENSOR_MISMATCH,
+            f"{cmd.name} has {len(body.items)} items but {len(descs)} tensor frames",
+            ids_of(body),
+        )
 
 
 def decode(
@@ -249,7 +271,8 @@ def decode(
 ) -> Message:
     """Validate and parse one message (without the routing identity). Raises ProtocolError.
 
-    `inbound=True` (the broker) also refuses commands the sender's role may not send.
+    `inbound=True` (the broker) reads what a role sends to the broker, and refuses a command
+    that role may not send; otherwise it reads what the broker sends to the tag's role.
     """
     if len(frames) < 3:
         raise ProtocolError(
@@ -269,123 +292,62 @@ def decode(
         )
     if _length(frames[1]) != 1:
         raise ProtocolError(Code.MALFORMED, "command frame must be exactly one byte")
+    byte = bytes(frame_buffer(frames[1]))[0]
     try:
-        cmd = Cmd(bytes(frame_buffer(frames[1]))[0])
+        cmd = Cmd(byte)
     except ValueError:
+        raise ProtocolError(Code.UNKNOWN_COMMAND, f"unknown command 0x{byte:02x}") from None
+    kind = (INBOUND if inbound else OUTBOUND)[tag].get(cmd)
+    if kind is None:
+        direction = "to" if inbound else "from"
         raise ProtocolError(
-            Code.UNKNOWN_COMMAND, f"unknown command 0x{bytes(frame_buffer(frames[1]))[0]:02x}"
-        ) from None
-    if inbound and cmd not in INBOUND[tag]:
-        raise ProtocolError(Code.UNKNOWN_COMMAND, f"{cmd.name} is not a {TAGS[tag]} command")
+            Code.UNKNOWN_COMMAND, f"{cmd.name} is not a {TAGS[tag]} command {direction} the broker"
+        )
     if _length(frames[2]) > limits.max_header_bytes:
         raise ProtocolError(
             Code.HEADER_TOO_LARGE,
             f"header of {_length(frames[2])} bytes exceeds {limits.max_header_bytes}",
         )
-    try:
-        header = orjson.loads(frame_buffer(frames[2]))
-    except orjson.JSONDecodeError as e:
-        raise ProtocolError(Code.MALFORMED, f"header is not valid JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise ProtocolError(Code.MALFORMED, "header must be a JSON object")
-    check_header(tag, cmd, header)
-    if cmd == Cmd.FORWARD:
-        for item in header["items"]:
-            if not isinstance(item, dict):
-                raise ProtocolError(Code.BAD_REQUEST, "FORWARD items must be objects")
-            _check_schema(item, ITEM_SCHEMA, "FORWARD item")
-    if cmd in BUNDLES:
-        items = header["items"]
-        if not 1 <= len(items) <= MAX_BUNDLE or not all(isinstance(i, dict) for i in items):
-            raise ProtocolError(
-                Code.BAD_REQUEST, f"{cmd.name} carries 1 to {MAX_BUNDLE} item objects"
-            )
-    raw_descs = header.get("tensors", [])
-    if not isinstance(raw_descs, list) or len(raw_descs) > limits.max_tensors:
-        raise ProtocolError(
-            Code.BAD_REQUEST,
-            f"header 'tensors' must be a list of at most {limits.max_tensors} descriptors",
-        )
+    body = _decode_header(kind, frame_buffer(frames[2]), cmd.name)
     tensor_frames = list(frames[3:])
-    if len(raw_descs) != len(tensor_frames):
-        raise ProtocolError(
-            Code.TENSOR_MISMATCH,
-            f"header describes {len(raw_descs)} tensors but {len(tensor_frames)} frames follow",
-        )
-    if cmd in BUNDLES and len(tensor_frames) != len(header["items"]):
-        raise ProtocolError(
-            Code.TENSOR_MISMATCH,
-            f"{cmd.name} has {len(header['items'])} items but {len(tensor_frames)} tensor frames",
-        )
-    descs = [_parse_desc(d, limits) for d in raw_descs]
-    for i, (desc, frame) in enumerate(zip(descs, tensor_frames, strict=True)):
-        size = _length(frame)
-        if size > limits.max_frame_bytes:
-            raise ProtocolError(
-                Code.FRAME_TOO_LARGE,
-                f"tensor frame {i} of {size} bytes exceeds {limits.max_frame_bytes}",
-            )
-        if size != desc.nbytes:
-            raise ProtocolError(
-                Code.TENSOR_MISMATCH,
-                f"tensor frame {i} has {size} bytes but {desc.dtype}{list(desc.shape)} needs {desc.nbytes}",
-            )
-    return Message(tag=tag, cmd=cmd, header=header, frames=tensor_frames, descs=descs)
+    descs = _check_tensors(body, tensor_frames, limits, cmd.name)
+    _check_layout(cmd, body, descs)
+    return Message(tag=tag, cmd=cmd, body=body, frames=tensor_frames, descs=descs)
 
 
-def check_header(tag: bytes, cmd: Cmd, header: dict[str, Any]) -> None:
-    """Refuse (ProtocolError) a header that lacks a field its command needs."""
-    schema = CLIENT_RESULT_SCHEMA if cmd == Cmd.RESULT and tag == CLIENT_TAG else SCHEMAS[cmd]
-    _check_schema(header, schema, cmd.name)
-
-
-def unbundle(msg: Message) -> list[Message]:
+def unbundle(msg: Message) -> list[Message | ProtocolError]:
     """The single messages a STEPS or RESULTS carries, each with its own tensor frame.
 
-    Item headers are not checked yet: the receiver runs `check_header` on each, so one bad
-    item is refused alone.
+    A STEPS item that does not decode, or does not match its frame, comes back as the
+    ProtocolError to answer it with, so one bad item is refused alone.
     """
     single = BUNDLES[msg.cmd]
-    return [
-        Message(msg.tag, single, item, [frame], [desc])
-        for item, frame, desc in zip(msg.header["items"], msg.frames, msg.descs, strict=True)
-    ]
-
-
-def encode_bundled(
-    tag: bytes,
-    cmd: Cmd,
-    entries: Sequence[tuple[dict[str, Any], Any]],
-    limits: Limits = DEFAULT_LIMITS,
-) -> list[list]:
-    """Messages carrying `entries` of (header, tensor) for `cmd` (STEP or RESULT).
-
-    One entry goes as the plain message; more go as bundles of at most MAX_BUNDLE items whose
-    header fits `limits.max_header_bytes` (a bundle that would not is halved).
-    """
-    if len(entries) == 1:
-        header, tensor = entries[0]
-        return [encode(tag, cmd, header, [tensor])]
-    out: list[list] = []
-    for at in range(0, len(entries), MAX_BUNDLE):
-        part = entries[at : at + MAX_BUNDLE]
-        frames = encode(tag, BUNDLE_OF[cmd], {"items": [h for h, _ in part]}, [t for _, t in part])
-        if len(frames[2]) > limits.max_header_bytes and len(part) > 1:
-            half = len(part) // 2
-            out += encode_bundled(tag, cmd, part[:half], limits)
-            out += encode_bundled(tag, cmd, part[half:], limits)
-        else:
-            out.append(frames)
+    out: list[Message | ProtocolError] = []
+    for item, frame, desc in zip(msg.body.items, msg.frames, msg.descs, strict=True):
+        try:
+            body = _decode_header(M.Step, item, "STEPS item") if single == Cmd.STEP else item
+            _check_layout(single, body, [desc])
+        except ProtocolError as e:
+            out.append(e)
+            continue
+        out.append(Message(msg.tag, single, body, [frame], [desc]))
     return out
 
 
-def encode(tag: bytes, cmd: Cmd, header: dict[str, Any], tensors: Sequence = ()) -> list:
+def encode(tag: bytes, body: Body, tensors: Sequence = ()) -> list:
     """Frames for one message. `tensors` are torch tensors or (TensorDesc, frame) pairs to forward.
 
     A pair is re-sent as the same frame object it arrived in: forwarding never copies.
     """
+    frames, descs = _tensor_frames(tensors)
+    if descs:
+        body = msgspec.structs.replace(body, tensors=tuple(descs))
+    return [tag, bytes((body.cmd,)), _ENCODER.encode(body), *frames]
+
+
+def _tensor_frames(tensors: Sequence) -> tuple[list, list[TensorDesc]]:
     frames: list = []
-    descs: list[dict] = []
+    descs: list[TensorDesc] = []
     for t in tensors:
         if isinstance(t, tuple):
             desc, buf = t
@@ -394,19 +356,71 @@ def encode(tag: bytes, cmd: Cmd, header: dict[str, Any], tensors: Sequence = ())
             from tensorframes import tensor_to_frame
 
             desc, buf = tensor_to_frame(t)
-        descs.append(desc.to_json())
+        descs.append(desc)
         frames.append(buf)
-    if descs or "tensors" in header:
-        header = {**header, "tensors": descs}
-    return [tag, bytes((cmd,)), orjson.dumps(header), *frames]
+    return frames, descs
+
+
+def encode_bundled(
+    tag: bytes,
+    entries: Sequence[tuple[Body, Any]],
+    limits: Limits = DEFAULT_LIMITS,
+) -> list[list]:
+    """Messages carrying `entries` of (STEP or RESULT body, tensor).
+
+    One entry goes as the plain message; more go as bundles of at most MAX_BUNDLE items whose
+    header fits `limits.max_header_bytes` (a bundle that would not is halved).
+    """
+    if len(entries) == 1:
+        body, tensor = entries[0]
+        return [encode(tag, body, [tensor])]
+    out: list[list] = []
+    for at in range(0, len(entries), MAX_BUNDLE):
+        part = entries[at : at + MAX_BUNDLE]
+        bodies = [b for b, _ in part]
+        if isinstance(bodies[0], M.Step):
+            bundle = M.Steps(items=tuple(msgspec.Raw(_ENCODER.encode(b)) for b in bodies))
+        else:
+            bundle = M.Results(items=tuple(bodies))
+        frames = encode(tag, bundle, [t for _, t in part])
+        if len(frames[2]) > limits.max_header_bytes and len(part) > 1:
+            half = len(part) // 2
+            out += encode_bundled(tag, part[:half], limits)
+            out += encode_bundled(tag, part[half:], limits)
+        else:
+            out.append(frames)
+    return out
+
+
+def error(code: Code, message: str, about: Any = None, **extra: Any) -> M.Error:
+    """An ERROR body; `about` is the message it answers, whose ids it echoes."""
+    return M.Error(code=code, message=message, **{**ids_of(about), **extra})
 
 
 # --- the monitor feed (PUB) ---------------------------------------------------------------
-# [topic][header][tensors...]: topics are subscription prefixes, the rest as in a message.
+# [topic][header][tensors...]: topics are subscription prefixes.
 FEED_STATS = b"stats"
 FEED_EVENT = b"event"
 FEED_TOKEN = b"token"
-FEED_TOPICS = (FEED_STATS, FEED_EVENT, FEED_TOKEN)
+FEED_TOPICS: dict[bytes, type[Body]] = {
+    FEED_STATS: M.Status,
+    FEED_EVENT: M.ClusterEvent,
+    FEED_TOKEN: M.TokenSeen,
+}
+_FEED_TOPIC_OF = {kind: topic for topic, kind in FEED_TOPICS.items()}
+
+
+@dataclass
+class FeedMessage:
+    """One decoded feed message: its topic, header struct and raw tensor frames."""
+
+    topic: bytes
+    body: Any
+    frames: list = field(default_factory=list)
+    descs: list[TensorDesc] = field(default_factory=list)
+
+    def tensor(self, i: int = 0) -> Any:
+        return _tensor(self.frames[i], self.descs[i])
 
 
 def feed_endpoint(bind: str) -> str:
@@ -417,26 +431,30 @@ def feed_endpoint(bind: str) -> str:
     return f"{host}:{int(port) + 1}"
 
 
-def encode_feed(topic: bytes, header: dict[str, Any], tensors: Sequence = ()) -> list:
-    return [topic, *encode(MONITOR_TAG, Cmd.STATUS, header, tensors)[2:]]
+def encode_feed(body: Body, tensors: Sequence = ()) -> list:
+    """Frames of one feed message; the topic follows from the body's type."""
+    frames, descs = _tensor_frames(tensors)
+    if descs:
+        body = msgspec.structs.replace(body, tensors=tuple(descs))
+    return [_FEED_TOPIC_OF[type(body)], _ENCODER.encode(body), *frames]
 
 
-def decode_feed(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes, Message]:
-    """(topic, message) of one feed message; raises ProtocolError."""
-    if not frames:
-        raise ProtocolError(Code.MALFORMED, "empty feed message")
+def decode_feed(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> FeedMessage:
+    """One feed message, validated like a message; raises ProtocolError."""
+    if len(frames) < 2:
+        raise ProtocolError(Code.MALFORMED, "a feed message has a topic and a header")
     topic = bytes(frame_buffer(frames[0]))
     if topic not in FEED_TOPICS:
         raise ProtocolError(Code.UNKNOWN_COMMAND, f"unknown feed topic {topic!r}")
-    return topic, decode([MONITOR_TAG, bytes((Cmd.STATUS,)), *frames[1:]], limits)
-
-
-def error_header(code: Code, message: str, **extra: Any) -> dict[str, Any]:
-    return {"code": str(code), "message": message, **extra}
-
-
-def reply_frames(tag: bytes, cmd: Cmd, header: dict[str, Any], tensors: Sequence = ()) -> list:
-    return encode(tag, cmd, header, tensors)
+    if _length(frames[1]) > limits.max_header_bytes:
+        raise ProtocolError(
+            Code.HEADER_TOO_LARGE,
+            f"header of {_length(frames[1])} bytes exceeds {limits.max_header_bytes}",
+        )
+    body = _decode_header(FEED_TOPICS[topic], frame_buffer(frames[1]), topic.decode())
+    tensor_frames = list(frames[2:])
+    descs = _check_tensors(body, tensor_frames, limits, topic.decode())
+    return FeedMessage(topic, body, tensor_frames, descs)
 
 
 # --- prefix hashes -------------------------------------------------------------------------
