@@ -412,42 +412,41 @@ class ClusterEvent(Body, frozen=True, kw_only=True, omit_defaults=True):
     lost: str | None = None
     reason: str | None = None
     old_map: tuple[MapRange, ...] = ()
-    new_map: tuple[MapRange, ...] = ()
-    map: tuple[MapRange, ...] = ()
+    new_map: tuple[MapRange, ...] = ()  # after a reshard, and the map that became ready
 
 
 class StageStatus(msgspec.Struct, frozen=True, kw_only=True):
     """One stage as STATUS shows it; the stats a stage has not sent yet are null."""
 
     name: str
-    host: str
-    pid: int
-    device: str
     state: Literal["joining", "loading", "ready", "busy", "standby", "draining", "dead"]
     start: Count
     end: Count
-    credits: Count
-    inflight: Count
-    queued: Count
-    tokens_per_s: float
-    p50_s: float | None
-    p99_s: float | None
-    batches: Count | None
-    batched_items: Count | None
-    kv_bytes: Count | None
-    kv_requests: Count | None
-    rss_bytes: Count | None
-    memory_bytes: Count
-    last_seen_s: float
+    host: str = ""
+    pid: int = 0
+    device: str = "cpu"
+    credits: Count = 0
+    inflight: Count = 0
+    queued: Count = 0
+    tokens_per_s: float = 0.0
+    p50_s: float | None = None
+    p99_s: float | None = None
+    batches: Count | None = None
+    batched_items: Count | None = None
+    kv_bytes: Count | None = None
+    kv_requests: Count | None = None
+    rss_bytes: Count | None = None
+    memory_bytes: Count = 0
+    last_seen_s: float = 0.0
 
 
 class ActiveRequest(msgspec.Struct, frozen=True, kw_only=True):
     rid: str
-    tokens: Count
-    steps: Count
-    replays: Count
-    age_s: float
-    tokens_per_s: float
+    tokens: Count = 0
+    steps: Count = 0
+    replays: Count = 0
+    age_s: float = 0.0
+    tokens_per_s: float = 0.0
 
 
 class Status(Body, frozen=True, kw_only=True, omit_defaults=True):
@@ -455,23 +454,23 @@ class Status(Body, frozen=True, kw_only=True, omit_defaults=True):
 
     cmd = Cmd.STATUS
     ready: bool
-    reason: str | None
+    reason: str | None = None
     epoch: int
-    map: tuple[MapRange, ...]
-    num_layers: int
-    stages: tuple[StageStatus, ...]
-    model: str
-    fingerprint: str
-    max_position_embeddings: int
+    map: tuple[MapRange, ...] = ()
+    num_layers: Count
+    stages: tuple[StageStatus, ...] = ()
+    model: str = ""
+    fingerprint: str = ""
+    max_position_embeddings: Count = 0
     eos_token_id: int | list[int] | None = None
     vocab_size: int | None = None
-    dtype: str
-    prefill_chunk: Positive
-    requests: Count
+    dtype: str = "float32"
+    prefill_chunk: Positive = 128
+    requests: Count = 0
     counters: dict[str, int] = {}
-    uptime_s: float
-    pid: int
-    ts: float
+    uptime_s: float = 0.0
+    pid: int = 0
+    ts: float = 0.0
     events: tuple[ClusterEvent, ...] = ()  # the latest ones, in a STATUS reply
     active: tuple[ActiveRequest, ...] = ()  # the active requests, in the feed's stats
 
@@ -490,9 +489,9 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     rid: str
     outcome: str
-    steps: Count
-    tokens: Count
-    replays: Count
+    steps: Count = 0
+    tokens: Count = 0
+    replays: Count = 0
     duration_s: float | None = None
     ttft_s: float | None = None
     age_s: float | None = None

@@ -12,10 +12,12 @@ import contextlib
 import queue
 import time
 
+import msgspec
 import pytest
 import torch
 import zmq
 
+from broker import messages as M
 from broker import protocol as P
 from broker.protocol import Cmd
 from client import Client
@@ -23,7 +25,7 @@ from tests.cluster import Cluster
 from tui.app import HelpScreen, LayerlineApp
 from tui.format import format_map
 from tui.reader import FeedReader
-from tui.records import Job, Jobs, Link, Notice, Snapshot, Tokens, parse_event, parse_snapshot
+from tui.records import Link, Notice, Snapshot, Tokens, snapshot_of
 from tui.state import ClusterState
 from tui.tables import RequestTable, StageTable
 from tui.widgets import EventLog, MapBar, RequestText, StatusLine, ThroughputPanel
@@ -92,6 +94,11 @@ def stats(stages, *, epoch=EPOCH, active=(), ready=True, reason=None, periodic=T
     return parse_snapshot(header, periodic=periodic)
 
 
+def parse_snapshot(status, periodic: bool) -> Snapshot:
+    """A snapshot of a STATUS body given as JSON-shaped data, validated as the wire's decoder does."""
+    return snapshot_of(msgspec.convert(status, M.Status), periodic=periodic)
+
+
 def request(rid, tokens, tps=41.5, replays=0, age=3.2):
     return {
         "rid": rid,
@@ -108,7 +115,7 @@ def ranges(*triples):
 
 
 def event(kind, ts, **data):
-    return parse_event({"ts": ts, "kind": kind, **data})
+    return msgspec.convert({"ts": ts, "kind": kind, **data}, M.ClusterEvent)
 
 
 RESHARD = event(
@@ -267,7 +274,10 @@ async def test_requests_and_the_selected_requests_streamed_text():
         assert str(body.content) == "Once upon a"
         # Finished requests stay listed with their outcome from JOBS; away from the table, the
         # selection moves on from a finished request to the newest active one.
-        feed.push(three_stages(active=[request("b2", 2)]), Jobs((Job("a1", "done", tokens=4),)))
+        feed.push(
+            three_stages(active=[request("b2", 2)]),
+            M.Jobs(jobs=(M.Job(rid="a1", outcome="done", tokens=4),)),
+        )
         await settle(pilot)
         assert str(table.get_cell("a1", "status")) == "done"
         assert app.selected == "a1"
@@ -406,15 +416,15 @@ def readme_state(feed: FakeFeed) -> None:
     feed.push(
         event("reshard", t + 2, epoch=EPOCH, cause="start", lost=None, old_map=[],
               new_map=ranges(("s0", 0, 2), ("s1", 2, 4), ("s2", 4, 6))),
-        event("ready", t + 3, epoch=EPOCH, map=ranges(("s0", 0, 2), ("s1", 2, 4), ("s2", 4, 6))),
+        event("ready", t + 3, epoch=EPOCH, new_map=ranges(("s0", 0, 2), ("s1", 2, 4), ("s2", 4, 6))),
         event("dead", t + 11, epoch=EPOCH, stage="s1", cause="silent"),
         event("reshard", t + 11, epoch=EPOCH + 1, cause="silent", lost="s1",
               old_map=ranges(("s0", 0, 2), ("s1", 2, 4), ("s2", 4, 6)), new_map=ranges(("s0", 0, 3), ("s2", 3, 6))),
-        event("ready", t + 12, epoch=EPOCH + 1, map=ranges(("s0", 0, 3), ("s2", 3, 6))),
+        event("ready", t + 12, epoch=EPOCH + 1, new_map=ranges(("s0", 0, 3), ("s2", 3, 6))),
         event("join", t + 20, epoch=EPOCH + 1, stage="s3", host="node-d"),
         event("reshard", t + 21, epoch=EPOCH + 2, cause="rebalance", lost=None,
               old_map=ranges(("s0", 0, 3), ("s2", 3, 6)), new_map=ranges(("s0", 0, 2), ("s2", 2, 4), ("s3", 4, 6))),
-        event("ready", t + 22, epoch=EPOCH + 2, map=ranges(("s0", 0, 2), ("s2", 2, 4), ("s3", 4, 6))),
+        event("ready", t + 22, epoch=EPOCH + 2, new_map=ranges(("s0", 0, 2), ("s2", 2, 4), ("s3", 4, 6))),
     )  # fmt: skip
     final = [("s0", 0, 2, "node-a"), ("s2", 2, 4, "node-c"), ("s3", 4, 6, "node-d")]
     for i in range(60):
@@ -425,7 +435,7 @@ def readme_state(feed: FakeFeed) -> None:
         active = [request("req-7f3a", len(TEXT_A) - 3, tps=44.2, replays=1, age=12.4),
                   request("req-91c0", len(TEXT_B) - 2, tps=39.8, age=4.1)]  # fmt: skip
         feed.push(stats(rows, epoch=EPOCH + 2, active=active if i == 59 else active[:1]))
-    feed.push(Jobs((Job("req-5d21", "done", tokens=64, duration_s=1.9),)))
+    feed.push(M.Jobs(jobs=(M.Job(rid="req-5d21", outcome="done", tokens=64, duration_s=1.9),)))
     feed.push(tokens("req-7f3a", 0, "s2", *TEXT_A[:3]))
     for pos, piece in enumerate(TEXT_A[3:], start=3):
         feed.push(tokens("req-7f3a", pos, "s2" if pos < 12 else "s3", piece))
@@ -483,7 +493,7 @@ def next_update(updates: queue.SimpleQueue, kind, timeout_s: float = 5.0, where=
 def next_request(router: zmq.Socket, timeout_s: float = 5.0) -> tuple[bytes, P.Message]:
     assert router.poll(timeout_s * 1000), "the reader sent nothing"
     ident, *frames = router.recv_multipart()
-    return ident, P.decode(frames)
+    return ident, P.decode(frames, inbound=True)
 
 
 @pytest.mark.timeout(30)
@@ -494,8 +504,11 @@ def test_feed_reader_snapshot_tokens_drain_and_broker_loss():
         sock.setsockopt(zmq.LINGER, 0)
     broker = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
     feed = f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"
-    header = {"ready": True, "epoch": 3, "map": ranges(("s0", 0, 6)), "num_layers": 6,
-              "stages": [stage("s0", 0, 6)], "model": "/nowhere", "ts": NOW}  # fmt: skip
+    status = msgspec.convert(
+        {"ready": True, "epoch": 3, "map": ranges(("s0", 0, 6)), "num_layers": 6,
+         "stages": [stage("s0", 0, 6)], "model": "/nowhere", "ts": NOW},
+        M.Status,
+    )  # fmt: skip
     updates: queue.SimpleQueue = queue.SimpleQueue()
     reader = FeedReader(broker, feed, admin_token="wrong", lost_after_s=0.5,
                         tokenizer_loader=lambda model: WordTokenizer())  # fmt: skip
@@ -505,37 +518,33 @@ def test_feed_reader_snapshot_tokens_drain_and_broker_loss():
         for _ in range(2):
             ident, msg = next_request(router)
             reply = (
-                header if msg.cmd == Cmd.STATUS else {"jobs": [{"rid": "r0", "outcome": "done"}]}
+                status if msg.cmd == Cmd.STATUS else M.Jobs(jobs=(M.Job(rid="r0", outcome="done"),))
             )
-            router.send_multipart([ident, *P.encode(P.MONITOR_TAG, msg.cmd, reply)])
+            router.send_multipart([ident, *P.encode(P.MONITOR_TAG, reply)])
         assert next_update(updates, Snapshot, where=lambda u: not u.periodic).epoch == 3
-        assert next_update(updates, Jobs).jobs == (Job("r0", "done"),)
+        assert next_update(updates, M.Jobs).jobs == (M.Job(rid="r0", outcome="done"),)
 
         def publish_until(kind, where=lambda u: True):
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:  # a SUB misses what was sent before it joined
-                pub.send_multipart(P.encode_feed(P.FEED_STATS, {**header, "active": []}))
+                pub.send_multipart(P.encode_feed(status))
                 with contextlib.suppress(AssertionError):
                     return next_update(updates, kind, 0.1, where)
             raise AssertionError(f"no {kind.__name__} while publishing")
 
         assert publish_until(Link, lambda u: u.state == "up")
         step = {"rid": "r1", "stage": "s0", "ts": NOW}
-        pub.send_multipart(
-            P.encode_feed(P.FEED_TOKEN, {**step, "pos": 0, "n": 2}, [torch.tensor([[1, 2]])])
-        )
-        pub.send_multipart(
-            P.encode_feed(P.FEED_TOKEN, {**step, "pos": 2, "n": 1}, [torch.tensor([[3]])])
-        )
+        pub.send_multipart(P.encode_feed(M.TokenSeen(**step, pos=0, n=2), [torch.tensor([[1, 2]])]))
+        pub.send_multipart(P.encode_feed(M.TokenSeen(**step, pos=2, n=1), [torch.tensor([[3]])]))
         first, second = next_update(updates, Tokens), next_update(updates, Tokens)
         assert (first.pos, first.ids, first.pieces) == (0, (1, 2), ("Once upon", ""))
         assert (second.pos, second.ids, second.pieces, second.stage) == (2, (3,), (" a",), "s0")
 
         reader.drain("s0")
         ident, msg = next_request(router)
-        assert msg.cmd == Cmd.DRAIN and msg.header == {"stage": "s0", "token": "wrong"}
-        refusal = P.error_header(P.Code.UNAUTHORIZED, "DRAIN needs the broker's admin token")
-        router.send_multipart([ident, *P.encode(P.MONITOR_TAG, Cmd.ERROR, refusal)])
+        assert msg.body == M.Drain(stage="s0", token="wrong")
+        refusal = P.error(P.Code.UNAUTHORIZED, "DRAIN needs the broker's admin token")
+        router.send_multipart([ident, *P.encode(P.MONITOR_TAG, refusal)])
         notice = next_update(updates, Notice)
         assert (
             notice.error

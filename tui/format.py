@@ -7,7 +7,7 @@ from datetime import datetime
 
 from rich.text import Text
 
-from tui.records import ClusterEvent, LayerRange
+from tui.records import ClusterEvent, MapRange
 from tui.state import ClusterView
 
 # Distinct on dark and light themes; a stage keeps its colour for the whole session.
@@ -66,7 +66,7 @@ def fmt_clock(ts: float) -> str:
     return datetime.fromtimestamp(ts).strftime("%H:%M:%S")
 
 
-def format_map(ranges: Iterable[LayerRange]) -> str:
+def format_map(ranges: Iterable[MapRange]) -> str:
     return " ".join(f"{r.stage}[{r.start},{r.end})" for r in ranges) or "(none)"
 
 

@@ -19,18 +19,10 @@ from typing import Any
 import structlog
 import zmq
 
+from broker import messages as M
 from broker import protocol as P
 from broker.protocol import Cmd
-from tui.records import (
-    Link,
-    Notice,
-    Snapshot,
-    Tokens,
-    Update,
-    parse_event,
-    parse_jobs,
-    parse_snapshot,
-)
+from tui.records import Link, Notice, Snapshot, Tokens, Update, snapshot_of
 from tui.token_text import TokenText, load_tokenizer
 
 log = structlog.get_logger("tui")
@@ -183,15 +175,15 @@ class FeedReader:
             dealer.close(linger=0)
 
     def _ask_snapshot(self, dealer: zmq.Socket) -> None:
-        self._send(dealer, Cmd.STATUS, {})
-        self._send(dealer, Cmd.JOBS, {})
+        self._send(dealer, M.StatusQuery())
+        self._send(dealer, M.JobsQuery())
 
-    def _send(self, dealer: zmq.Socket, cmd: Cmd, header: dict, stage: str | None = None) -> None:
+    def _send(self, dealer: zmq.Socket, body: M.Body, stage: str | None = None) -> None:
         try:
-            dealer.send_multipart(P.encode(P.MONITOR_TAG, cmd, header), flags=zmq.NOBLOCK)
-            self._pending.append(_Pending(cmd, stage, time.monotonic()))
+            dealer.send_multipart(P.encode(P.MONITOR_TAG, body), flags=zmq.NOBLOCK)
+            self._pending.append(_Pending(body.cmd, stage, time.monotonic()))
         except zmq.Again:
-            if cmd == Cmd.DRAIN:
+            if body.cmd == Cmd.DRAIN:
                 self._post(Notice(f"cannot send DRAIN {stage}: broker unreachable", error=True))
 
     def _recv_feed(self, sub: zmq.Socket) -> bool:
@@ -203,17 +195,16 @@ class FeedReader:
                 break
             got = True
             try:
-                topic, msg = P.decode_feed(frames)
+                msg = P.decode_feed(frames)
             except P.ProtocolError as e:
                 log.warning("bad_feed_message", code=str(e.code), reason=e.message)
                 continue
-            if topic == P.FEED_STATS:
-                self._on_snapshot(parse_snapshot(msg.header, periodic=True))
-            elif topic == P.FEED_EVENT:
-                event = parse_event(msg.header)
-                self._last_event_ts = max(self._last_event_ts, event.ts)
-                self._post(event)
-            elif topic == P.FEED_TOKEN:
+            if msg.topic == P.FEED_STATS:
+                self._on_snapshot(snapshot_of(msg.body, periodic=True))
+            elif msg.topic == P.FEED_EVENT:
+                self._last_event_ts = max(self._last_event_ts, msg.body.ts)
+                self._post(msg.body)
+            elif msg.topic == P.FEED_TOKEN:
                 self._on_tokens(msg)
         return got
 
@@ -229,27 +220,23 @@ class FeedReader:
             self._active = rids
         self._post(snapshot)
 
-    def _on_history(self, events: Any) -> None:
-        """Events from before we connected, if the broker's STATUS lists them (newer ones only)."""
-        if not isinstance(events, list):
-            return
-        for raw in events:
-            if isinstance(raw, dict) and float(raw.get("ts") or 0) > self._last_event_ts:
-                event = parse_event(raw)
+    def _on_history(self, events: tuple[M.ClusterEvent, ...]) -> None:
+        """Events from before we connected, as the broker's STATUS lists them (newer ones only)."""
+        for event in events:
+            if event.ts > self._last_event_ts:
                 self._last_event_ts = event.ts
                 self._post(event)
 
-    def _on_tokens(self, msg: P.Message) -> None:
-        h = msg.header
-        if not isinstance(h.get("rid"), str) or not isinstance(h.get("pos"), int) or not msg.descs:
+    def _on_tokens(self, msg: P.FeedMessage) -> None:
+        seen = msg.body
+        if not msg.descs:
             return
         ids = [int(i) for i in msg.tensor(0).reshape(-1).tolist()]
-        self._active.add(h["rid"])
-        pieces = self._text.pieces(h["rid"], h["pos"], ids)
+        self._active.add(seen.rid)
+        pieces = self._text.pieces(seen.rid, seen.pos, ids)
         if pieces is None:
             return
-        stage = h.get("stage") if isinstance(h.get("stage"), str) else None
-        self._post(Tokens(h["rid"], h["pos"], stage, float(h.get("ts") or 0.0), tuple(ids), pieces))
+        self._post(Tokens(seen.rid, seen.pos, seen.stage, seen.ts, tuple(ids), pieces))
 
     def _recv_replies(self, dealer: zmq.Socket) -> None:
         while True:
@@ -264,15 +251,15 @@ class FeedReader:
                 continue
             pending = self._pop_pending(msg.cmd)
             if msg.cmd == Cmd.STATUS:
-                self._on_snapshot(parse_snapshot(msg.header, periodic=False))
-                self._on_history(msg.header.get("events"))
+                self._on_snapshot(snapshot_of(msg.body, periodic=False))
+                self._on_history(msg.body.events)
             elif msg.cmd == Cmd.JOBS:
-                self._post(parse_jobs(msg.header))
+                self._post(msg.body)
             elif pending is not None and pending.kind == Cmd.DRAIN:
                 if msg.cmd == Cmd.PONG:
                     self._post(Notice(f"draining {pending.stage}: its layers move to other stages"))
                 else:
-                    reason = msg.header.get("message") or msg.header.get("code")
+                    reason = msg.body.message or msg.body.code
                     self._post(Notice(f"drain {pending.stage} refused: {reason}", error=True))
 
     def _pop_pending(self, cmd: Cmd) -> _Pending | None:
@@ -287,15 +274,15 @@ class FeedReader:
     def _run_commands(self, dealer: zmq.Socket) -> None:
         if self._ask_jobs:
             self._ask_jobs = False
-            self._send(dealer, Cmd.JOBS, {})
+            self._send(dealer, M.JobsQuery())
         while True:
             try:
                 kind, stage = self._commands.get_nowait()
             except queue.Empty:
                 return
             if kind == "drain":
-                header = {"stage": stage, "token": self.admin_token or ""}
-                self._send(dealer, Cmd.DRAIN, header, stage=stage)
+                drain = M.Drain(stage=stage, token=self.admin_token or "")
+                self._send(dealer, drain, stage=stage)
 
     def _expire_pending(self, now: float) -> None:
         for p in [p for p in self._pending if now - p.sent > self.reply_timeout_s]:

@@ -1,51 +1,17 @@
-"""What the monitor's reader hands to the app: small frozen records, the `FeedSource` interface,
-and the parsers from feed headers to records (tolerant: the broker may add or omit fields).
+"""What the monitor's reader hands to the app: the feed's own structs (`broker/messages.py`),
+a few frozen records of its own, and the `FeedSource` interface.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
+from broker.messages import ActiveRequest, ClusterEvent, Jobs, MapRange, StageStatus, Status
 
-@dataclass(frozen=True)
-class LayerRange:
-    stage: str
-    start: int
-    end: int
-
-
-@dataclass(frozen=True)
-class StageStats:
-    name: str
-    host: str | None = None
-    device: str | None = None
-    state: str = "?"
-    start: int = 0
-    end: int = 0
-    credits: int = 0
-    inflight: int = 0
-    queued: int = 0
-    tokens_per_s: float = 0.0
-    p50_s: float | None = None
-    p99_s: float | None = None
-    kv_bytes: int | None = None
-    kv_requests: int | None = None
-    rss_bytes: int | None = None
-    memory_bytes: int | None = None
-    last_seen_s: float | None = None
-
-
-@dataclass(frozen=True)
-class RequestStats:
-    rid: str
-    tokens: int = 0
-    steps: int = 0
-    replays: int = 0
-    age_s: float = 0.0
-    tokens_per_s: float = 0.0
+__all__ = ["ActiveRequest", "ClusterEvent", "Jobs", "MapRange", "StageStatus", "Status"]
 
 
 @dataclass(frozen=True)
@@ -55,27 +21,13 @@ class Snapshot:
     ready: bool
     reason: str | None
     epoch: int
-    map: tuple[LayerRange, ...]
+    map: tuple[MapRange, ...]
     num_layers: int
-    stages: tuple[StageStats, ...]
-    active: tuple[RequestStats, ...] | None  # None: a STATUS reply, which lists no requests
+    stages: tuple[StageStatus, ...]
+    active: tuple[ActiveRequest, ...] | None  # None: a STATUS reply, which lists no requests
     model: str | None
     ts: float
     periodic: bool  # from the 0.5 s stats feed: one throughput sample per stage
-
-
-@dataclass(frozen=True)
-class ClusterEvent:
-    ts: float
-    kind: str  # join | leave | dead | stalled | rejoin | reshard | not_ready | ready | ...
-    epoch: int | None = None
-    stage: str | None = None
-    cause: str | None = None
-    lost: str | None = None
-    reason: str | None = None
-    host: str | None = None
-    old_map: tuple[LayerRange, ...] = ()
-    new_map: tuple[LayerRange, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,20 +40,6 @@ class Tokens:
     ts: float
     ids: tuple[int, ...]
     pieces: tuple[str, ...]  # text of each id ("" where a multi-id character is still open)
-
-
-@dataclass(frozen=True)
-class Job:
-    rid: str
-    outcome: str
-    tokens: int = 0
-    replays: int = 0
-    duration_s: float | None = None
-
-
-@dataclass(frozen=True)
-class Jobs:
-    jobs: tuple[Job, ...]
 
 
 @dataclass(frozen=True)
@@ -132,69 +70,19 @@ class FeedSource(Protocol):
     def drain(self, stage: str) -> None: ...
 
 
-# --- header -> records ------------------------------------------------------------------------
+# --- status -> snapshot ------------------------------------------------------------------------
 
 
-def _ranges(raw: Any) -> tuple[LayerRange, ...]:
-    if not isinstance(raw, list):
-        return ()
-    return tuple(
-        LayerRange(str(r.get("stage")), int(r.get("start", 0)), int(r.get("end", 0)))
-        for r in raw
-        if isinstance(r, dict)
-    )
-
-
-def _fields(cls, raw: dict) -> dict:
-    return {k: raw[k] for k in cls.__dataclass_fields__ if k in raw and raw[k] is not None}
-
-
-def parse_snapshot(header: Mapping[str, Any], periodic: bool) -> Snapshot:
-    active = header.get("active")
+def snapshot_of(status: Status, periodic: bool) -> Snapshot:
     return Snapshot(
-        ready=bool(header.get("ready")),
-        reason=header.get("reason"),
-        epoch=int(header.get("epoch") or 0),
-        map=_ranges(header.get("map")),
-        num_layers=int(header.get("num_layers") or 0),
-        stages=tuple(
-            StageStats(**_fields(StageStats, s))
-            for s in header.get("stages") or ()
-            if isinstance(s, dict) and "name" in s
-        ),
-        active=None
-        if not isinstance(active, list)
-        else tuple(
-            RequestStats(**_fields(RequestStats, r))
-            for r in active
-            if isinstance(r, dict) and "rid" in r
-        ),
-        model=header.get("model"),
-        ts=float(header.get("ts") or time.time()),
+        ready=status.ready,
+        reason=status.reason,
+        epoch=status.epoch,
+        map=status.map,
+        num_layers=status.num_layers,
+        stages=status.stages,
+        active=status.active if periodic else None,
+        model=status.model or None,
+        ts=status.ts or time.time(),
         periodic=periodic,
-    )
-
-
-def parse_event(header: Mapping[str, Any]) -> ClusterEvent:
-    simple = {
-        k: header[k]
-        for k in ("epoch", "stage", "cause", "lost", "reason", "host")
-        if header.get(k) is not None
-    }
-    return ClusterEvent(
-        ts=float(header.get("ts") or time.time()),
-        kind=str(header.get("kind", "?")),
-        old_map=_ranges(header.get("old_map")),
-        new_map=_ranges(header.get("new_map") if "new_map" in header else header.get("map")),
-        **simple,
-    )
-
-
-def parse_jobs(header: Mapping[str, Any]) -> Jobs:
-    return Jobs(
-        tuple(
-            Job(**_fields(Job, j))
-            for j in header.get("jobs") or ()
-            if isinstance(j, dict) and "rid" in j and "outcome" in j
-        )
     )

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from tui.records import (
     ClusterEvent,
     Jobs,
-    LayerRange,
     Link,
+    MapRange,
     Notice,
     Snapshot,
     Tokens,
@@ -59,7 +59,7 @@ class ClusterView:
     events: tuple[ClusterEvent, ...]  # the newest, at most MAX_EVENTS
     event_count: int  # events ever seen: widgets write the ones past what they wrote
     epoch: int | None  # of the layer map below
-    layer_map: tuple[LayerRange, ...]  # from the newest snapshot or reshard event
+    layer_map: tuple[MapRange, ...]  # from the newest snapshot or reshard event
     num_layers: int
     requests: tuple[RequestRow, ...]
     selected: str | None
@@ -99,7 +99,7 @@ class ClusterState:
         self.rows: collections.OrderedDict[str, RequestRow] = collections.OrderedDict()
         self.notices: list[Notice] = []
         self.epoch: int | None = None
-        self.layer_map: tuple[LayerRange, ...] = ()
+        self.layer_map: tuple[MapRange, ...] = ()
 
     def apply(self, update: Update) -> None:
         if isinstance(update, Snapshot):
@@ -131,7 +131,7 @@ class ClusterState:
         notices, self.notices = self.notices, []
         return notices
 
-    def _set_map(self, epoch: int | None, ranges: tuple[LayerRange, ...]) -> None:
+    def _set_map(self, epoch: int | None, ranges: tuple[MapRange, ...]) -> None:
         if epoch is None or self.epoch is None or epoch >= self.epoch:
             self.epoch, self.layer_map = epoch, ranges
 

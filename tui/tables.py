@@ -8,7 +8,7 @@ from textual.widgets import DataTable
 from textual.widgets.data_table import ColumnKey
 
 from tui.format import color_of, fmt_bytes, fmt_ms, plural
-from tui.records import StageStats
+from tui.records import StageStatus
 from tui.state import ClusterView
 from tui.widgets import ClusterChanged
 
@@ -37,7 +37,7 @@ STAGE_COLUMNS = (
 )
 
 
-def stage_cells(s: StageStats, view: ClusterView) -> tuple[Text | str, ...]:
+def stage_cells(s: StageStatus, view: ClusterView) -> tuple[Text | str, ...]:
     num = lambda value: Text(value, justify="right")  # noqa: E731
     layers = f"[{s.start},{s.end})" if s.end > s.start else "—"
     kv = f"{fmt_bytes(s.kv_bytes)} ({s.kv_requests})" if s.kv_requests is not None else "–"
