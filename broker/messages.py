@@ -59,8 +59,6 @@ class Code(enum.StrEnum):
     FINGERPRINT = "fingerprint"  # stage sees a different checkpoint than the broker
     DTYPE_MISMATCH = "dtype_mismatch"  # stage computes in another dtype than the cluster
     REPLAY_LIMIT = "replay_limit"  # the request was replayed too often
-    TIMEOUT = "timeout"  # a bounded wait ran out
-    UNKNOWN_REQUEST = "unknown_request"
     UNAUTHORIZED = "unauthorized"
     INTERNAL = "internal"
 
@@ -93,6 +91,13 @@ DTYPE_SIZES: dict[str, int] = {
     "int64": 8,
     "int32": 4,
 }
+
+
+def is_decode(pos: int, n: int) -> bool:
+    """Whether positions `[pos, pos+n)` are a decode step: one new token after a prompt. Decode
+    steps batch together and pass prefills; anything else (a prompt, a chunk, a one-token
+    prompt) is a prefill. The one rule for every role."""
+    return n == 1 and pos > 0
 
 
 class TensorDesc(msgspec.Struct, frozen=True):
@@ -238,8 +243,7 @@ class Item(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     @property
     def is_decode(self) -> bool:
-        """One new token after a prompt: batched with other decode steps, never a prefill."""
-        return self.n == 1 and self.pos > 0
+        return is_decode(self.pos, self.n)
 
 
 class Forward(Body, frozen=True, kw_only=True, omit_defaults=True):

@@ -92,7 +92,6 @@ OUTBOUND: dict[bytes, dict[Cmd, type[Body]]] = {
 }
 # A bundle (STEPS, RESULTS) carries one message per item, each with its one tensor frame.
 BUNDLES = {Cmd.STEPS: Cmd.STEP, Cmd.RESULTS: Cmd.RESULT}
-BUNDLE_OF = {single: bundle for bundle, single in BUNDLES.items()}
 
 
 class ProtocolError(Exception):

@@ -9,6 +9,7 @@ import collections
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from broker.messages import is_decode
 from tui.records import (
     ClusterEvent,
     Jobs,
@@ -196,7 +197,7 @@ class ClusterState:
             # Seen before any stats listed it (a short request may finish between two).
             self.rows[tokens.rid] = RequestRow(tokens.rid, "active")
             self._trim_rows()
-        prompt = tokens.pos == 0
+        prompt = not is_decode(tokens.pos, len(tokens.ids))
         for i, piece in enumerate(tokens.pieces):
             text.pieces.append(Piece(tokens.pos + i, piece, tokens.stage, prompt))
         if len(text.pieces) > MAX_PIECES:
