@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import torch
 import zmq
 from transformers import AutoModelForCausalLM
 
+from broker import messages as M
 from broker import protocol as P
 from broker.protocol import Cmd, Code
 from client import AsyncClient, Client
 from tests.cluster import Cluster
 from tests.tiny_models import VOCAB
+from tests.wire import raw_message
 
 NEW_TOKENS = 24
 
@@ -191,6 +192,10 @@ def test_hostile_input_gets_errors_and_the_broker_keeps_serving(checkpoints, lla
         "hash": P.prefix_hash(0, [5, 6, 7]),
     }
     ids = torch.tensor([[5, 6, 7]])
+
+    def raw_step(cmd=Cmd.STEP, header=step, tensors=(ids,)):
+        return raw_message(P.CLIENT_TAG, cmd, header, tensors)
+
     cases = [
         ([P.CLIENT_TAG], Code.MALFORMED),
         ([P.CLIENT_TAG, b"\x7f", b"{}"], Code.UNKNOWN_COMMAND),
@@ -200,37 +205,30 @@ def test_hostile_input_gets_errors_and_the_broker_keeps_serving(checkpoints, lla
             [P.CLIENT_TAG, bytes((Cmd.READY,)), b"{}"],
             Code.UNKNOWN_COMMAND,
         ),  # a stage command from a client
-        (P.encode(P.CLIENT_TAG, Cmd.STEP, step, [ids])[:3] + [b"\x00" * 23], Code.TENSOR_MISMATCH),
+        (raw_step()[:3] + [b"\x00" * 23], Code.TENSOR_MISMATCH),
         (
-            P.encode(
-                P.CLIENT_TAG, Cmd.STEP, {**step, "n": 0}, [torch.zeros(1, 0, dtype=torch.int64)]
-            ),
+            raw_step(header={**step, "n": 0}, tensors=[torch.zeros(1, 0, dtype=torch.int64)]),
             Code.BAD_REQUEST,
         ),
-        (P.encode(P.CLIENT_TAG, Cmd.STEP, {**step, "rid": "bad rid!"}, [ids]), Code.BAD_REQUEST),
-        (P.encode(P.CLIENT_TAG, Cmd.STEP, step, [ids.to(torch.int32)]), Code.BAD_REQUEST),
-        (P.encode(P.CLIENT_TAG, Cmd.STEP, {**step, "pos": 255}, [ids]), Code.CONTEXT_OVERFLOW),
-        (P.encode(P.CLIENT_TAG, Cmd.STEPS, {"items": [step, step]}, [ids]), Code.TENSOR_MISMATCH),
-        (P.encode(P.CLIENT_TAG, Cmd.STEPS, {"items": []}), Code.BAD_REQUEST),
+        (raw_step(header={**step, "rid": "bad rid!"}), Code.BAD_REQUEST),
+        (raw_step(tensors=[ids.to(torch.int32)]), Code.BAD_REQUEST),
+        (raw_step(header={**step, "pos": 255}), Code.CONTEXT_OVERFLOW),
+        (raw_step(Cmd.STEPS, {"items": [step, step]}), Code.TENSOR_MISMATCH),
+        (raw_step(Cmd.STEPS, {"items": []}, ()), Code.BAD_REQUEST),
         (
-            P.encode(
-                P.CLIENT_TAG,
-                Cmd.STEPS,
-                {"items": [step] * (P.MAX_BUNDLE + 1)},
-                [ids] * (P.MAX_BUNDLE + 1),
-            ),
+            raw_step(Cmd.STEPS, {"items": [step] * (P.MAX_BUNDLE + 1)}, [ids] * (P.MAX_BUNDLE + 1)),
             Code.BAD_REQUEST,
         ),
-        (P.encode(P.CLIENT_TAG, Cmd.RESULTS, {"items": [step]}, [ids]), Code.UNKNOWN_COMMAND),
+        (raw_step(Cmd.RESULTS, {"items": [step]}), Code.UNKNOWN_COMMAND),
     ]
     for frames, code in cases:
         sock.send_multipart(frames)
         reply = _reply(sock)
-        assert reply.cmd == Cmd.ERROR and reply.header["code"] == code, (code, reply.header)
+        assert reply.cmd == Cmd.ERROR and reply.body.code == code, (code, reply.body)
     # A wrong prefix hash reaches the first stage, which refuses it: the client is told to replay.
-    sock.send_multipart(P.encode(P.CLIENT_TAG, Cmd.STEP, {**step, "hash": 12345}, [ids]))
+    sock.send_multipart(raw_step(header={**step, "hash": 12345}))
     reply = _reply(sock)
-    assert reply.cmd == Cmd.EVENT and reply.header["event"] == "replay"
+    assert reply.cmd == Cmd.EVENT and reply.body.event == "replay"
     sock.close(0)
     with Client(llama_cluster.url) as client:
         prompt = prompt_ids(11)
@@ -267,37 +265,39 @@ def test_a_steps_bundle_refuses_its_bad_item_alone(checkpoints, llama_cluster):
         )
         tensors.append(torch.tensor([ids]))
     items[1]["prev"] = "zero"  # a field of the wrong type: refused before it reaches a stage
-    sock.send_multipart(P.encode(P.CLIENT_TAG, Cmd.STEPS, {"items": items}, tensors))
+    sock.send_multipart(raw_message(P.CLIENT_TAG, Cmd.STEPS, {"items": items}, tensors))
     answers, errors = {}, {}
     while len(answers) + len(errors) < 3:
         reply = _reply(sock, timeout_s=20.0)
         singles = P.unbundle(reply) if reply.cmd in P.BUNDLES else [reply]
         for msg in singles:
             if msg.cmd == Cmd.ERROR:
-                errors[msg.header.get("rid")] = msg.header["code"]
+                errors[msg.body.rid] = msg.body.code
             else:
                 assert msg.cmd == Cmd.RESULT, msg
-                answers[msg.header["rid"]] = int(msg.tensor(0).reshape(-1).argmax())
+                answers[msg.body.rid] = int(msg.tensor(0).reshape(-1).argmax())
     assert errors == {"bad rid!": Code.BAD_REQUEST, "bundle-2": Code.BAD_REQUEST}
     assert answers == {
         "bundle-1": reference_greedy(checkpoints["llama"], prompts["bundle-1"], 1)[0]
     }
-    sock.send_multipart(P.encode(P.CLIENT_TAG, Cmd.END, {"rid": "bundle-1"}))
+    sock.send_multipart(P.encode(P.CLIENT_TAG, M.End(rid="bundle-1")))
     sock.close(0)
 
 
 @pytest.mark.timeout(60)
-def test_unreachable_broker_is_reported_quickly():
+def test_unreachable_broker_is_reported_after_the_connect_timeout():
     from client import BrokerUnreachable
     from layerline.cluster import free_port
 
-    t0 = time.monotonic()
+    url = f"tcp://127.0.0.1:{free_port()}"
+    # The first contact's own bound ran out, and the error says where and what to start.
     with (
-        pytest.raises(BrokerUnreachable, match="did not answer"),
-        Client(f"tcp://127.0.0.1:{free_port()}", connect_timeout=2.0) as client,
+        pytest.raises(
+            BrokerUnreachable, match=rf"{url} did not answer within 2.0 s; is .* running"
+        ),
+        Client(url, connect_timeout=2.0) as client,
     ):
         client.generate([1, 2, 3], max_new_tokens=2)
-    assert time.monotonic() - t0 < 5.0
 
 
 @pytest.mark.timeout(120)

@@ -14,22 +14,12 @@ from hypothesis import strategies as st
 from broker import messages as M
 from broker import protocol as P
 from broker.protocol import Cmd, Code
+from tests.wire import raw_message
 
 
 def _step(n=3, **over):
     body = M.Step(rid="r1", seq=0, pos=0, n=n, prev=0, hash=5, **over)
     return P.encode(P.CLIENT_TAG, body, [torch.arange(n).view(1, n)])
-
-
-def _raw(tag: bytes, cmd: Cmd, header: dict, tensors=()) -> list:
-    """A hand-built message, for input no well-behaved peer would send."""
-    frames = [bytes(t.numpy().tobytes()) for t in tensors]
-    descs = [
-        {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for t in tensors
-    ]
-    if descs:
-        header = {**header, "tensors": descs}
-    return [tag, bytes((cmd,)), msgspec.json.encode(header), *frames]
 
 
 MAP = (M.MapRange("s0", 0, 2), M.MapRange("s1", 2, 4))
@@ -235,15 +225,15 @@ def test_optional_and_nested_fields_are_validated_where_they_are_decoded(tag, cm
     tensors = (
         [torch.zeros(1, max(1, header.get("n", 1)), dtype=torch.int64)] if cmd == Cmd.STEP else []
     )
-    P.decode(_raw(tag, cmd, good, tensors), inbound=True)  # the good one decodes
+    P.decode(raw_message(tag, cmd, good, tensors), inbound=True)  # the good one decodes
     with pytest.raises(P.ProtocolError) as e:
-        P.decode(_raw(tag, cmd, {**good, **header}, tensors), inbound=True)
+        P.decode(raw_message(tag, cmd, {**good, **header}, tensors), inbound=True)
     assert e.value.code == Code.BAD_REQUEST
     assert field in e.value.message
 
 
 def test_a_refused_step_echoes_the_ids_it_could_read():
-    frames = _raw(
+    frames = raw_message(
         P.CLIENT_TAG,
         Cmd.STEP,
         {"rid": "r1", "seq": 7, "pos": -2, "n": 1, "prev": 0, "hash": 0},
@@ -271,7 +261,7 @@ def test_a_step_carries_one_int64_row_of_n_ids():
 
 
 def test_unknown_fields_are_ignored_for_newer_peers():
-    frames = _raw(P.CLIENT_TAG, Cmd.END, {"rid": "r1", "priority": 3})
+    frames = raw_message(P.CLIENT_TAG, Cmd.END, {"rid": "r1", "priority": 3})
     assert P.decode(frames, inbound=True).body == M.End(rid="r1")
 
 
@@ -299,7 +289,7 @@ def test_oversized_frame_is_refused():
 
 def test_bool_is_not_an_int():
     header = {"rid": "r1", "seq": 0, "pos": True, "n": 3, "prev": 0, "hash": 5}
-    frames = _raw(P.CLIENT_TAG, Cmd.STEP, header, [torch.zeros(1, 3, dtype=torch.int64)])
+    frames = raw_message(P.CLIENT_TAG, Cmd.STEP, header, [torch.zeros(1, 3, dtype=torch.int64)])
     with pytest.raises(P.ProtocolError) as e:
         P.decode(frames, inbound=True)
     assert e.value.code == Code.BAD_REQUEST and "$.pos" in e.value.message
@@ -350,7 +340,9 @@ def test_a_bad_item_of_a_bundle_is_refused_alone():
         {"rid": "r3", "seq": 3, "pos": 0, "n": 1, "prev": 0, "hash": 0},
     ]
     ids = [torch.zeros(1, 1, dtype=torch.int64)] * 4
-    out = P.unbundle(P.decode(_raw(P.CLIENT_TAG, Cmd.STEPS, {"items": items}, ids), inbound=True))
+    out = P.unbundle(
+        P.decode(raw_message(P.CLIENT_TAG, Cmd.STEPS, {"items": items}, ids), inbound=True)
+    )
     assert [type(x).__name__ for x in out] == [
         "Message",
         "ProtocolError",
@@ -382,14 +374,14 @@ def test_bundle_items_must_match_the_frames():
     item = {"rid": "r0", "seq": 0, "pos": 0, "n": 2, "prev": 0, "hash": 0}
     with pytest.raises(P.ProtocolError) as e:
         P.decode(
-            _raw(P.CLIENT_TAG, Cmd.STEPS, {"items": [item] * 2}, [torch.tensor([[1, 2]])]),
+            raw_message(P.CLIENT_TAG, Cmd.STEPS, {"items": [item] * 2}, [torch.tensor([[1, 2]])]),
             inbound=True,
         )
     assert e.value.code == Code.TENSOR_MISMATCH
     for items in ([], [item] * (P.MAX_BUNDLE + 1)):
         ids = [torch.tensor([[1, 2]])] * len(items)
         with pytest.raises(P.ProtocolError) as e:
-            P.decode(_raw(P.CLIENT_TAG, Cmd.STEPS, {"items": items}, ids), inbound=True)
+            P.decode(raw_message(P.CLIENT_TAG, Cmd.STEPS, {"items": items}, ids), inbound=True)
         assert e.value.code == Code.BAD_REQUEST
 
 
