@@ -189,7 +189,7 @@ def analyse(phase: Phase, stage_names: list[str]) -> dict:
             }
         )
     latency = _mean(t["latency_s"] for t in decode)
-    broker_queue = _mean((t.get("broker_queue_s") or 0.0) for t in decode)
+    broker_queue = _mean(t["broker_queue_s"] for t in decode)
     sampling = _mean(t["sampling_s"] for t in decode)
     compute = sum(s["compute_s"] for s in per_stage)
     stage_queue = sum(s["queue_s"] for s in per_stage)
@@ -203,7 +203,7 @@ def analyse(phase: Phase, stage_names: list[str]) -> dict:
         (
             t["latency_s"]
             - sum(h["compute_s"] + h["queue_s"] for h in t["stages"])
-            - (t.get("broker_queue_s") or 0.0)
+            - t["broker_queue_s"]
         )
         / (len(t["stages"]) + 1)
         for t in decode

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from broker.protocol import Cmd
+from broker import messages as M
 from client.core import Client, query_broker
 from client.session import ClientError
 from common.defaults import default_broker
@@ -88,22 +88,20 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 
 
 def _status(args: argparse.Namespace) -> None:
-    status = query_broker(args.broker, Cmd.STATUS, args.connect_timeout)
+    status = query_broker(args.broker, M.StatusQuery(), args.connect_timeout)
     if args.json:
         print(json.dumps(status))
         return
-    state = (
-        "ready" if status.get("ready") else f"not ready: {status.get('reason') or 'unknown reason'}"
-    )
-    print(f"{state}  epoch {status.get('epoch')}  model {status.get('model', '-')}")
-    stages = {s.get("name"): s for s in status.get("stages") or [] if isinstance(s, dict)}
+    state = "ready" if status["ready"] else f"not ready: {status['reason'] or 'unknown reason'}"
+    print(f"{state}  epoch {status['epoch']}  model {status['model']}")
+    stages = {s["name"]: s for s in status["stages"]}
     rows = []
-    for item in status.get("map") or []:
-        info = stages.get(item.get("stage"), {})
+    for item in status["map"]:
+        info = stages.get(item["stage"], {})
         rows.append(
             [
-                item.get("stage"),
-                f"[{item.get('start')}, {item.get('end')})",
+                item["stage"],
+                f"[{item['start']}, {item['end']})",
                 info.get("host"),
                 info.get("device"),
                 info.get("state"),
@@ -114,15 +112,13 @@ def _status(args: argparse.Namespace) -> None:
         print(_table(rows, ["stage", "layers", "host", "device", "state", "tok/s"]))
     else:
         print("no layer map")
-    standby = [
-        name for name in stages if name not in {i.get("stage") for i in status.get("map") or []}
-    ]
+    standby = [name for name in stages if name not in {i["stage"] for i in status["map"]}]
     if standby:
         print("standby: " + ", ".join(str(s) for s in standby))
 
 
 def _jobs(args: argparse.Namespace) -> None:
-    jobs = query_broker(args.broker, Cmd.JOBS, args.connect_timeout).get("jobs", [])
+    jobs = query_broker(args.broker, M.JobsQuery(), args.connect_timeout).get("jobs", [])
     if args.json:
         print(json.dumps(jobs))
         return

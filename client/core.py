@@ -18,27 +18,32 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.protocol import MAX_RID_LENGTH, Cmd
+from broker import messages as M
+from broker.protocol import Cmd
 from client.sampling import Sampler, check_sampling_args
 from client.session import (
     DEFAULT_MAX_REPLAYS,
-    DEFAULT_PREFILL_CHUNK,
     ClientError,
     GenerationResult,
     Request,
     RequestTimeout,
+    as_json,
     check_prompt,
     encode_prompt,
 )
 from client.transport import AsyncLink, SyncLink
-from common.checkpoint import context_length
 from common.defaults import default_broker
 from common.text import DETOKENIZE_CONTEXT, TextAssembler, ships_tokenizer
 
 
-def query_broker(broker: str | None, cmd: Cmd = Cmd.STATUS, timeout: float = 3.0) -> dict:
-    """The reply header of one STATUS or JOBS, without a tokenizer: for the CLI, tools and the
-    cluster launcher. BrokerUnreachable when the broker does not answer within `timeout`."""
+def query_broker(
+    broker: str | None,
+    query: M.StatusQuery | M.JobsQuery | None = None,
+    timeout: float = 3.0,
+) -> dict:
+    """The reply to one STATUS (the default) or JOBS, as JSON, without a tokenizer: for the CLI,
+    tools and the cluster launcher. BrokerUnreachable when the broker does not answer in time."""
+    query = query or M.StatusQuery()
     link = SyncLink(
         broker or default_broker(),
         client_id=secrets.token_hex(4),
@@ -48,7 +53,7 @@ def query_broker(broker: str | None, cmd: Cmd = Cmd.STATUS, timeout: float = 3.0
     )
     try:
         link.connect(timeout)
-        return link.call(cmd, {}, cmd, timeout).header
+        return as_json(link.call(query, query.cmd, timeout).body)
     finally:
         link.close()
 
@@ -56,14 +61,14 @@ def query_broker(broker: str | None, cmd: Cmd = Cmd.STATUS, timeout: float = 3.0
 class ModelInfo:
     """What validation and stopping need to know about the served model."""
 
-    def __init__(self, status: dict, tokenizer: Any, local_dir: Path | None):
+    def __init__(self, status: M.Status, tokenizer: Any, local_dir: Path | None):
         local = _local_config(local_dir)
-        self.path = status.get("model")
-        self.vocab_size = _first_int(status.get("vocab_size"), local.get("vocab_size"))
-        self.context = _first_int(status.get("max_position_embeddings"), context_length(local))
+        self.vocab_size = _first_int(status.vocab_size, local.get("vocab_size"))
+        # The broker's, by the one rule of common.checkpoint.context_length.
+        self.context = status.max_position_embeddings
         eos: set[int] = set()
         for source in (
-            status.get("eos_token_id"),
+            status.eos_token_id,
             local.get("eos_token_id"),
             _local_json(local_dir, "generation_config.json").get("eos_token_id"),
             getattr(tokenizer, "eos_token_id", None),
@@ -106,13 +111,13 @@ def _local_config(directory: Path | None) -> dict:
     )
 
 
-def _load_tokenizer(tokenizer: Any, status: dict) -> tuple[Any, Path | None]:
+def _load_tokenizer(tokenizer: Any, status: M.Status) -> tuple[Any, Path | None]:
     """The tokenizer (None for a checkpoint without one) and the local directory it came from."""
     if tokenizer is not None and not isinstance(tokenizer, str | os.PathLike):
         return tokenizer, None  # already a tokenizer object
     if tokenizer is None:
-        path = status.get("model")
-        if not isinstance(path, str) or not Path(path).is_dir():
+        path = status.model
+        if not Path(path).is_dir():
             raise ClientError(
                 f"the broker serves the checkpoint {path!r}, which is not on this machine; "
                 "pass tokenizer=DIR (--tokenizer DIR) with a local copy of its tokenizer"
@@ -150,13 +155,11 @@ class _Frontend:
         self.tokenizer: Any = None
         self.model: ModelInfo | None = None
 
-    def _configure(self, status: dict, tokenizer: Any) -> None:
+    def _configure(self, status: M.Status, tokenizer: Any) -> None:
         self.tokenizer, local_dir = _load_tokenizer(tokenizer, status)
         self.model = ModelInfo(status, self.tokenizer, local_dir)
-        if self._prefill_chunk is None:  # the broker's advice for its stages' devices
-            self.prefill_chunk = _first_int(status.get("prefill_chunk"), DEFAULT_PREFILL_CHUNK)
-        else:
-            self.prefill_chunk = self._prefill_chunk
+        # Unless told otherwise, the broker's advice for its stages' devices.
+        self.prefill_chunk = self._prefill_chunk or status.prefill_chunk
 
     def _request(
         self,
@@ -189,10 +192,8 @@ class _Frontend:
             raise ValueError("stop strings need a tokenizer, and the served checkpoint has none")
         ids = encode_prompt(self.tokenizer, prompt, chat)
         check_prompt(ids, self.model.vocab_size, self.model.context, max_new_tokens)
-        rid = f"{self.client_id}-{next(self._counter)}"
-        assert len(rid) <= MAX_RID_LENGTH
         return Request(
-            rid=rid,
+            rid=f"{self.client_id}-{next(self._counter)}",
             prompt_ids=ids,
             max_new_tokens=max_new_tokens,
             sampler=Sampler(temperature, top_k, top_p, repetition_penalty, seed),
@@ -240,18 +241,21 @@ class Client(_Frontend):
         )
         try:
             self._link.connect(connect_timeout)
-            self._configure(self.status(), tokenizer)
+            self._configure(self._query(M.StatusQuery()), tokenizer)
         except BaseException:
             self._link.close()
             raise
 
+    def _query(self, query: M.StatusQuery | M.JobsQuery) -> Any:
+        return self._link.call(query, query.cmd, self.connect_timeout).body
+
     def status(self) -> dict:
-        """The broker's STATUS reply: readiness, epoch, layer map, stages, model."""
-        return self._link.call(Cmd.STATUS, {}, Cmd.STATUS, self.connect_timeout).header
+        """The broker's STATUS reply, as JSON: readiness, epoch, layer map, stages, model."""
+        return as_json(self._query(M.StatusQuery()))
 
     def jobs(self) -> list[dict]:
-        """Recent and active requests as the broker records them."""
-        return self._link.call(Cmd.JOBS, {}, Cmd.JOBS, self.connect_timeout).header.get("jobs", [])
+        """Recent and active requests as the broker records them, as JSON."""
+        return as_json(self._query(M.JobsQuery()).jobs)
 
     def generate(
         self,
@@ -284,7 +288,6 @@ class Client(_Frontend):
         for event in events:
             if event["type"] == "done":
                 return event["result"]
-        raise ClientError("stream ended without a result")  # unreachable: _events always ends so
 
     def stream(
         self,
@@ -393,21 +396,24 @@ class AsyncClient(_Frontend):
             link = AsyncLink(self.broker, **self._link_args)
             try:
                 await link.connect(self.connect_timeout)
-                reply = await link.call(Cmd.STATUS, {}, Cmd.STATUS, self.connect_timeout)
-                await asyncio.to_thread(self._configure, reply.header, self._tokenizer_arg)
+                reply = await link.call(M.StatusQuery(), Cmd.STATUS, self.connect_timeout)
+                await asyncio.to_thread(self._configure, reply.body, self._tokenizer_arg)
             except BaseException:
                 await link.close()
                 raise
             self._link = link
 
-    async def status(self) -> dict:
+    async def _query(self, query: M.StatusQuery | M.JobsQuery) -> Any:
         await self.connect()
-        return (await self._link.call(Cmd.STATUS, {}, Cmd.STATUS, self.connect_timeout)).header
+        return (await self._link.call(query, query.cmd, self.connect_timeout)).body
+
+    async def status(self) -> dict:
+        """The broker's STATUS reply, as JSON."""
+        return as_json(await self._query(M.StatusQuery()))
 
     async def jobs(self) -> list[dict]:
-        await self.connect()
-        reply = await self._link.call(Cmd.JOBS, {}, Cmd.JOBS, self.connect_timeout)
-        return reply.header.get("jobs", [])
+        """Recent and active requests as the broker records them, as JSON."""
+        return as_json((await self._query(M.JobsQuery())).jobs)
 
     async def generate(
         self,
@@ -443,7 +449,6 @@ class AsyncClient(_Frontend):
                     return event["result"]
         finally:
             await events.aclose()
-        raise ClientError("stream ended without a result")
 
     async def stream(
         self,

@@ -11,31 +11,28 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+import msgspec
 import torch
 
-from broker.protocol import EMPTY_PREFIX_HASH, Cmd, Code, Message, prefix_hash
+from broker import messages as M
+from broker.protocol import EMPTY_PREFIX_HASH, REPLAY_CODES, Cmd, Code, Message, prefix_hash
 from client.sampling import Sampler
 from common.text import TextAssembler
 
 # Replays per request before giving up; the broker enforces the same default (--max-replays).
 DEFAULT_MAX_REPLAYS = 8
-# Prompts longer than this are prefilled in chunks sent back to back: the chunks flow through
-# the pipeline together (stage 2 works on one while stage 1 works on the next) and other
-# requests' decode steps overtake them at every stage. Measured on the `small` preset, 3
-# stages: a 1024-token prompt's first token came in 548 ms with 128-token chunks against 818
-# ms in one piece, and 8 other streams' p99 time per token during it grew 2.6x (4.3x with
-# 256-token chunks). Prompts up to this length take one step, the monolithic computation.
-# A client takes the chunk its broker advises in STATUS (`prefill_chunk`: this on CPU stages,
-# larger where every stage has an accelerator); this default serves a broker that advises none.
-DEFAULT_PREFILL_CHUNK = 128
-# Errors that mean "a stage lost or never had this request's cache": cured by a replay.
-REPLAY_CODES = frozenset({Code.CACHE_MISS, Code.CACHE_MISMATCH, Code.STALE_EPOCH})
 
-# A message for the broker, not yet encoded: (command, header, tensors). The transport sends
-# the STEPs that one incoming message caused as one STEPS bundle.
-Outgoing = tuple[Cmd, dict, list]
+# A message for the broker, not yet encoded: (body, tensors). The transport sends the STEPs
+# that one incoming message caused as one STEPS bundle.
+Outgoing = tuple[M.Body, list]
+
+
+def as_json(value: Any) -> Any:
+    """A message struct (or part of one) as the JSON it travels as: dicts and lists, with the
+    fields at their defaults left out. What the client hands its callers."""
+    return msgspec.json.decode(msgspec.json.encode(value))
 
 
 class ClientError(Exception):
@@ -98,8 +95,8 @@ class Request:
         sampler: Sampler,
         assembler: TextAssembler,
         eos_ids: frozenset[int],
+        prefill_chunk: int,
         max_replays: int = DEFAULT_MAX_REPLAYS,
-        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         self.rid = rid
         self.prefill_chunk = prefill_chunk
@@ -138,17 +135,16 @@ class Request:
 
     def _step(self, pos: int, n: int, logits: bool) -> Outgoing:
         self.seq += 1
-        header = {
-            "rid": self.rid,
-            "seq": self.seq,
-            "pos": pos,
-            "n": n,
-            "prev": self.hashes[pos],
-            "hash": self.hashes[pos + n],
-            "logits": logits,
-        }
-        ids = torch.tensor([self.tokens[pos : pos + n]], dtype=torch.long)
-        return Cmd.STEP, header, [ids]
+        step = M.Step(
+            rid=self.rid,
+            seq=self.seq,
+            pos=pos,
+            n=n,
+            prev=self.hashes[pos],
+            hash=self.hashes[pos + n],
+            logits=logits,
+        )
+        return step, [torch.tensor([self.tokens[pos : pos + n]], dtype=torch.long)]
 
     def _next_step(self, pos: int, n: int) -> Outgoing:
         self.steps.append((pos, n))
@@ -160,6 +156,8 @@ class Request:
     def start(self) -> list[Outgoing]:
         """The prefill: the prompt as one step, or as chunks of `prefill_chunk` tokens sent at
         once; only the last chunk asks for logits."""
+        # Chunks flow through the pipeline together, and other requests' decode steps overtake
+        # them at every stage instead of waiting behind one long prefill.
         n, chunk = len(self.tokens), self.prefill_chunk
         cuts = [(pos, min(chunk, n - pos)) for pos in range(0, n, chunk)]
         out = []
@@ -188,8 +186,8 @@ class Request:
         self.oldest_live, self.awaited = first, self.seq
         return out
 
-    def end(self, reason: str) -> Outgoing:
-        return Cmd.END, {"rid": self.rid, "reason": reason}, []
+    def end(self, reason: Literal["done", "cancelled", "failed"]) -> Outgoing:
+        return M.End(rid=self.rid, reason=reason), []
 
     # --- incoming ------------------------------------------------------------------------
 
@@ -199,20 +197,21 @@ class Request:
         Raises BusyError, NotReadyError or RequestFailed when the request cannot go on.
         """
         if msg.cmd == Cmd.RESULT:
-            if msg.header.get("seq") != self.awaited or self.result is not None:
+            if msg.body.seq != self.awaited or self.result is not None:
                 return [], []
             return self._on_result(msg, now)
         if msg.cmd == Cmd.EVENT:
-            return self._on_event(msg.header)
+            return self._on_event(msg.body)
         if msg.cmd == Cmd.ERROR:
-            return self._on_error(msg.header)
+            return self._on_error(msg.body)
         return [], []
 
     def _on_result(self, msg: Message, now: float) -> tuple[list[Outgoing], list[dict]]:
-        header = msg.header
+        body: M.StepResult = msg.body
+        # The struct does not say how many frames follow a RESULT: the logits may be missing.
         logits = msg.tensor(0) if msg.frames else None
         if logits is None or logits.numel() == 0:
-            raise RequestFailed(str(Code.INTERNAL), f"step {header.get('seq')} returned no logits")
+            raise RequestFailed(str(Code.INTERNAL), f"step {body.seq} returned no logits")
         t0 = time.perf_counter()
         history = None
         if self.ids_buffer is not None:
@@ -231,8 +230,8 @@ class Request:
         else:
             trace = {
                 "index": index,
-                "stages": header.get("trace", []),
-                "broker_queue_s": header.get("broker_queue_s"),
+                "stages": as_json(body.trace),
+                "broker_queue_s": body.broker_queue_s,
                 "sampling_s": sampling_s,
                 "latency_s": now - self.sent_at,
             }
@@ -280,19 +279,16 @@ class Request:
         )
         return self.result
 
-    def _on_event(self, header: dict) -> tuple[list[Outgoing], list[dict]]:
-        event = {k: v for k, v in header.items() if k not in ("event", "tensors")}
-        event = {"type": header["event"], **event, "index": len(self.generated)}
-        if header["event"] not in ("reshard", "replay"):
-            return [], [event]  # informational (e.g. a not-ready wait): nothing to redo
+    def _on_event(self, body: M.Event) -> tuple[list[Outgoing], list[dict]]:
+        fields = as_json(body)
+        event = {"type": fields.pop("event"), **fields, "index": len(self.generated)}
         return self.replay(event), [event]
 
-    def _on_error(self, header: dict) -> tuple[list[Outgoing], list[dict]]:
-        seq = header.get("seq")
-        if isinstance(seq, int) and seq < self.oldest_live:
+    def _on_error(self, body: M.Error) -> tuple[list[Outgoing], list[dict]]:
+        if body.seq is not None and body.seq < self.oldest_live:
             return [], []  # about a step that a replay has already superseded
-        code, message = header["code"], header["message"]
-        if code in REPLAY_CODES:
+        code, message = str(body.code), body.message
+        if body.code in REPLAY_CODES:
             event = {
                 "type": "replay",
                 "rid": self.rid,
@@ -301,10 +297,9 @@ class Request:
                 "index": len(self.generated),
             }
             return self.replay(event), [event]
-        if code == Code.BUSY:
-            retry = header.get("retry_after_s")
-            raise BusyError(message, float(retry) if isinstance(retry, int | float) else None)
-        if code == Code.NOT_READY:
+        if body.code == Code.BUSY:
+            raise BusyError(message, body.retry_after_s)
+        if body.code == Code.NOT_READY:
             raise NotReadyError(message)
         raise RequestFailed(code, message)
 
@@ -360,7 +355,7 @@ def encode_prompt(tokenizer: Any, prompt: Any, chat: bool) -> list[int]:
 
 
 def check_prompt(
-    ids: Iterable[int], vocab_size: int | None, context: int | None, max_new_tokens: int
+    ids: Iterable[int], vocab_size: int | None, context: int, max_new_tokens: int
 ) -> None:
     ids = list(ids)
     if not ids:
@@ -369,7 +364,7 @@ def check_prompt(
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
-    if context and len(ids) + max_new_tokens > context:
+    if len(ids) + max_new_tokens > context:
         raise ValueError(
             f"prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} = "
             f"{len(ids) + max_new_tokens} exceeds the model's context of {context} positions"

@@ -23,18 +23,9 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from broker.protocol import (
-    BUNDLES,
-    CLIENT_TAG,
-    Cmd,
-    Message,
-    ProtocolError,
-    check_header,
-    decode,
-    encode,
-    encode_bundled,
-    unbundle,
-)
+from broker import messages as M
+from broker import protocol as P
+from broker.protocol import Cmd, Message
 from client.session import BrokerUnreachable, ClientError, Outgoing, Request, RequestFailed
 
 log = structlog.get_logger("client")
@@ -134,17 +125,17 @@ class Link:
 
     def post(self, messages: list[Outgoing]) -> None:
         """Encode and send: every STEP in one STEPS bundle, then the other messages in order."""
-        steps = [(header, tensors[0]) for cmd, header, tensors in messages if cmd == Cmd.STEP]
+        steps = [(body, tensors[0]) for body, tensors in messages if isinstance(body, M.Step)]
         if steps:
-            for frames in encode_bundled(CLIENT_TAG, Cmd.STEP, steps):
+            for frames in P.encode_bundled(P.CLIENT_TAG, steps):
                 self.send(frames)
-        for cmd, header, tensors in messages:
-            if cmd != Cmd.STEP:
-                self.send(encode(CLIENT_TAG, cmd, header, tensors))
+        for body, tensors in messages:
+            if not isinstance(body, M.Step):
+                self.send(P.encode(P.CLIENT_TAG, body, tensors))
 
     def ping(self, now: float) -> None:
         self.pinged_at = now
-        self.send(encode(CLIENT_TAG, Cmd.PING, {}))
+        self.send(P.encode(P.CLIENT_TAG, M.Ping()))
 
     # --- requests --------------------------------------------------------------------------
 
@@ -154,40 +145,33 @@ class Link:
         self.requests[req.rid] = req
         self.post(req.start())
 
-    def cancel(self, rid: str, reason: str = "cancelled") -> None:
+    def cancel(self, rid: str) -> None:
         """Forget a request and tell the broker, so every stage frees its cache."""
         req = self.requests.pop(rid, None)
         if req is not None:
-            self.post([req.end(reason)])
+            self.post([req.end("cancelled")])
 
     # --- incoming --------------------------------------------------------------------------
 
     def on_frames(self, frames: list, now: float) -> None:
         self.heard_at = now
         try:
-            msg = decode(frames)
-        except ProtocolError as e:
+            msg = P.decode(frames, expect=P.CLIENT_TAG)
+        except P.ProtocolError as e:
             log.warning("client_bad_message", code=str(e.code), reason=e.message)
             return
         if self.lost_at is not None:
             self._recovered(now)
         out: list[Outgoing] = []
-        if msg.cmd in BUNDLES:
-            for item in unbundle(msg):
-                try:
-                    check_header(item.tag, item.cmd, item.header)
-                except ProtocolError as e:
-                    log.warning("client_bad_message", code=str(e.code), reason=e.message)
-                    continue
-                self._route(item, now, out)
-        else:
-            self._route(msg, now, out)
+        # A RESULTS bundle's items were decoded with it: unbundle refuses none of them.
+        for single in P.unbundle(msg) if msg.cmd in P.BUNDLES else [msg]:
+            self._route(single, now, out)
         self.post(out)
 
     def _route(self, msg: Message, now: float, out: list[Outgoing]) -> None:
         """Hand one message to its request; what the request answers goes into `out`."""
-        rid = msg.header.get("rid") if msg.cmd in _ROUTED else None
-        if not isinstance(rid, str):
+        rid = msg.body.rid if msg.cmd in _ROUTED else None
+        if rid is None:
             self._reply(msg)
             return
         req = self.requests.get(rid)
@@ -270,7 +254,7 @@ class Link:
 
 
 def _reply_error(msg: Message) -> ClientError:
-    return RequestFailed(msg.header.get("code", "internal"), msg.header.get("message", ""))
+    return RequestFailed(str(msg.body.code), msg.body.message)
 
 
 class SyncLink(Link):
@@ -283,7 +267,7 @@ class SyncLink(Link):
         self.mail: dict[str, collections.deque] = {}
         self.replies: collections.deque[Message] = collections.deque(maxlen=16)
         self.pumped_at = 0.0
-        self.poller: zmq.Poller | None = None  # kept per socket: building one costs a few µs
+        self.poller: zmq.Poller | None = None  # kept per socket, not built per wait
         self.polled: zmq.Socket | None = None
 
     def _socket(self) -> zmq.Socket:
@@ -343,12 +327,12 @@ class SyncLink(Link):
     def connect(self, timeout: float) -> None:
         """First contact: PING must be answered within `timeout`."""
         self.open_socket()
-        self.call(Cmd.PING, {}, Cmd.PONG, timeout)
+        self.call(M.Ping(), Cmd.PONG, timeout)
 
-    def call(self, cmd: Cmd, header: dict, reply: Cmd, timeout: float) -> Message:
+    def call(self, query: M.Body, reply: Cmd, timeout: float) -> Message:
         """Send a control message and wait for its reply (BrokerUnreachable on silence)."""
         self.replies.clear()
-        self.send(encode(CLIENT_TAG, cmd, header))
+        self.send(P.encode(P.CLIENT_TAG, query))
         deadline = time.perf_counter() + timeout
         while True:
             while self.replies:
@@ -458,12 +442,12 @@ class AsyncLink(Link):
     async def connect(self, timeout: float) -> None:
         self.open_socket()
         self.beater = asyncio.get_running_loop().create_task(self._beat())
-        await self.call(Cmd.PING, {}, Cmd.PONG, timeout)
+        await self.call(M.Ping(), Cmd.PONG, timeout)
 
-    async def call(self, cmd: Cmd, header: dict, reply: Cmd, timeout: float) -> Message:
+    async def call(self, query: M.Body, reply: Cmd, timeout: float) -> Message:
         fut = asyncio.get_running_loop().create_future()
         self.waiters[reply].append(fut)
-        self.send(encode(CLIENT_TAG, cmd, header))
+        self.send(P.encode(P.CLIENT_TAG, query))
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:

@@ -1,9 +1,10 @@
 """The client against a scripted broker on real sockets.
 
-`FakeBroker` is a real ROUTER on an ephemeral loopback port, run in a thread. It answers PING,
-STATUS and JOBS, and computes each STEP's logits with the demo model and a DynamicCache per
-request (checking positions and prefix hashes as a stage would), so greedy output can be
-compared with transformers' `generate`. Tests script failures into it through `hook`.
+`FakeBroker` is a real ROUTER on an ephemeral loopback port, run in a thread. It decodes what
+the client sends as the broker does, answers PING, STATUS and JOBS, and computes each STEP's
+logits with the demo model and a DynamicCache per request (checking positions and prefix hashes
+as a stage would), so greedy output can be compared with transformers' `generate`. Tests script
+failures into it through `hook`.
 """
 
 from __future__ import annotations
@@ -20,23 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import structlog
 import torch
 import zmq
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from broker.protocol import (
-    BUNDLES,
-    CLIENT_TAG,
-    EMPTY_PREFIX_HASH,
-    SCHEMAS,
-    Cmd,
-    Code,
-    Message,
-    decode,
-    encode,
-    prefix_hash,
-    unbundle,
-)
+from broker import messages as M
+from broker import protocol as P
+from broker.protocol import EMPTY_PREFIX_HASH, Cmd, Code, Message, prefix_hash
 from client import (
     AsyncClient,
     BrokerUnreachable,
@@ -52,8 +44,13 @@ from stage.demo_model import ensure_demo_model
 
 REPO = Path(__file__).resolve().parents[1]
 EOS = 1
+# The maps as the client hands them to its callers (JSON), and as the broker sends them.
 MAP = [{"stage": "s0", "start": 0, "end": 3}, {"stage": "s1", "start": 3, "end": 6}]
 NEW_MAP = [{"stage": "s0", "start": 0, "end": 6}]
+
+
+def ranges(layer_map: list[dict]) -> tuple[M.MapRange, ...]:
+    return tuple(M.MapRange(**r) for r in layer_map)
 
 
 def wait_until(
@@ -69,7 +66,7 @@ def wait_until(
 class FakeBroker(threading.Thread):
     """A scripted broker: one ROUTER, the demo model in-process, hooks for failures.
 
-    `hook(broker, ident, header, ids)` sees every STEP first; returning True means it answered
+    `hook(broker, ident, step, ids)` sees every STEP first; returning True means it answered
     (or dropped) the step itself. `silent` holds identities whose messages are ignored.
     """
 
@@ -91,7 +88,7 @@ class FakeBroker(threading.Thread):
         self.hook: Callable[..., bool] | None = None
         self.silent: set[bytes] = set()
         self.mute_all = False
-        self.log: list[tuple[bytes, Cmd, dict]] = []  # every decoded message, in order
+        self.log: list[tuple[bytes, Cmd, M.Body]] = []  # every decoded message, in order
         self.caches: dict[str, dict] = {}
         self.prompt_len: dict[str, int] = {}
         self.failures: list[str] = []  # protocol violations seen; tests assert it stays empty
@@ -100,19 +97,28 @@ class FakeBroker(threading.Thread):
 
     # --- views for assertions ----------------------------------------------------------------
 
-    def steps(self, rid: str | None = None) -> list[tuple[bytes, dict]]:
+    def steps(self, rid: str | None = None) -> list[tuple[bytes, M.Step]]:
         with self.lock:
             return [
-                (i, h) for i, c, h in self.log if c == Cmd.STEP and (rid is None or h["rid"] == rid)
+                (i, b) for i, c, b in self.log if c == Cmd.STEP and (rid is None or b.rid == rid)
             ]
 
-    def ends(self) -> list[dict]:
+    def ends(self) -> list[M.End]:
         with self.lock:
-            return [h for _, c, h in self.log if c == Cmd.END]
+            return [b for _, c, b in self.log if c == Cmd.END]
 
-    def count(self, cmd: Cmd) -> int:
+    def count(self, cmd: Cmd, ident: bytes | None = None) -> int:
         with self.lock:
-            return sum(1 for _, c, _ in self.log if c == cmd)
+            return sum(1 for i, c, _ in self.log if c == cmd and ident in (None, i))
+
+    def identities(self) -> list[bytes]:
+        """Every client identity heard from, in order of first message."""
+        with self.lock:
+            return list(dict.fromkeys(i for i, _, _ in self.log))
+
+    def sent_by(self, ident: bytes) -> list[Cmd]:
+        with self.lock:
+            return [c for i, c, _ in self.log if i == ident]
 
     # --- loop ----------------------------------------------------------------------------------
 
@@ -124,11 +130,18 @@ class FakeBroker(threading.Thread):
                 continue
             ident, *frames = self.sock.recv_multipart(copy=False)
             ident = ident.bytes
-            msg = decode(frames)
+            try:
+                msg = P.decode(frames, inbound=True)
+            except P.ProtocolError as e:
+                self.failures.append(f"undecodable message: {e.code}: {e.message}")
+                continue
             # A STEPS bundle is logged and answered step by step, as the broker takes it.
-            for single in unbundle(msg) if msg.cmd in BUNDLES else [msg]:
+            for single in P.unbundle(msg) if msg.cmd in P.BUNDLES else [msg]:
+                if isinstance(single, P.ProtocolError):
+                    self.failures.append(f"bad STEPS item: {single.code}: {single.message}")
+                    continue
                 with self.lock:
-                    self.log.append((ident, single.cmd, dict(single.header)))
+                    self.log.append((ident, single.cmd, single.body))
                 if self.mute_all or ident in self.silent:
                     continue
                 try:
@@ -142,72 +155,81 @@ class FakeBroker(threading.Thread):
         self.stop_event.set()
         self.join(5)
 
-    def send(self, ident: bytes, cmd: Cmd, header: dict, tensors=()) -> None:
+    def send(self, ident: bytes, body: M.Body, tensors=()) -> None:
         with contextlib.suppress(zmq.ZMQError):  # a client identity that is gone
-            self.sock.send_multipart(
-                [ident, *encode(CLIENT_TAG, cmd, header, tensors)], zmq.NOBLOCK
-            )
+            self.sock.send_multipart([ident, *P.encode(P.CLIENT_TAG, body, tensors)], zmq.NOBLOCK)
 
     def dispatch(self, ident: bytes, msg: Message) -> None:
-        h = msg.header
         if msg.cmd == Cmd.PING:
-            self.send(ident, Cmd.PONG, {"ready": True, "epoch": 1})
+            self.send(ident, M.Pong(ready=True, epoch=1))
         elif msg.cmd == Cmd.STATUS:
-            self.send(ident, Cmd.STATUS, self.status())
+            self.send(ident, self.status())
         elif msg.cmd == Cmd.JOBS:
-            self.send(
-                ident,
-                Cmd.JOBS,
-                {
-                    "jobs": [
-                        {
-                            "rid": "x-1",
-                            "outcome": "done",
-                            "steps": 3,
-                            "tokens": 2,
-                            "replays": 0,
-                            "duration_s": 0.1,
-                        }
-                    ]
-                },
-            )
+            job = M.Job(rid="x-1", outcome="done", steps=3, tokens=2, replays=0, duration_s=0.1)
+            self.send(ident, M.Jobs(jobs=(job,)))
         elif msg.cmd == Cmd.STEP:
             ids = msg.tensor(0).reshape(-1).tolist()
-            if self.hook is not None and self.hook(self, ident, h, ids):
+            if self.hook is not None and self.hook(self, ident, msg.body, ids):
                 return
-            self.compute(ident, h, ids)
+            self.compute(ident, msg.body, ids)
 
-    def status(self) -> dict:
-        return {
-            "ready": True,
-            "reason": None,
-            "epoch": 1,
-            "map": MAP,
-            "stages": [
-                {"name": "s0", "host": "here", "device": "cpu", "state": "ready"},
-                {"name": "s1", "host": "here", "device": "cpu", "state": "ready"},
-            ],
-            "model": str(self.model_dir),
-            "max_position_embeddings": 2048,
-            "eos_token_id": EOS,
-            "vocab_size": 2048,
-        }
-
-    def error(self, ident: bytes, h: dict, code: Code, message: str, **extra) -> None:
-        self.send(
-            ident,
-            Cmd.ERROR,
-            {"code": str(code), "message": message, "rid": h["rid"], "seq": h["seq"], **extra},
+    def status(self) -> M.Status:
+        stages = tuple(
+            M.StageStatus(
+                name=name,
+                host="here",
+                pid=1,
+                device="cpu",
+                state="ready",
+                start=start,
+                end=end,
+                credits=1,
+                inflight=0,
+                queued=0,
+                tokens_per_s=0.0,
+                p50_s=None,
+                p99_s=None,
+                batches=None,
+                batched_items=None,
+                kv_bytes=None,
+                kv_requests=None,
+                rss_bytes=None,
+                memory_bytes=0,
+                last_seen_s=0.0,
+            )
+            for name, start, end in (("s0", 0, 3), ("s1", 3, 6))
+        )
+        return M.Status(
+            ready=True,
+            reason=None,
+            epoch=1,
+            map=ranges(MAP),
+            num_layers=6,
+            stages=stages,
+            model=str(self.model_dir),
+            fingerprint="fake",
+            max_position_embeddings=2048,
+            eos_token_id=EOS,
+            vocab_size=2048,
+            dtype="float32",
+            prefill_chunk=128,
+            requests=0,
+            uptime_s=0.0,
+            pid=1,
+            ts=0.0,
         )
 
-    def compute(self, ident: bytes, h: dict, ids: list[int]) -> None:
+    def error(self, ident: bytes, step: M.Step, code: Code, message: str, **extra) -> None:
+        self.send(ident, P.error(code, message, about=step, **extra))
+
+    def compute(self, ident: bytes, h: M.Step, ids: list[int]) -> None:
         """Check the step as a stage would, run it, and answer RESULT."""
-        rid, pos, n = h["rid"], h["pos"], h["n"]
-        if prefix_hash(h["prev"], ids) != h["hash"] or len(ids) != n:
+        rid, pos, n = h.rid, h.pos, h.n
+        if prefix_hash(h.prev, ids) != h.hash or len(ids) != n:
             self.failures.append(f"bad hash or length in {h}")
             return self.error(ident, h, Code.BAD_REQUEST, "hash does not match the ids")
         if pos == 0:
-            if h["prev"] != EMPTY_PREFIX_HASH:
+            if h.prev != EMPTY_PREFIX_HASH:
                 self.failures.append(f"prefill with prev != 0: {h}")
             self.caches[rid] = {
                 "cache": new_request_cache(self.model.config),
@@ -218,7 +240,7 @@ class FakeBroker(threading.Thread):
         entry = self.caches.get(rid)
         if entry is None:
             return self.error(ident, h, Code.CACHE_MISS, f"no cache for {rid}")
-        if entry["len"] != pos or entry["hash"] != h["prev"]:
+        if entry["len"] != pos or entry["hash"] != h.prev:
             return self.error(
                 ident, h, Code.CACHE_MISMATCH, f"cache at {entry['len']}, step at {pos}"
             )
@@ -236,32 +258,12 @@ class FakeBroker(threading.Thread):
             index = pos + n - self.prompt_len[rid]
             logits = torch.zeros((1, 1, vocab))
             logits[0, 0, self.forced[min(index, len(self.forced) - 1)]] = 10.0
-        entry["len"], entry["hash"] = pos + n, h["hash"]
-        if not h.get("logits", True):
+        entry["len"], entry["hash"] = pos + n, h.hash
+        if not h.logits:
             logits = torch.zeros((1, 0, vocab))
-        header = {
-            "rid": rid,
-            "seq": h["seq"],
-            "pos": pos,
-            "n": n,
-            "epoch": 1,
-            "trace": [
-                {
-                    "stage": "s0",
-                    "start": 0,
-                    "end": 6,
-                    "compute_s": 0.001,
-                    "queue_s": 0.0,
-                    "transfer_s": 0.0001,
-                }
-            ],
-            "broker_queue_s": 0.0,
-        }
-        if "step" in SCHEMAS[Cmd.RESULT]:
-            # protocol.py today requires `step` in every RESULT, the broker->client one
-            # included (docs/protocol.md does not); remove once SCHEMAS is role-aware.
-            header["step"] = h["seq"]
-        self.send(ident, Cmd.RESULT, header, [logits])
+        hop = M.Hop(stage="s0", start=0, end=6, compute_s=0.001, queue_s=0.0, transfer_s=0.0001)
+        result = M.StepResult(rid=rid, seq=h.seq, pos=pos, n=n, epoch=1, trace=(hop,))
+        self.send(ident, result, [logits])
 
 
 # --- fixtures -----------------------------------------------------------------------------------
@@ -322,8 +324,8 @@ def make_client(broker: FakeBroker, **kwargs) -> Client:
 PROMPT = "The quick brown fox"
 
 
-def history_cuts(steps: list[tuple[bytes, dict]]) -> list[tuple[int, int, bool]]:
-    return [(h["pos"], h["n"], h["logits"]) for _, h in steps]
+def history_cuts(steps: list[tuple[bytes, M.Step]]) -> list[tuple[int, int, bool]]:
+    return [(h.pos, h.n, h.logits) for _, h in steps]
 
 
 # --- tests --------------------------------------------------------------------------------------
@@ -331,21 +333,32 @@ def history_cuts(steps: list[tuple[bytes, dict]]) -> list[tuple[int, int, bool]]
 
 @pytest.mark.timeout(60)
 def test_unreachable_broker_fails_fast():
+    """First contact gives up after connect_timeout, not after the (longer) silence or
+    reconnect timeouts, and sends nothing but its one PING meanwhile."""
     ctx = zmq.Context()
     probe = ctx.socket(zmq.ROUTER)
     port = probe.bind_to_random_port("tcp://127.0.0.1")
     probe.close(linger=0)  # a port with nobody listening
-    ctx.term()
     url = f"tcp://127.0.0.1:{port}"
-    t0 = time.monotonic()
     with pytest.raises(BrokerUnreachable) as info:
-        Client(url, connect_timeout=1.0)
-    assert time.monotonic() - t0 < 1.0 + 1.5
+        Client(url, connect_timeout=1.0, broker_timeout=7.0, reconnect_timeout=50.0)
     assert (
         url in str(info.value)
-        and "1.0 s" in str(info.value)
+        and "did not answer within 1.0 s" in str(info.value)
         and "python -m broker" in str(info.value)
     )
+
+    silent = ctx.socket(zmq.ROUTER)  # listening, never answering
+    silent.setsockopt(zmq.LINGER, 0)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    with pytest.raises(BrokerUnreachable, match="did not answer within 1.0 s"):
+        Client(f"tcp://127.0.0.1:{port}", connect_timeout=1.0, broker_timeout=7.0)
+    received = []
+    while silent.poll(200):
+        received.append(P.decode(silent.recv_multipart()[1:], inbound=True).cmd)
+    silent.close(linger=0)
+    ctx.term()
+    assert received == [Cmd.PING]
 
 
 @pytest.mark.timeout(60)
@@ -369,54 +382,48 @@ def test_greedy_equals_generate_and_headers_are_exact(broker, tokenizer, referen
     P = len(prompt_ids)
     assert history_cuts(steps) == [(0, P, True)] + [(P + i, 1, True) for i in range(11)]
     for k, (_, h) in enumerate(steps):
-        assert h["seq"] == k + 1
-        assert h["prev"] == prefix_hash(EMPTY_PREFIX_HASH, sequence[: h["pos"]])
-        assert h["hash"] == prefix_hash(EMPTY_PREFIX_HASH, sequence[: h["pos"] + h["n"]])
+        assert h.seq == k + 1
+        assert h.prev == prefix_hash(EMPTY_PREFIX_HASH, sequence[: h.pos])
+        assert h.hash == prefix_hash(EMPTY_PREFIX_HASH, sequence[: h.pos + h.n])
     rid_client, counter = result.rid.rsplit("-", 1)
     assert len(rid_client) == 8 and int(rid_client, 16) >= 0 and counter == "1"
-    wait_until(
-        lambda: any(e["rid"] == result.rid and e["reason"] == "done" for e in broker.ends()),
-        what="END done",
-    )
+    wait_until(lambda: M.End(rid=result.rid, reason="done") in broker.ends(), what="END done")
 
 
 def reshard_once(at_token: int) -> Callable[..., bool]:
     """A hook that answers the step computing token `at_token` with a reshard event, once."""
     fired = []
 
-    def hook(b: FakeBroker, ident: bytes, h: dict, ids: list[int]) -> bool:
-        P = b.prompt_len.get(h["rid"])
-        if fired or P is None or h["pos"] != P + at_token - 1 or not h["logits"]:
+    def hook(b: FakeBroker, ident: bytes, h: M.Step, ids: list[int]) -> bool:
+        prompt = b.prompt_len.get(h.rid)
+        if fired or prompt is None or h.pos != prompt + at_token - 1 or not h.logits:
             return False
-        fired.append(h["seq"])
-        b.caches.pop(h["rid"], None)  # every stage dropped its caches
-        b.send(
-            ident,
-            Cmd.EVENT,
-            {
-                "rid": h["rid"],
-                "event": "reshard",
-                "reason": "silent",
-                "epoch": 2,
-                "lost": "s1",
-                "cause": "silent",
-                "old_map": MAP,
-                "new_map": NEW_MAP,
-            },
+        fired.append(h.seq)
+        b.caches.pop(h.rid, None)  # every stage dropped its caches
+        event = M.Event(
+            rid=h.rid,
+            event="reshard",
+            reason="silent",
+            epoch=2,
+            lost="s1",
+            cause="silent",
+            old_map=ranges(MAP),
+            new_map=ranges(NEW_MAP),
         )
+        b.send(ident, event)
         return True
 
     return hook
 
 
-def check_replayed_history(steps: list[tuple[bytes, dict]], P: int, at_token: int) -> None:
+def check_replayed_history(steps: list[tuple[bytes, M.Step]], P: int, at_token: int) -> None:
     """Before the failure: the normal cuts. Then: every cut again, logits only on the last."""
     before = [(0, P, True)] + [(P + i, 1, True) for i in range(at_token)]
     replay = [(p, n, False) for p, n, _ in before[:-1]] + [before[-1]]
     cuts = history_cuts(steps)
     assert cuts[: len(before)] == before
     assert cuts[len(before) : 2 * len(before)] == replay
-    seqs = [h["seq"] for _, h in steps]
+    seqs = [h.seq for _, h in steps]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
 
 
@@ -455,12 +462,12 @@ def test_seeded_sampling_survives_a_reshard(broker):
 def test_cache_miss_error_replays(broker, tokenizer, reference):
     fired = []
 
-    def hook(b: FakeBroker, ident: bytes, h: dict, ids: list[int]) -> bool:
-        P = b.prompt_len.get(h["rid"])
-        if fired or P is None or h["pos"] != P + 2:
+    def hook(b: FakeBroker, ident: bytes, h: M.Step, ids: list[int]) -> bool:
+        prompt = b.prompt_len.get(h.rid)
+        if fired or prompt is None or h.pos != prompt + 2:
             return False
-        fired.append(h["seq"])
-        b.caches.pop(h["rid"], None)
+        fired.append(h.seq)
+        b.caches.pop(h.rid, None)
         b.error(ident, h, Code.CACHE_MISS, "stage s1 holds no cache for this request")
         return True
 
@@ -476,23 +483,23 @@ def test_cache_miss_error_replays(broker, tokenizer, reference):
 
 @pytest.mark.timeout(60)
 def test_replay_cap_fails_the_request(broker):
-    def hook(b: FakeBroker, ident: bytes, h: dict, ids: list[int]) -> bool:
-        if h["logits"]:
-            b.send(ident, Cmd.EVENT, {"rid": h["rid"], "event": "replay", "reason": "flaky stage"})
+    def hook(b: FakeBroker, ident: bytes, h: M.Step, ids: list[int]) -> bool:
+        if h.logits:
+            b.send(ident, M.Event(rid=h.rid, event="replay", reason="flaky stage"))
         return True
 
     broker.hook = hook
     with make_client(broker) as client, pytest.raises(RequestFailed) as info:
         client.generate(PROMPT, max_new_tokens=4)
     assert info.value.code == "replay_limit"
-    awaited = [h for _, h in broker.steps() if h["logits"]]
+    awaited = [h for _, h in broker.steps() if h.logits]
     assert len(awaited) == 1 + 8  # the first attempt and 8 replays
-    wait_until(lambda: [e["reason"] for e in broker.ends()] == ["failed"], what="END failed")
+    wait_until(lambda: [e.reason for e in broker.ends()] == ["failed"], what="END failed")
 
 
 @pytest.mark.timeout(60)
 def test_busy_and_not_ready_errors(broker):
-    def busy(b: FakeBroker, ident: bytes, h: dict, ids: list[int]) -> bool:
+    def busy(b: FakeBroker, ident: bytes, h: M.Step, ids: list[int]) -> bool:
         b.error(
             ident, h, Code.BUSY, "broker busy: 512 requests active; retry later", retry_after_s=0.5
         )
@@ -500,13 +507,16 @@ def test_busy_and_not_ready_errors(broker):
 
     broker.hook = busy
     with make_client(broker) as client:
-        t0 = time.monotonic()
         with pytest.raises(BusyError) as info:
             client.generate(PROMPT, max_new_tokens=4)
-        assert time.monotonic() - t0 < 2.0
         assert info.value.retry_after_s == 0.5 and info.value.code == "busy"
+        # The caller decides when to retry: the client gave up on its first refused step and
+        # told the broker so, without retrying after `retry_after_s` itself.
+        [(_, step)] = broker.steps()
+        wait_until(lambda: broker.ends() == [M.End(rid=step.rid, reason="failed")], what="END")
+        assert len(broker.steps()) == 1
 
-        def not_ready(b: FakeBroker, ident: bytes, h: dict, ids: list[int]) -> bool:
+        def not_ready(b: FakeBroker, ident: bytes, h: M.Step, ids: list[int]) -> bool:
             b.error(ident, h, Code.NOT_READY, "cluster not ready: layers [3, 6) have no stage")
             return True
 
@@ -514,7 +524,7 @@ def test_busy_and_not_ready_errors(broker):
         with pytest.raises(NotReadyError, match=r"layers \[3, 6\) have no stage"):
             client.generate(PROMPT, max_new_tokens=4)
 
-        def overflow(b: FakeBroker, ident: bytes, h: dict, ids: list[int]) -> bool:
+        def overflow(b: FakeBroker, ident: bytes, h: M.Step, ids: list[int]) -> bool:
             b.error(ident, h, Code.CONTEXT_OVERFLOW, "positions up to 9000 exceed 2048")
             return True
 
@@ -529,11 +539,9 @@ def test_closing_a_stream_cancels_the_request(broker):
     with make_client(broker) as client:
         stream = client.stream(PROMPT, max_new_tokens=50)
         tokens = [next(stream) for _ in range(3)]
-        rid = broker.steps()[0][1]["rid"]
+        rid = broker.steps()[0][1].rid
         stream.close()
-        wait_until(
-            lambda: {"rid": rid, "reason": "cancelled"} in broker.ends(), what="END cancelled"
-        )
+        wait_until(lambda: M.End(rid=rid, reason="cancelled") in broker.ends(), what="END")
         assert [t["index"] for t in tokens] == [0, 1, 2]
         # The client is still usable afterwards.
         assert len(client.generate(PROMPT, max_new_tokens=3).token_ids) == 3
@@ -541,20 +549,24 @@ def test_closing_a_stream_cancels_the_request(broker):
 
 @pytest.mark.timeout(60)
 def test_timeout_cancels_the_request(broker):
-    def slow(b: FakeBroker, ident: bytes, h: dict, ids: list[int]) -> bool:
-        return h["pos"] > 0  # answers the prefill only; decode steps never come back
+    def slow(b: FakeBroker, ident: bytes, h: M.Step, ids: list[int]) -> bool:
+        return h.pos > 0  # answers the prefill only; decode steps never come back
 
     broker.hook = slow
     with make_client(broker, heartbeat=0.05) as client:
         t0 = time.monotonic()
         with pytest.raises(TimeoutError) as info:
             client.generate(PROMPT, max_new_tokens=8, timeout=0.5)
+        assert time.monotonic() - t0 >= 0.5  # the request had its whole timeout
         assert isinstance(info.value, RequestTimeout)
-        assert 0.5 <= time.monotonic() - t0 < 2.0
-        rid = broker.steps()[0][1]["rid"]
-        wait_until(
-            lambda: {"rid": rid, "reason": "cancelled"} in broker.ends(), what="END cancelled"
-        )
+        assert "within 0.5 s (1 tokens generated)" in str(info.value)
+        rid = broker.steps()[0][1].rid
+        wait_until(lambda: M.End(rid=rid, reason="cancelled") in broker.ends(), what="END")
+        # The prefill and the one unanswered decode step, on one socket: a broker that answers
+        # PINGs is alive, so the wait neither re-sent the step nor reconnected.
+        prompt = broker.steps()[0][1].n
+        assert history_cuts(broker.steps()) == [(0, prompt, True), (prompt, 1, True)]
+        assert len(broker.identities()) == 1
         assert broker.count(Cmd.PING) >= 2  # heartbeats while waiting
 
 
@@ -562,9 +574,9 @@ def test_timeout_cancels_the_request(broker):
 def test_silent_broker_means_fresh_socket_and_replay(broker, tokenizer, reference):
     went_silent = []
 
-    def hook(b: FakeBroker, ident: bytes, h: dict, ids: list[int]) -> bool:
-        P = b.prompt_len.get(h["rid"])
-        if not went_silent and P is not None and h["pos"] == P + 3:
+    def hook(b: FakeBroker, ident: bytes, h: M.Step, ids: list[int]) -> bool:
+        prompt = b.prompt_len.get(h.rid)
+        if not went_silent and prompt is not None and h.pos == prompt + 3:
             went_silent.append(ident)
             b.silent.add(ident)  # this identity is never answered again
             return True
@@ -577,10 +589,12 @@ def test_silent_broker_means_fresh_socket_and_replay(broker, tokenizer, referenc
         elapsed = time.monotonic() - t0
     prompt_ids = tokenizer(PROMPT)["input_ids"]
     assert result.token_ids == reference(prompt_ids, 8)
-    assert 0.5 <= elapsed < 5.0
+    assert elapsed >= 0.5  # the socket was given broker_timeout of silence before it was dropped
     steps = broker.steps(result.rid)
     identities = list(dict.fromkeys(i for i, _ in steps))
     assert len(identities) == 2 and identities[0] == went_silent[0]
+    assert broker.identities() == identities  # one reconnect, no more
+    assert broker.count(Cmd.PING, went_silent[0]) >= 1  # silent although pinged
     check_replayed_history(steps, len(prompt_ids), at_token=4)
     assert all(i == identities[1] for i, _ in steps[5:])
     [event] = result.events
@@ -593,9 +607,9 @@ def test_restarted_broker_is_noticed_by_the_disconnect(demo_dir, model, tokenize
     first = FakeBroker(demo_dir, model)
     stalled = threading.Event()
 
-    def hook(b: FakeBroker, ident: bytes, h: dict, ids: list[int]) -> bool:
-        P = b.prompt_len.get(h["rid"])
-        if P is not None and h["pos"] == P + 3:
+    def hook(b: FakeBroker, ident: bytes, h: M.Step, ids: list[int]) -> bool:
+        prompt = b.prompt_len.get(h.rid)
+        if prompt is not None and h.pos == prompt + 3:
             stalled.set()  # the step is lost with the broker
             return True
         return False
@@ -613,10 +627,12 @@ def test_restarted_broker_is_noticed_by_the_disconnect(demo_dir, model, tokenize
     restarter = threading.Thread(target=restart, daemon=True)
     restarter.start()
     try:
-        with make_client(first, broker_timeout=30.0, heartbeat=0.1) as client:
-            t0 = time.monotonic()
+        # Silence would take an hour to count: only the disconnect can end the stall.
+        with (
+            structlog.testing.capture_logs() as logs,
+            make_client(first, broker_timeout=3600.0, heartbeat=0.1) as client,
+        ):
             events = list(client.stream(PROMPT, max_new_tokens=8))
-            assert time.monotonic() - t0 < 10.0
     finally:
         stalled.set()
         restarter.join(10)
@@ -627,24 +643,32 @@ def test_restarted_broker_is_noticed_by_the_disconnect(demo_dir, model, tokenize
     result = events[-1]["result"]
     assert result.token_ids == reference(tokenizer(PROMPT)["input_ids"], 8)
     assert [e["reason"] for e in result.events] == ["reconnect"]
-    assert [h["pos"] for _, h in second.steps()][0] == 0  # rebuilt from the prompt
+    lost = [e["cause"] for e in logs if e["event"] == "client_broker_lost"]
+    assert lost == ["disconnected"]
+    assert [h.pos for _, h in second.steps()][0] == 0  # rebuilt from the prompt
     assert first.failures == [] and second.failures == []
 
 
 @pytest.mark.timeout(60)
 def test_broker_that_never_comes_back(broker):
-    def hook(b: FakeBroker, ident: bytes, h: dict, ids: list[int]) -> bool:
-        if h["pos"] > 0:
+    def hook(b: FakeBroker, ident: bytes, h: M.Step, ids: list[int]) -> bool:
+        if h.pos > 0:
             b.mute_all = True
             return True
         return False
 
     broker.hook = hook
     with make_client(broker, broker_timeout=0.4, heartbeat=0.1, reconnect_timeout=0.6) as client:
-        t0 = time.monotonic()
         with pytest.raises(BrokerUnreachable, match="did not come back within 0.6 s"):
             client.generate(PROMPT, max_new_tokens=8)
-        assert time.monotonic() - t0 < 0.4 + 0.6 + 1.5
+        # One fresh socket, on which the client only pinged: nothing is replayed to a broker
+        # that has not answered, and the client gave up instead of reconnecting again.
+        wait_until(lambda: len(broker.identities()) >= 2, what="the fresh socket's PING")
+        first, fresh = broker.identities()
+        prompt = broker.steps()[0][1].n
+        assert history_cuts(broker.steps()) == [(0, prompt, True), (prompt, 1, True)]
+        assert all(i == first for i, _ in broker.steps())
+        assert set(broker.sent_by(fresh)) == {Cmd.PING}
 
 
 @pytest.mark.timeout(60)
@@ -775,7 +799,7 @@ def test_async_client_serves_concurrent_requests(broker, tokenizer, reference):
 def test_async_cancel_and_stream_close(broker):
     async def main() -> None:
         async with AsyncClient(broker.url, connect_timeout=5.0) as client:
-            broker.hook = lambda b, ident, h, ids: h["pos"] > 0  # decode never answered
+            broker.hook = lambda b, ident, h, ids: h.pos > 0  # decode never answered
             task = asyncio.create_task(client.generate(PROMPT, max_new_tokens=8))
             await asyncio.sleep(0)
             while not broker.steps():
@@ -783,8 +807,8 @@ def test_async_cancel_and_stream_close(broker):
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            rid = broker.steps()[0][1]["rid"]
-            while {"rid": rid, "reason": "cancelled"} not in broker.ends():
+            rid = broker.steps()[0][1].rid
+            while M.End(rid=rid, reason="cancelled") not in broker.ends():
                 await asyncio.sleep(0.01)
 
             broker.hook = None
@@ -792,11 +816,11 @@ def test_async_cancel_and_stream_close(broker):
             first = await stream.__anext__()
             assert first["type"] == "token"
             await stream.aclose()
-            rid2 = broker.steps()[-1][1]["rid"]
-            while {"rid": rid2, "reason": "cancelled"} not in broker.ends():
+            rid2 = broker.steps()[-1][1].rid
+            while M.End(rid=rid2, reason="cancelled") not in broker.ends():
                 await asyncio.sleep(0.01)
 
-            broker.hook = lambda b, ident, h, ids: h["pos"] > 0
+            broker.hook = lambda b, ident, h, ids: h.pos > 0
             with pytest.raises(TimeoutError):
                 await client.generate(PROMPT, max_new_tokens=8, timeout=0.3)
 
