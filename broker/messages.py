@@ -328,7 +328,7 @@ class Steps(Body, frozen=True, kw_only=True, omit_defaults=True):
 
 class End(Body, frozen=True, kw_only=True, omit_defaults=True):
     cmd = Cmd.END
-    rid: str
+    rid: Rid
     reason: Literal["done", "cancelled", "failed"] = "done"
 
 

@@ -254,6 +254,10 @@ def _check_layout(cmd: Cmd, body: Any, descs: Sequence[TensorDesc]) -> None:
                 f"STEP carries one int64 tensor of shape [1, {body.n}]",
                 ids_of(body),
             )
+    elif isinstance(body, M.StepResult) and len(descs) != 1:
+        raise ProtocolError(
+            Code.TENSOR_MISMATCH, "a RESULT to a client carries one logits tensor", ids_of(body)
+        )
     elif cmd in (*BUNDLES, Cmd.FORWARD) and len(descs) != len(body.items):
         raise ProtocolError(
             Code.TENSOR_MISMATCH,
