@@ -109,12 +109,13 @@ EXAMPLES: dict[tuple[bytes, bool, Cmd], M.Body] = {
 def test_every_message_round_trips_as_its_struct(key):
     tag, inbound, cmd = key
     body = EXAMPLES[key]
-    # A step carries its ids, a FORWARD one input per item; the rest carry no tensor here.
-    tensors = {
-        Cmd.STEP: [torch.zeros(1, 1, dtype=torch.int64)],
-        Cmd.FORWARD: [torch.zeros(1, 1, 8)],
+    # A step carries its ids, a FORWARD one input per item, a client's RESULT its logits.
+    carries = {
+        (True, Cmd.STEP): [torch.zeros(1, 1, dtype=torch.int64)],
+        (False, Cmd.FORWARD): [torch.zeros(1, 1, 8)],
+        (False, Cmd.RESULT): [torch.zeros(1, 1, 8)],
     }
-    sent = tensors.get(cmd, []) if inbound or cmd == Cmd.FORWARD else []
+    sent = carries.get((inbound, cmd), [])
     msg = P.decode(P.encode(tag, body, sent), inbound=inbound)
     assert (msg.tag, msg.cmd) == (tag, cmd)
     assert msgspec.structs.replace(msg.body, tensors=()) == body
