@@ -18,8 +18,8 @@ from typing import NoReturn
 from common.defaults import DEFAULT_DEMO_DIR
 
 # Idle OpenMP threads spin-wait by default and steal the core that the next stage on the same
-# machine needs: measured 3.6x slower decode with 3 stages of 2 threads on 2 cores. Set before
-# torch is imported (the worker imports it lazily).
+# machine needs, which slows decode badly when stages share cores. Set before torch is
+# imported (the worker imports it lazily).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Only the standard library and the ground floor's constants above this line: arguments are

@@ -2,8 +2,8 @@
 
 The I/O thread reaches this thread only through `Compute`'s methods under "called by the I/O
 thread": it puts jobs on the queue, reads `stats` and the cache sizes for heartbeats, and may
-run a lone decode step itself while this thread is idle. Replies go back, prefixed with
-the generation of the connection they belong to, over an inproc PAIR socket that the I/O
+run a FORWARD of single positions itself while this thread is idle. Replies go back, prefixed
+with the generation of the connection they belong to, over an inproc PAIR socket that the I/O
 thread polls, so it wakes at once. Torch releases the GIL inside its ops, so heartbeats keep
 flowing during a long forward or a load.
 """
@@ -22,9 +22,12 @@ import structlog
 import torch
 import zmq
 
-from broker.protocol import STAGE_TAG, Cmd, Code, Message, encode, error_header
+from broker import messages as M
+from broker import protocol as P
+from broker.messages import Code
+from broker.protocol import Message
 from stage.checkpoint import Checkpoint
-from stage.checks import CheckedItem, Refusal, check_forward
+from stage.checks import CheckedItem, Refused, check_forward
 from stage.config import StageConfig
 from stage.devices import resolve_dtype
 from stage.kvcache import KVStore
@@ -41,7 +44,7 @@ Send = Callable[[list], object]
 
 @dataclass
 class ForwardJob:
-    msg: Message
+    msg: Message  # its body is an M.Forward
     generation: int
     received: float
 
@@ -143,10 +146,10 @@ class Compute:
         return self._epoch
 
     @property
-    def held(self) -> list[int] | None:
+    def held(self) -> tuple[int, int] | None:
         """The layer range this stage holds, as READY reports it; None on standby."""
         shard = self._shard
-        return [shard.start, shard.end] if shard is not None else None
+        return (shard.start, shard.end) if shard is not None else None
 
     @property
     def queued(self) -> int:
@@ -161,9 +164,11 @@ class Compute:
         self._jobs.put(ResetJob())
 
     def can_run_inline(self, job: ForwardJob) -> bool:
-        """Whether `job` holds decode steps only and no job is queued or running here."""
-        items = job.msg.header["items"]
-        return not (any(item["n"] != 1 for item in items) or self._jobs.unfinished_tasks)
+        """Whether every item of `job` is one position and no job is queued or running here."""
+        # One position, not `Item.is_decode`: the cost matters here, and a one-token prompt
+        # costs what a decode step does.
+        single = all(item.n == 1 for item in job.msg.body.items)
+        return single and not self._jobs.unfinished_tasks
 
     def run_inline(self, job: ForwardJob, send: Send) -> bool:
         """Run `job` on the calling thread, unless the compute thread holds a job meanwhile."""
@@ -317,11 +322,11 @@ class Compute:
         store: KVStore,
     ) -> Iterator[tuple[ForwardJob, list]]:
         """`_forward_round` for its jobs, while their requests count as busy."""
-        checked: list[list[CheckedItem | Refusal] | Refusal] = []
+        checked: list[list[CheckedItem | M.Refusal] | Refused] = []
         for job in jobs:
             try:
                 checked.append(check_forward(job.msg, self._shard, self._epoch, store))
-            except Refusal as r:
+            except Refused as r:
                 checked.append(r)
         # Items with the same number of new positions run as one batch (decode steps
         # together, prompts or chunks of one length together); a lone item, and every item
@@ -331,35 +336,37 @@ class Compute:
         inputs: dict[tuple[int, int], tuple[torch.Tensor, KVState]] = {}
         unfinished: dict[int, int] = {}
         for j, plan in enumerate(checked):
-            if isinstance(plan, Refusal):
+            if isinstance(plan, Refused):
                 yield jobs[j], self._refuse_forward(jobs[j], plan)
                 continue
             for i, entry in enumerate(plan):
-                if isinstance(entry, Refusal):
+                if isinstance(entry, M.Refusal):
                     continue
                 item, x = entry.item, entry.x
                 cache = (
-                    store.start(item["rid"], entry.fresh)
+                    store.start(item.rid, entry.fresh)
                     if entry.fresh is not None
-                    else store.get(item["rid"])
+                    else store.get(item.rid)
                 )
                 if x.device != shard.device:
                     x = x.to(shard.device)
                 inputs[(j, i)] = (x, cache.state)
                 unfinished[j] = unfinished.get(j, 0) + 1
                 if shard.batchable:
-                    groups.setdefault(item["n"], []).append((j, i))
+                    groups.setdefault(item.n, []).append((j, i))
                 else:
                     solo.append((j, i))
         for j, plan in enumerate(checked):
-            if not isinstance(plan, Refusal) and j not in unfinished:
+            if not isinstance(plan, Refused) and j not in unfinished:
                 yield jobs[j], self._result(jobs[j], j, plan, {}, started, 0)  # all refused
         batches = [groups[n] for n in sorted(groups)] + [[key] for key in solo]
         outputs: dict[tuple[int, int], torch.Tensor] = {}
         widths: dict[int, int] = {}
         for batch in batches:
-            prompt = inputs[batch[0]][0].shape[1] > 1
-            between = (lambda: self._overtake(send)) if prompt else None
+            # Only items of several positions (prompts, chunks) are long enough to let
+            # decode steps run between two of their layers.
+            several = inputs[batch[0]][0].shape[1] > 1
+            between = (lambda: self._overtake(send)) if several else None
             try:
                 if len(batch) == 1:
                     x, state = inputs[batch[0]]
@@ -373,7 +380,7 @@ class Compute:
             except Exception:
                 # A cache of an unanswered FORWARD may hold some of its layers or steps but not
                 # all: never reuse it.
-                store.release(checked[j][i].item["rid"] for j, i in inputs if j in unfinished)
+                store.release(checked[j][i].item.rid for j, i in inputs if j in unfinished)
                 raise
             for j, _ in batch:
                 widths[j] = max(widths.get(j, 0), len(batch))
@@ -419,25 +426,15 @@ class Compute:
 
     # --- answers ----------------------------------------------------------------------------
 
-    def _refuse_forward(self, job: ForwardJob, refusal: Refusal) -> list:
-        header = job.msg.header
-        return encode(
-            STAGE_TAG,
-            Cmd.ERROR,
-            error_header(
-                refusal.code,
-                refusal.message,
-                step=header["step"],
-                epoch=header["epoch"],
-                rid=refusal.rid,
-            ),
-        )
+    def _refuse_forward(self, job: ForwardJob, refused: Refused) -> list:
+        body = P.error(refused.code, refused.message, about=job.msg.body, rid=refused.rid)
+        return P.encode(P.STAGE_TAG, body)
 
     def _result(
         self,
         job: ForwardJob,
         j: int,
-        plan: list[CheckedItem | Refusal],
+        plan: list[CheckedItem | M.Refusal],
         outputs: dict[tuple[int, int], torch.Tensor],
         started: float,
         width: int,
@@ -448,43 +445,39 @@ class Compute:
         widest forward its items ran in (1: alone)."""
         shard, store = self._shard, self.store
         done = time.perf_counter()
-        tensors, refused = [], []
+        tensors = []
         for i, entry in enumerate(plan):
-            if isinstance(entry, Refusal):
-                refused.append(
-                    {"i": i, "rid": entry.rid, "code": str(entry.code), "message": entry.message}
-                )
+            if isinstance(entry, M.Refusal):
                 continue
             item = entry.item
             out = outputs[(j, i)]
-            if shard.last and not item.get("logits", True):
+            if shard.last and not item.logits:
                 out = out[:, :0]
-            store.commit(item["rid"], item["hash"])
+            store.commit(item.rid, item.hash)
             tensors.append(out)
-            self.stats.tokens += item["n"]
+            self.stats.tokens += item.n
             self.stats.progress += 1
-        header = job.msg.header
-        reply = {
-            "step": header["step"],
-            "epoch": header["epoch"],
-            "compute_s": done - started,
-            "queue_s": started - job.received,
-            "batch": width,
-        }
-        if refused:
-            reply["refused"] = refused
-        return encode(STAGE_TAG, Cmd.RESULT, reply, tensors)
+        forward: M.Forward = job.msg.body
+        result = M.ForwardResult(
+            fid=forward.fid,
+            epoch=forward.epoch,
+            compute_s=done - started,
+            queue_s=started - job.received,
+            batch=width,
+            refused=tuple(entry for entry in plan if isinstance(entry, M.Refusal)),
+        )
+        return P.encode(P.STAGE_TAG, result, tensors)
 
     def _internal_error(self, job: Job, e: Exception) -> list | None:
         self.log.exception("job failed", job=type(job).__name__)
+        message = f"{type(job).__name__} failed: {type(e).__name__}: {e}"
         if isinstance(job, ForwardJob):
-            where = {"step": job.msg.header["step"], "epoch": job.msg.header["epoch"]}
+            body = P.error(Code.INTERNAL, message, about=job.msg.body)
         elif isinstance(job, LoadJob):
-            where = {"epoch": job.epoch}
+            body = P.error(Code.INTERNAL, message, epoch=job.epoch)
         else:
             return None
-        message = f"{type(job).__name__} failed: {type(e).__name__}: {e}"
-        return encode(STAGE_TAG, Cmd.ERROR, error_header(Code.INTERNAL, message, **where))
+        return P.encode(P.STAGE_TAG, body)
 
     # --- loads, releases, resets ------------------------------------------------------------
 
@@ -537,9 +530,7 @@ class Compute:
                     "load failed", epoch=job.epoch, start=job.start, end=job.end, error=str(e)
                 )
                 message = f"cannot load layers [{job.start},{job.end}): {e}"
-                return encode(
-                    STAGE_TAG, Cmd.ERROR, error_header(Code.INTERNAL, message, epoch=job.epoch)
-                )
+                return P.encode(P.STAGE_TAG, P.error(Code.INTERNAL, message, epoch=job.epoch))
             del old
             gc.collect()
             self._shard = shard
@@ -556,24 +547,23 @@ class Compute:
             weight_bytes=weight_bytes,
             load_s=round(load_s, 3),
         )
-        header = {
-            "epoch": job.epoch,
-            "start": job.start,
-            "end": job.end,
-            "weight_bytes": weight_bytes,
-            "load_s": load_s,
-        }
-        return encode(STAGE_TAG, Cmd.LOADED, header)
+        loaded = M.Loaded(
+            epoch=job.epoch,
+            start=job.start,
+            end=job.end,
+            weight_bytes=weight_bytes,
+            load_s=load_s,
+        )
+        return P.encode(P.STAGE_TAG, loaded)
 
 
 def _rids(job: ForwardJob) -> set[str]:
-    return {item["rid"] for item in job.msg.header["items"]}
+    return {item.rid for item in job.msg.body.items}
 
 
 def _decode_rids(job: ForwardJob) -> set[str] | None:
-    """A FORWARD's request ids if every item is one decode position (n 1 past position 0).
-    Its items were checked against the protocol's item schema when it was decoded."""
-    items = job.msg.header["items"]
-    if not items or any(item["n"] != 1 or item["pos"] == 0 for item in items):
+    """A FORWARD's request ids if every item is a decode step, else None."""
+    items = job.msg.body.items
+    if not items or not all(item.is_decode for item in items):
         return None
     return _rids(job)

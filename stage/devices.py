@@ -5,24 +5,21 @@ from __future__ import annotations
 import torch
 
 from stage.shard import ShardError
+from tensorframes import TORCH_DTYPES
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+# The wire's floating dtypes are the ones a stage computes in.
+COMPUTE_DTYPES = {name: dtype for name, dtype in TORCH_DTYPES.items() if dtype.is_floating_point}
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     try:
-        return DTYPES[name]
+        return COMPUTE_DTYPES[name]
     except KeyError:
-        raise ShardError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
+        raise ShardError(
+            f"unknown dtype {name!r}; use one of {', '.join(COMPUTE_DTYPES)}"
+        ) from None
 
 
 def check_device(device: str | torch.device, dtype: torch.dtype) -> torch.device:

@@ -1,12 +1,9 @@
 """A CPU product for decode batches: a few single-position rows against a wide weight.
 
-A decode group of B requests multiplies every weight of a stage by a [B, H] matrix. For B of
-2 to 16, BLAS's `linear` (MKL on the x86 wheels) packs or re-reads the weight and reaches only
-3 to 6 GB/s of the 14 GB/s that one core can stream. This kernel reads each weight row once,
-from memory, and multiplies it by up to four batch rows at a time while the row sits in L1.
-Measured on `small`, one thread, weights not in cache: a decoder layer at 8 rows took 1.38 ms
-against 2.72 ms with `linear`, and the 32000 x 512 head 7.4 ms against 11.8 ms with
-`weight @ x.T` (docs/performance.md).
+A decode group of B requests multiplies every weight of a stage by a [B, H] matrix. For a
+few rows BLAS's `linear` packs or re-reads the weight and streams well below what one core
+can read; this kernel reads each weight row once, from memory, and multiplies it by up to
+four batch rows at a time while the row sits in L1 (figures in docs/performance.md).
 
 It is compiled once by numba's LLVM backend when this module is first imported, and cached
 beside it, so only a float32 CPU stage pays the import. The sums are reassociated into
@@ -20,8 +17,8 @@ import numba
 import numpy as np
 import torch
 
-# Decode groups of at most this many rows take the kernel: at 16 rows it was still faster
-# than `linear` on `small`'s layers (2.48 vs 2.92 ms), at 24 rows slower (4.22 vs 3.35 ms).
+# Decode groups of at most this many rows take the kernel: the largest group at which it
+# still beat `linear` (docs/performance.md).
 KERNEL_ROWS = 16
 
 

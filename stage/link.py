@@ -14,22 +14,15 @@ import random
 import socket as pysocket
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import psutil
 import structlog
 import zmq
 
-from broker.protocol import (
-    STAGE_TAG,
-    Cmd,
-    Code,
-    Message,
-    ProtocolError,
-    decode,
-    encode,
-    error_header,
-)
+from broker import messages as M
+from broker import protocol as P
+from broker.messages import Cmd, Code
+from broker.protocol import Message
 from stage.checkpoint import Checkpoint
 from stage.compute import Compute, ForwardJob, LoadJob, ReleaseJob
 from stage.config import StageConfig
@@ -47,10 +40,12 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
 
+# The cluster runs another checkpoint or dtype: this stage can never serve it, whenever the
+# broker says so.
+MISMATCH_CODES = frozenset({Code.FINGERPRINT, Code.DTYPE_MISMATCH})
 # An ERROR in reply to READY with one of these codes will not go away by asking again.
-FATAL_REGISTRATION_CODES = frozenset(
+FATAL_REGISTRATION_CODES = MISMATCH_CODES | frozenset(
     {
-        Code.FINGERPRINT,
         Code.BAD_VERSION,
         Code.UNAUTHORIZED,
         Code.MALFORMED,
@@ -156,7 +151,7 @@ class Link:
         while self.exit_code is None:
             now = time.monotonic()
             if self._leave_requested and not session.leaving_sent:
-                self._send(session, Cmd.LEAVING, {})
+                self._send(session, M.Leaving())
                 session.leaving_sent = True
                 if leave_deadline is None:
                     leave_deadline = now + cfg.drain_timeout
@@ -170,7 +165,7 @@ class Link:
                 self.log.warning("broker lost", silent_s=round(now - session.last_rx, 3))
                 break
             if now >= next_heartbeat:
-                self._send(session, Cmd.HEARTBEAT, self._heartbeat())
+                self._send(session, self._heartbeat())
                 next_heartbeat = now + cfg.heartbeat
             wake = min(next_heartbeat, session.last_rx + cfg.dead_after)
             if leave_deadline is not None:
@@ -207,8 +202,8 @@ class Link:
             received = time.perf_counter()
             session.last_rx = time.monotonic()
             try:
-                msg = decode(frames, expect=STAGE_TAG)
-            except ProtocolError as e:
+                msg = P.decode(frames, expect=P.STAGE_TAG)
+            except P.ProtocolError as e:
                 self.log.warning("bad message from broker", code=str(e.code), error=e.message)
                 continue
             handler = self._handlers.get(msg.cmd)
@@ -229,14 +224,13 @@ class Link:
             self._compute.submit(job)
 
     def _run_inline(self, session: _Session, job: ForwardJob) -> bool:
-        """Run a FORWARD of decode steps on the I/O thread when the compute thread is idle.
+        """Run a FORWARD of single positions on the I/O thread when the compute thread is idle.
 
         Handing a step to the compute thread and its result back costs two thread wake-ups
-        per stage visit, measured at several hundred microseconds on a busy 2-core machine:
-        a large share of a small model's time per token. A decode step takes milliseconds, so
-        heartbeats are barely delayed; prefills, anything queued, and steps that arrive while
-        others wait on the socket (a batch in the making) still go through the compute
-        thread, in order.
+        per stage visit, a large share of a small model's time per token; one position per
+        item is short enough not to hold up heartbeats. Items of several positions, anything
+        queued, and steps that arrive while others wait on the socket (a batch in the making)
+        still go through the compute thread, in order.
         """
         if not self._compute.can_run_inline(job):
             return False
@@ -246,39 +240,38 @@ class Link:
 
     def on_assign(self, session: _Session, msg: Message, received: float) -> None:
         self._registered(session)
-        h = msg.header
-        epoch, start, end = h["epoch"], h.get("start"), h.get("end")
-        num_layers = self.checkpoint.num_layers
-        dtype = h.get("dtype") or self.config.dtype
-        problem = None
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)):
-            problem = "ASSIGN needs integer start and end"
-        elif h.get("num_layers", num_layers) != num_layers:
-            problem = (
-                f"ASSIGN is for {h.get('num_layers')} layers but the checkpoint has {num_layers}"
-            )
-        elif not (start == end == 0 or 0 <= start < end <= num_layers):
-            problem = f"layer range [{start},{end}) is not within [0,{num_layers})"
-        else:
-            try:
-                resolve_dtype(dtype)
-            except ShardError as e:
-                problem = str(e)
+        assign: M.Assign = msg.body
+        problem = self._assign_problem(assign)
         if problem is not None:
-            self._send(session, Cmd.ERROR, error_header(Code.BAD_REQUEST, problem, epoch=epoch))
+            self._send(session, P.error(Code.BAD_REQUEST, problem, about=assign))
             return
+        epoch, start, end, dtype = assign.epoch, assign.start, assign.end, assign.dtype
         self.log.info("assigned", epoch=epoch, start=start, end=end, dtype=dtype)
         self._compute.submit(LoadJob(epoch, start, end, dtype, self._compute.generation))
 
+    def _assign_problem(self, assign: M.Assign) -> str | None:
+        """Why this stage cannot load what ASSIGN asks for, or None."""
+        num_layers = self.checkpoint.num_layers
+        start, end = assign.start, assign.end
+        if assign.num_layers != num_layers:
+            return f"ASSIGN is for {assign.num_layers} layers but the checkpoint has {num_layers}"
+        if not (start == end == 0 or start < end <= num_layers):
+            return f"layer range [{start},{end}) is not within [0,{num_layers})"
+        try:
+            resolve_dtype(assign.dtype)
+        except ShardError as e:
+            return str(e)
+        return None
+
     def on_release(self, session: _Session, msg: Message, received: float) -> None:
         self._registered(session)
-        self._compute.submit(ReleaseJob([r for r in msg.header["rids"] if isinstance(r, str)]))
+        self._compute.submit(ReleaseJob(list(msg.body.rids)))
 
     def on_heartbeat(self, session: _Session, msg: Message, received: float) -> None:
         self._registered(session)
 
     def on_bye(self, session: _Session, msg: Message, received: float) -> None:
-        reason = msg.header.get("reason")
+        reason = msg.body.reason
         if reason == "drained":
             self.stop(EXIT_OK, "drained")
             return
@@ -291,20 +284,21 @@ class Link:
         session.leaving_sent = False
 
     def on_error(self, session: _Session, msg: Message, received: float) -> None:
-        h = msg.header
-        code, message = h["code"], h["message"]
-        if code == Code.FINGERPRINT or (
-            not session.registered and "step" not in h and code in FATAL_REGISTRATION_CODES
-        ):
-            self.log.error("refused by broker", code=code, error=message)
-            self.stop(EXIT_REFUSED, f"refused by broker: {message}")
-        elif not session.registered and "step" not in h:
+        err: M.Error = msg.body
+        # An ERROR that names no FORWARD, before we are registered, answers our READY.
+        refuses_ready = not session.registered and err.fid is None
+        if err.code in MISMATCH_CODES or (refuses_ready and err.code in FATAL_REGISTRATION_CODES):
+            self.log.error("refused by broker", code=str(err.code), error=err.message)
+            self.stop(EXIT_REFUSED, f"refused by broker: {err.message}")
+        elif refuses_ready:
             # Retryable (busy, a name still held by our previous identity, ...): give the
             # broker time, then register again on a fresh socket.
-            self.log.warning("registration refused; will retry", code=code, error=message)
+            self.log.warning(
+                "registration refused; will retry", code=str(err.code), error=err.message
+            )
             session.retry = True
         else:
-            self.log.warning("error from broker", code=code, error=message)
+            self.log.warning("error from broker", code=str(err.code), error=err.message)
 
     _handlers = {
         Cmd.FORWARD: on_forward,
@@ -329,59 +323,59 @@ class Link:
             if not _send_frames(session.sock, parts[1:]):
                 self.log.warning("broker not reading; reply dropped")
 
-    def _send(self, session: _Session, cmd: Cmd, header: dict[str, Any]) -> None:
+    def _send(self, session: _Session, body: M.Body) -> None:
         # Never block the I/O loop: a broker that does not read will be declared lost.
         with contextlib.suppress(zmq.Again):
-            session.sock.send_multipart(encode(STAGE_TAG, cmd, header), flags=zmq.NOBLOCK)
+            session.sock.send_multipart(P.encode(P.STAGE_TAG, body), flags=zmq.NOBLOCK)
 
     def _send_ready(self, session: _Session) -> None:
         cfg = self.config
         held = self._compute.held
-        caps = {
-            "device": cfg.device,
-            "dtype": cfg.dtype,
-            "memory_bytes": cfg.memory_bytes,
-            "cores": _cores(),
-            "threads": cfg.threads,
-            "max_batch": cfg.max_batch,
-            "host": pysocket.gethostname(),
-            "pid": os.getpid(),
-        }
-        header = {
-            "name": cfg.name,
-            "fingerprint": self.checkpoint.fingerprint,
-            "caps": caps,
-            "credits": cfg.credits,
-            "held": held,
-        }
-        self._send(session, Cmd.READY, header)
+        caps = M.Caps(
+            device=cfg.device,
+            dtype=cfg.dtype,
+            memory_bytes=cfg.memory_bytes,
+            cores=_cores(),
+            threads=cfg.threads,
+            max_batch=cfg.max_batch,
+            host=pysocket.gethostname(),
+            pid=os.getpid(),
+        )
+        ready = M.Ready(
+            name=cfg.name,
+            fingerprint=self.checkpoint.fingerprint,
+            caps=caps,
+            credits=cfg.credits,
+            held=held,
+        )
+        self._send(session, ready)
         self.log.info("registering", broker=cfg.broker, identity=session.identity.hex(), held=held)
 
-    def _heartbeat(self) -> dict[str, Any]:
+    def _heartbeat(self) -> M.StageHeartbeat:
         compute = self._compute
         stats, store = compute.stats, compute.store
         running = stats.running
         queued = compute.queued
         if running == "load":
-            state = "loading"
+            state = M.StageState.LOADING
         elif running is not None or queued:
-            state = "busy"
+            state = M.StageState.BUSY
         else:
-            state = "idle"
-        return {
-            "state": state,
-            "epoch": compute.epoch,
-            "progress": stats.progress,
-            "busy_s": round(time.monotonic() - stats.running_since, 6) if running else 0.0,
-            "queued": queued,
-            "kv_bytes": store.total_bytes(),
-            "kv_requests": len(store),
-            "kv_evictions": store.evictions,
-            "rss_bytes": self._process.memory_info().rss,
-            "tokens": stats.tokens,
-            "batches": stats.batches,
-            "batched_items": stats.batched_items,
-        }
+            state = M.StageState.IDLE
+        return M.StageHeartbeat(
+            state=state,
+            epoch=compute.epoch,
+            progress=stats.progress,
+            busy_s=round(time.monotonic() - stats.running_since, 6) if running else 0.0,
+            queued=queued,
+            kv_bytes=store.total_bytes(),
+            kv_requests=len(store),
+            kv_evictions=store.evictions,
+            rss_bytes=self._process.memory_info().rss,
+            tokens=stats.tokens,
+            batches=stats.batches,
+            batched_items=stats.batched_items,
+        )
 
 
 def _send_frames(sock: zmq.Socket, frames: list) -> bool:

@@ -45,7 +45,7 @@ def load_shard(
     With `reuse`, layers (and embeddings or head) that shard already holds are moved over
     instead of read again: a reshard loads only what is new. With `row_kernel`, a float32
     CPU shard multiplies decode groups with stage.kernels' row kernel when it runs on one
-    thread (see RowKernelLinear); it costs the process about 130 MiB for numba, once.
+    thread (see RowKernelLinear); it costs the process numba's runtime, once.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     num_layers = ckpt.num_layers

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 # Decode batches of at most this many rows multiply a float32 CPU layer's weights as
-# `weight @ x.T` (see SkinnyLinear); at 8 rows, in a running cluster, `linear` was as fast.
+# `weight @ x.T` (see SkinnyLinear); beyond it, in a running cluster, `linear` caught up
+# (docs/performance.md).
 # On one thread the row kernel takes batches of up to its KERNEL_ROWS (RowKernelLinear).
 SKINNY_ROWS = 6
 

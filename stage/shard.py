@@ -206,6 +206,7 @@ class Shard:
         n = inputs[0].shape[1]
         if n < 1 or any(x.shape[1] != n for x in inputs):
             raise ShardError("a batch runs the same number of new positions for every request")
+        # One position per request, a one-token prompt too: the same batch serves the next step.
         if n == 1:
             batch = self._decode_batch(states)
         else:

@@ -13,13 +13,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import psutil
 import pytest
 import torch
 import zmq
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from broker.protocol import STAGE_TAG, Cmd, Message, decode, encode, prefix_hash
+from broker import messages as M
+from broker import protocol as P
+from broker.messages import Cmd, Code
+from broker.protocol import Message, prefix_hash
 from stage.checkpoint import open_checkpoint
 from stage.kvcache import KVStore
 from stage.loading import load_shard
@@ -41,8 +45,8 @@ class FakeBroker:
         self.url = f"tcp://127.0.0.1:{port}"
         self.identity: bytes | None = None
         self.epoch = EPOCH  # of the last ASSIGN; FORWARDs carry it unless told otherwise
-        self.heartbeats: list[tuple[float, dict]] = []
-        self._step = itertools.count(1)
+        self.heartbeats: list[tuple[float, M.StageHeartbeat]] = []
+        self._fid = itertools.count(1)
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -52,9 +56,9 @@ class FakeBroker:
         if not self.sock.poll(timeout * 1000):
             return None
         identity, *frames = self.sock.recv_multipart(copy=False)
-        msg = decode(frames, expect=STAGE_TAG)
+        msg = P.decode(frames, expect=P.STAGE_TAG, inbound=True)
         if msg.cmd == Cmd.HEARTBEAT:
-            self.heartbeats.append((time.monotonic(), msg.header))
+            self.heartbeats.append((time.monotonic(), msg.body))
         return identity.bytes, msg
 
     def expect(self, *cmds: Cmd, timeout: float = 20.0, keepalive: float | None = None) -> Message:
@@ -69,7 +73,7 @@ class FakeBroker:
         while (left := deadline - time.monotonic()) > 0:
             if keepalive is not None:
                 if time.monotonic() >= beat:
-                    self.send(Cmd.HEARTBEAT, {"epoch": self.epoch})
+                    self.send(M.BrokerHeartbeat(epoch=self.epoch))
                     beat = time.monotonic() + keepalive
                 left = min(left, max(beat - time.monotonic(), 0.0))
             got = self.recv(left)
@@ -83,44 +87,44 @@ class FakeBroker:
             if msg.cmd in cmds:
                 return msg
             if msg.cmd != Cmd.HEARTBEAT:
-                seen.append((msg.cmd.name, msg.header))
+                seen.append((msg.cmd.name, msg.body))
         raise AssertionError(f"no {[c.name for c in cmds]} within {timeout} s; saw {seen}")
 
-    def next_heartbeat(self, timeout: float = 5.0) -> dict:
-        return self.expect(Cmd.HEARTBEAT, timeout=timeout).header
+    def next_heartbeat(self, timeout: float = 5.0) -> M.StageHeartbeat:
+        return self.expect(Cmd.HEARTBEAT, timeout=timeout).body
 
-    def send(self, cmd: Cmd, header: dict, tensors=()) -> None:
+    def send(self, body: M.Body, tensors=()) -> None:
         assert self.identity is not None, "no stage has registered"
-        self.sock.send_multipart([self.identity, *encode(STAGE_TAG, cmd, header, tensors)])
+        self.sock.send_multipart([self.identity, *P.encode(P.STAGE_TAG, body, tensors)])
 
-    def assign(self, start: int, end: int, num_layers: int = 5, epoch: int = EPOCH) -> dict:
+    def assign(self, start: int, end: int, num_layers: int = 5, epoch: int = EPOCH) -> M.Loaded:
         self.epoch = epoch
-        header = {
-            "epoch": epoch,
-            "start": start,
-            "end": end,
-            "num_layers": num_layers,
-            "dtype": "float32",
-            "map": [{"stage": "s", "start": start, "end": end}],
-        }
-        self.send(Cmd.ASSIGN, header)
+        assign = M.Assign(
+            epoch=epoch,
+            start=start,
+            end=end,
+            num_layers=num_layers,
+            dtype="float32",
+            map=(M.MapRange("s", start, end),),
+        )
+        self.send(assign)
         # A load may take longer than a stage's --dead-after: heartbeat meanwhile, as the
         # broker does, so that the stage answers on the identity it was assigned on.
-        return self.expect(Cmd.LOADED, timeout=30, keepalive=0.25).header
+        return self.expect(Cmd.LOADED, timeout=30, keepalive=0.25).body
 
     def forward(
         self,
-        items: list[dict],
+        items: list[M.Item],
         tensors: list,
         epoch: int | None = None,
         timeout: float = 20.0,
     ) -> Message:
-        """Send one FORWARD and return its RESULT or ERROR (checked to be for this step)."""
+        """Send one FORWARD and return its RESULT or ERROR (checked to be for this FORWARD)."""
         epoch = self.epoch if epoch is None else epoch
-        step = next(self._step)
-        self.send(Cmd.FORWARD, {"step": step, "epoch": epoch, "items": items}, tensors)
+        fid = next(self._fid)
+        self.send(M.Forward(fid=fid, epoch=epoch, items=tuple(items)), tensors)
         reply = self.expect(Cmd.RESULT, Cmd.ERROR, timeout=timeout)
-        assert reply.header["step"] == step, reply.header
+        assert reply.body.fid == fid, reply.body
         return reply
 
 
@@ -133,15 +137,15 @@ class Seq:
     hash: int = 0
     tokens: list[int] = field(default_factory=list)
 
-    def item(self, ids: list[int], logits: bool = True) -> dict:
-        return {
-            "rid": self.rid,
-            "pos": self.pos,
-            "n": len(ids),
-            "prev": self.hash,
-            "hash": prefix_hash(self.hash, ids),
-            "logits": logits,
-        }
+    def item(self, ids: list[int], logits: bool = True) -> M.Item:
+        return M.Item(
+            rid=self.rid,
+            pos=self.pos,
+            n=len(ids),
+            prev=self.hash,
+            hash=prefix_hash(self.hash, ids),
+            logits=logits,
+        )
 
     def advance(self, ids: list[int]) -> None:
         self.pos += len(ids)
@@ -151,10 +155,10 @@ class Seq:
 
 def refusal_code(reply: Message) -> str:
     """The code of a one-item FORWARD's refused item: a RESULT with no output."""
-    assert reply.cmd == Cmd.RESULT and not reply.frames, reply.header
-    [refusal] = reply.header["refused"]
-    assert refusal["i"] == 0 and refusal["message"], refusal
-    return refusal["code"]
+    assert reply.cmd == Cmd.RESULT and not reply.frames, reply.body
+    [refusal] = reply.body.refused
+    assert refusal.i == 0 and refusal.message, refusal
+    return refusal.code
 
 
 def ids_tensor(ids: list[int]) -> torch.Tensor:
@@ -229,8 +233,8 @@ def broker() -> Iterator[FakeBroker]:
 class Running:
     broker: FakeBroker
     proc: subprocess.Popen
-    ready: dict
-    loaded: dict
+    ready: M.Ready
+    loaded: M.Loaded
     rids: set[str] = field(default_factory=set)
 
 
@@ -245,7 +249,7 @@ def llama_stage(checkpoints, tmp_path_factory) -> Iterator[Running]:
     p = Procs(tmp_path_factory.mktemp("llama-stage"))
     try:
         proc = p.start(b.url, checkpoints["llama"], "--name", "s0", "--dead-after", "60")
-        ready = b.expect(Cmd.READY, timeout=60).header
+        ready = b.expect(Cmd.READY, timeout=60).body
         loaded = b.assign(0, 5)
         yield Running(b, proc, ready, loaded)
     finally:
@@ -280,15 +284,15 @@ def run_reference(shard, state, ids: list[int]) -> torch.Tensor:
 @pytest.mark.timeout(60)
 def test_ready_and_loaded(llama_stage, checkpoints):
     ready, loaded = llama_stage.ready, llama_stage.loaded
-    assert ready["name"] == "s0"
-    assert ready["fingerprint"] == open_checkpoint(checkpoints["llama"]).fingerprint
-    assert ready["credits"] == 32  # the default
-    assert ready["held"] is None
-    caps = ready["caps"]
-    assert caps["device"] == "cpu" and caps["dtype"] == "float32" and caps["threads"] == 1
-    assert caps["memory_bytes"] > 0 and caps["cores"] >= 1 and caps["pid"] == llama_stage.proc.pid
-    assert (loaded["epoch"], loaded["start"], loaded["end"]) == (EPOCH, 0, 5)
-    assert loaded["weight_bytes"] > 0 and loaded["load_s"] >= 0
+    assert ready.name == "s0"
+    assert ready.fingerprint == open_checkpoint(checkpoints["llama"]).fingerprint
+    assert ready.credits == 32  # the default
+    assert ready.held is None
+    caps = ready.caps
+    assert caps.device == "cpu" and caps.dtype == "float32" and caps.threads == 1
+    assert caps.memory_bytes > 0 and caps.cores >= 1 and caps.pid == llama_stage.proc.pid
+    assert (loaded.epoch, loaded.start, loaded.end) == (EPOCH, 0, 5)
+    assert loaded.weight_bytes > 0 and loaded.load_s >= 0
 
 
 @pytest.mark.timeout(60)
@@ -300,9 +304,9 @@ def test_prefill_and_decode_bit_exact(llama_stage, reference):
     ids = prompt(1)
     for _ in range(6):
         reply = b.forward([seq.item(ids)], [ids_tensor(ids)])
-        assert reply.cmd == Cmd.RESULT, reply.header
-        assert reply.header["batch"] == 1 and "refused" not in reply.header
-        assert reply.header["compute_s"] > 0 and reply.header["queue_s"] >= 0
+        assert reply.cmd == Cmd.RESULT, reply.body
+        assert reply.body.batch == 1 and reply.body.refused == ()
+        assert reply.body.compute_s > 0 and reply.body.queue_s >= 0
         logits = reply.tensor(0)
         expected = run_reference(reference, state, ids)
         assert logits.shape == (1, 1, VOCAB)
@@ -345,14 +349,14 @@ def test_two_stages_chained(checkpoints, procs, reference):
         for _ in range(4):
             item = seq.item(ids)
             hidden = a.forward([item], [ids_tensor(ids)])
-            assert hidden.cmd == Cmd.RESULT, hidden.header
+            assert hidden.cmd == Cmd.RESULT, hidden.body
             h = hidden.tensor(0)
             assert h.shape == (1, len(ids), 64)
             with stage_threads():
                 assert torch.equal(h, first.forward(ids_tensor(ids), first_state))
             # Forwarded as the very frame it arrived in, as the broker does.
             logits = b.forward([item], [(hidden.descs[0], hidden.frames[0])])
-            assert logits.cmd == Cmd.RESULT, logits.header
+            assert logits.cmd == Cmd.RESULT, logits.body
             assert torch.equal(logits.tensor(0), run_reference(reference, state, ids))
             seq.advance(ids)
             ids = [int(logits.tensor(0)[0, -1].argmax())]
@@ -375,19 +379,19 @@ def test_refusals_compute_nothing(llama_stage, reference):
         """A FORWARD-wide refusal is an ERROR; a lone item's, the RESULT's `refused` entry."""
         reply = b.forward(items, tensors, epoch=epoch)
         if whole:
-            assert reply.cmd == Cmd.ERROR, reply.header
-            header = reply.header
-            assert header["epoch"] == (epoch or b.epoch)
+            assert reply.cmd == Cmd.ERROR, reply.body
+            refusal = reply.body
+            assert refusal.epoch == (epoch or b.epoch)
         else:
-            assert reply.cmd == Cmd.RESULT and not reply.frames, reply.header
-            [header] = reply.header["refused"]
-            assert header["i"] == 0 and header["rid"] == items[0]["rid"]
-        assert header["code"] == code and header["message"], header
-        return header
+            assert reply.cmd == Cmd.RESULT and not reply.frames, reply.body
+            [refusal] = reply.body.refused
+            assert refusal.i == 0 and refusal.rid == items[0].rid
+        assert refusal.code == code and refusal.message, refusal
+        return refusal
 
     def works(ids):
         reply = b.forward([seq.item(ids)], [ids_tensor(ids)])
-        assert reply.cmd == Cmd.RESULT, reply.header
+        assert reply.cmd == Cmd.RESULT, reply.body
         assert torch.equal(reply.tensor(0), run_reference(reference, state, ids))
         seq.advance(ids)
 
@@ -396,36 +400,36 @@ def test_refusals_compute_nothing(llama_stage, reference):
     works(ids)
 
     tok = [7]
-    header = refused([Seq("never", pos=9, hash=123).item(tok)], [ids_tensor(tok)], "cache_miss")
-    assert header["rid"] == "never"
+    refusal = refused([Seq("never", pos=9, hash=123).item(tok)], [ids_tensor(tok)], "cache_miss")
+    assert refusal.rid == "never"
     works([11])
 
-    wrong_pos = seq.item(tok) | {"pos": seq.pos - 1}
-    assert refused([wrong_pos], [ids_tensor(tok)], "cache_mismatch")["rid"] == seq.rid
+    wrong_pos = msgspec.structs.replace(seq.item(tok), pos=seq.pos - 1)
+    assert refused([wrong_pos], [ids_tensor(tok)], "cache_mismatch").rid == seq.rid
     works([12])
 
-    wrong_prev = seq.item(tok) | {"prev": seq.hash ^ 1}
+    wrong_prev = msgspec.structs.replace(seq.item(tok), prev=seq.hash ^ 1)
     refused([wrong_prev], [ids_tensor(tok)], "cache_mismatch")
     works([13])
 
-    wrong_hash = seq.item(tok) | {"hash": prefix_hash(seq.hash, [tok[0] + 1])}
-    assert "prefix hash" in refused([wrong_hash], [ids_tensor(tok)], "cache_mismatch")["message"]
+    wrong_hash = msgspec.structs.replace(seq.item(tok), hash=prefix_hash(seq.hash, [tok[0] + 1]))
+    assert "prefix hash" in refused([wrong_hash], [ids_tensor(tok)], "cache_mismatch").message
     works([14])
 
     # A refused item is refused alone: the valid prefill beside it is computed, exactly.
     half, half_state = Seq("half"), reference.new_cache()
     p = prompt(6)
     reply = b.forward([half.item(p), wrong_prev], [ids_tensor(p), ids_tensor(tok)])
-    assert reply.cmd == Cmd.RESULT, reply.header
-    [refusal] = reply.header["refused"]
-    assert (refusal["i"], refusal["rid"], refusal["code"]) == (1, seq.rid, "cache_mismatch")
+    assert reply.cmd == Cmd.RESULT, reply.body
+    [refusal] = reply.body.refused
+    assert (refusal.i, refusal.rid, refusal.code) == (1, seq.rid, "cache_mismatch")
     assert len(reply.frames) == 1
     assert torch.equal(reply.tensor(0), run_reference(reference, half_state, p))
     half.advance(p)
     works([16])  # the refused item left its own cache as it was
     nxt = [int(reply.tensor(0)[0, -1].argmax())]
     reply = b.forward([half.item(nxt)], [ids_tensor(nxt)])
-    assert reply.cmd == Cmd.RESULT and "refused" not in reply.header
+    assert reply.cmd == Cmd.RESULT and reply.body.refused == ()
     assert torch.equal(reply.tensor(0), run_reference(reference, half_state, nxt))
 
     # A request twice in one FORWARD is the sender's bug: the whole FORWARD is refused.
@@ -445,11 +449,11 @@ def test_release_frees_the_cache(llama_stage):
     ids = prompt(7)
     assert b.forward([seq.item(ids)], [ids_tensor(ids)]).cmd == Cmd.RESULT
     seq.advance(ids)
-    b.send(Cmd.RELEASE, {"rids": sorted(llama_stage.rids | {seq.rid})})
+    b.send(M.Release(rids=tuple(sorted(llama_stage.rids | {seq.rid}))))
     deadline = time.monotonic() + 5
-    while (hb := b.next_heartbeat())["kv_requests"] != 0:
+    while (hb := b.next_heartbeat()).kv_requests != 0:
         assert time.monotonic() < deadline, hb
-    assert hb["kv_bytes"] == 0 and hb["epoch"] == b.epoch
+    assert hb.kv_bytes == 0 and hb.epoch == b.epoch
     reply = b.forward([seq.item([5])], [ids_tensor([5])])
     assert refusal_code(reply) == "cache_miss"
 
@@ -464,21 +468,45 @@ def test_reassign_standby_then_back(llama_stage, reference):
     old_epoch = b.epoch
 
     loaded = b.assign(0, 0, epoch=old_epoch + 1)
-    assert (loaded["start"], loaded["end"], loaded["weight_bytes"]) == (0, 0, 0)
+    assert (loaded.start, loaded.end, loaded.weight_bytes) == (0, 0, 0)
     reply = b.forward([Seq("standby").item(ids)], [ids_tensor(ids)])
-    assert reply.cmd == Cmd.ERROR and reply.header["code"] == "bad_request"
+    assert reply.cmd == Cmd.ERROR and reply.body.code == "bad_request"
     reply = b.forward([Seq("old").item(ids)], [ids_tensor(ids)], epoch=old_epoch)
-    assert reply.cmd == Cmd.ERROR and reply.header["code"] == "stale_epoch"
+    assert reply.cmd == Cmd.ERROR and reply.body.code == "stale_epoch"
 
     loaded = b.assign(0, 5, epoch=old_epoch + 2)
-    assert (loaded["epoch"], loaded["start"], loaded["end"]) == (old_epoch + 2, 0, 5)
-    assert loaded["weight_bytes"] == llama_stage.loaded["weight_bytes"]
+    assert (loaded.epoch, loaded.start, loaded.end) == (old_epoch + 2, 0, 5)
+    assert loaded.weight_bytes == llama_stage.loaded.weight_bytes
     seq.advance(ids)
     reply = b.forward([seq.item([4])], [ids_tensor([4])])
     assert refusal_code(reply) == "cache_miss"
     fresh = Seq("epochs-again")
     reply = b.forward([fresh.item(ids)], [ids_tensor(ids)])
     llama_stage.rids.add(fresh.rid)
+    assert torch.equal(reply.tensor(0), run_reference(reference, reference.new_cache(), ids))
+
+
+@pytest.mark.timeout(60)
+def test_an_assign_the_stage_cannot_load_is_refused(llama_stage, reference):
+    """An ASSIGN outside the checkpoint, or in a dtype no stage computes in, is refused with
+    its epoch, and the stage goes on serving the layers it holds."""
+    b = llama_stage.broker
+    epoch = b.epoch + 1
+    cases = [
+        ({"num_layers": 4, "end": 4}, "the checkpoint has 5"),
+        ({"end": 6}, "not within [0,5)"),
+        ({"dtype": "int64"}, "unknown dtype 'int64'"),
+    ]
+    for change, reason in cases:
+        fields = {"epoch": epoch, "start": 0, "end": 5, "num_layers": 5, "dtype": "float32"}
+        b.send(M.Assign(**(fields | change)))
+        error = b.expect(Cmd.ERROR).body
+        assert error.code == "bad_request" and reason in error.message, error
+        assert error.epoch == epoch and error.fid is None, error
+    seq = Seq("after-bad-assign")
+    llama_stage.rids.add(seq.rid)
+    ids = prompt(14)
+    reply = b.forward([seq.item(ids)], [ids_tensor(ids)])
     assert torch.equal(reply.tensor(0), run_reference(reference, reference.new_cache(), ids))
 
 
@@ -546,22 +574,18 @@ def test_heartbeats_flow_during_a_long_forward(wide_checkpoint, procs, broker):
     broker.expect(Cmd.READY, timeout=60)
     broker.assign(0, 2, num_layers=2)
     ids = prompt(8, 1024)
-    broker.send(
-        Cmd.FORWARD,
-        {"step": 1, "epoch": EPOCH, "items": [Seq("long").item(ids)]},
-        [ids_tensor(ids)],
-    )
+    broker.send(M.Forward(fid=1, epoch=EPOCH, items=(Seq("long").item(ids),)), [ids_tensor(ids)])
     broker.heartbeats.clear()
     reply = broker.expect(Cmd.RESULT, timeout=60)
     times = [t for t, _ in broker.heartbeats]
-    busy = [h for _, h in broker.heartbeats if h["state"] == "busy"]
-    assert reply.header["compute_s"] > 0.5, "the forward was too short to test anything"
-    assert busy and max(h["busy_s"] for h in busy) > 0.25, broker.heartbeats
+    busy = [h for _, h in broker.heartbeats if h.state == "busy"]
+    assert reply.body.compute_s > 0.5, "the forward was too short to test anything"
+    assert busy and max(h.busy_s for h in busy) > 0.25, broker.heartbeats
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(times) >= 2 and max(gaps) < 0.75, gaps
     hb = broker.next_heartbeat()
-    assert hb["state"] == "idle" and hb["progress"] == 1 and hb["tokens"] == 1024
-    assert hb["kv_requests"] == 1 and hb["kv_bytes"] > 0
+    assert hb.state == "idle" and hb.progress == 1 and hb.tokens == 1024
+    assert hb.kv_requests == 1 and hb.kv_bytes > 0
 
 
 def _stage_with_a_short_request(procs, broker, checkpoint: Path, layers: int, seed: int):
@@ -591,30 +615,27 @@ def test_a_decode_step_is_answered_before_a_prompt_queued_ahead_of_it(
     # The stage computes the first prompt for about a second; once a heartbeat says it is
     # busy, the chunk and the decode step are sent, and queue behind it in that order.
     blocker, chunk = prompt(10, 1024), prompt(11, 512)
-    steps = {"blocker": 101, "chunk": 102, "decode": 103}
+    fids = {"blocker": 101, "chunk": 102, "decode": 103}
     broker.send(
-        Cmd.FORWARD,
-        {"step": steps["blocker"], "epoch": EPOCH, "items": [Seq("blocker").item(blocker)]},
+        M.Forward(fid=fids["blocker"], epoch=EPOCH, items=(Seq("blocker").item(blocker),)),
         [ids_tensor(blocker)],
     )
-    while broker.next_heartbeat()["state"] != "busy":
+    while broker.next_heartbeat().state != "busy":
         pass
     broker.send(
-        Cmd.FORWARD,
-        {"step": steps["chunk"], "epoch": EPOCH, "items": [Seq("chunk").item(chunk)]},
+        M.Forward(fid=fids["chunk"], epoch=EPOCH, items=(Seq("chunk").item(chunk),)),
         [ids_tensor(chunk)],
     )
     broker.send(
-        Cmd.FORWARD,
-        {"step": steps["decode"], "epoch": EPOCH, "items": [short.item([next_id])]},
+        M.Forward(fid=fids["decode"], epoch=EPOCH, items=(short.item([next_id]),)),
         [ids_tensor([next_id])],
     )
-    replies = [broker.expect(Cmd.RESULT, timeout=60) for _ in steps]
-    order = [r.header["step"] for r in replies]
-    assert order.index(steps["decode"]) < order.index(steps["chunk"]), order
-    decode = replies[order.index(steps["decode"])]
+    replies = [broker.expect(Cmd.RESULT, timeout=60) for _ in fids]
+    order = [r.body.fid for r in replies]
+    assert order.index(fids["decode"]) < order.index(fids["chunk"]), order
+    decode = replies[order.index(fids["decode"])]
     assert torch.equal(decode.tensor(0), run_reference(reference, state, [next_id]))
-    assert decode.header["batch"] == 1
+    assert decode.body.batch == 1
 
 
 @pytest.fixture(scope="module")
@@ -632,21 +653,18 @@ def test_a_decode_step_runs_between_two_layers_of_a_long_prompt(deep_checkpoint,
     )
     long = prompt(13, 1024)
     broker.send(
-        Cmd.FORWARD,
-        {"step": 201, "epoch": EPOCH, "items": [Seq("long").item(long)]},
-        [ids_tensor(long)],
+        M.Forward(fid=201, epoch=EPOCH, items=(Seq("long").item(long),)), [ids_tensor(long)]
     )
-    while broker.next_heartbeat()["state"] != "busy":
+    while broker.next_heartbeat().state != "busy":
         pass
     broker.send(
-        Cmd.FORWARD,
-        {"step": 202, "epoch": EPOCH, "items": [short.item([next_id])]},
+        M.Forward(fid=202, epoch=EPOCH, items=(short.item([next_id]),)),
         [ids_tensor([next_id])],
     )
     first, second = (broker.expect(Cmd.RESULT, timeout=60) for _ in range(2))
-    assert (first.header["step"], second.header["step"]) == (202, 201)
+    assert (first.body.fid, second.body.fid) == (202, 201)
     assert torch.equal(first.tensor(0), run_reference(reference, state, [next_id]))
-    assert first.header["compute_s"] < second.header["compute_s"]
+    assert first.body.compute_s < second.body.compute_s
     expected = run_reference(reference, reference.new_cache(), long)
     assert torch.equal(second.tensor(0), expected)
 
@@ -667,9 +685,9 @@ def test_lost_broker_reconnects_idle_with_a_new_identity(checkpoints, procs, bro
     assert broker.forward([seq.item(ids)], [ids_tensor(ids)]).cmd == Cmd.RESULT
 
     # Silence: the stage must give up on this identity and register again.
-    ready = broker.expect(Cmd.READY, timeout=10).header
+    ready = broker.expect(Cmd.READY, timeout=10).body
     assert broker.identity != first_identity
-    assert ready["name"] == "lonely" and ready["held"] == [0, 5]
+    assert ready.name == "lonely" and ready.held == (0, 5)
 
     identities = {first_identity, broker.identity}
     cpu_before = _cpu_seconds(proc.pid)
@@ -685,12 +703,12 @@ def test_lost_broker_reconnects_idle_with_a_new_identity(checkpoints, procs, bro
 
     # Answer the latest registration: caches and epoch were dropped with the old identity.
     broker.expect(Cmd.READY, timeout=15)
-    broker.send(Cmd.HEARTBEAT, {"epoch": EPOCH})
+    broker.send(M.BrokerHeartbeat(epoch=EPOCH))
     hb = broker.next_heartbeat()
-    assert hb["kv_requests"] == 0 and hb["epoch"] is None
+    assert hb.kv_requests == 0 and hb.epoch is None
     seq.advance(ids)
     reply = broker.forward([seq.item([3])], [ids_tensor([3])])
-    assert reply.header["code"] == "stale_epoch"
+    assert reply.body.code == "stale_epoch"
     assert proc.poll() is None
 
 
@@ -701,8 +719,8 @@ def test_sigterm_drains_then_exits(checkpoints, procs, broker):
     broker.assign(0, 5)
     # A broker that forgot this stage says BYE unknown: it registers again, holding its layers.
     identity = broker.identity
-    broker.send(Cmd.BYE, {"reason": "unknown"})
-    assert broker.expect(Cmd.READY, timeout=10).header["held"] == [0, 5]
+    broker.send(M.Bye(reason="unknown"))
+    assert broker.expect(Cmd.READY, timeout=10).body.held == (0, 5)
     assert broker.identity == identity
     broker.assign(0, 5, epoch=EPOCH + 1)
 
@@ -713,22 +731,28 @@ def test_sigterm_drains_then_exits(checkpoints, procs, broker):
     ids = prompt(10)
     assert broker.forward([seq.item(ids)], [ids_tensor(ids)]).cmd == Cmd.RESULT
     assert proc.poll() is None
-    broker.send(Cmd.BYE, {"reason": "drained"})
+    broker.send(M.Bye(reason="drained"))
     assert proc.wait(timeout=15) == 0
     assert "drained" in procs.log(proc)
 
 
 @pytest.mark.timeout(60)
-def test_fingerprint_refusal_exits(checkpoints, procs, broker):
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (Code.FINGERPRINT, "stage sees checkpoint 0123 but the cluster runs abcd"),
+        (Code.DTYPE_MISMATCH, "stage s runs bfloat16 but the cluster runs float32"),
+    ],
+)
+def test_checkpoint_or_dtype_refusal_exits(checkpoints, procs, broker, code, reason):
     proc = procs.start(broker.url, checkpoints["llama"])
     broker.expect(Cmd.READY, timeout=60)
     # A refusal that may pass (our old identity still holds the name) is retried on a new socket.
     first = broker.identity
-    broker.send(Cmd.ERROR, {"code": "bad_request", "message": "name is held by a live stage"})
+    broker.send(P.error(Code.BAD_REQUEST, "name is held by a live stage"))
     broker.expect(Cmd.READY, timeout=10)
     assert broker.identity != first
-    reason = "stage sees checkpoint 0123 but the cluster runs abcd"
-    broker.send(Cmd.ERROR, {"code": "fingerprint", "message": reason})
+    broker.send(P.error(code, reason))
     assert proc.wait(timeout=15) == 3
     assert reason in procs.log(proc)
 
@@ -794,7 +818,7 @@ def test_a_one_thread_stage_loads_the_row_kernel_at_start_unless_told_not_to(che
                 for token in (5, 9):
                     steps = [ids_tensor([token + i]) for i in range(3)]
                     reply = b.forward([s.item([token + i]) for i, s in enumerate(seqs)], steps)
-                    assert reply.cmd == Cmd.RESULT and reply.header["batch"] == 3, reply.header
+                    assert reply.cmd == Cmd.RESULT and reply.body.batch == 3, reply.body
                     want = shard.forward_batch(steps, states)
                     for i, seq in enumerate(seqs):
                         assert torch.equal(reply.tensor(i), want[i]), (kernel, token, i)
