@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bench.presets import PRESETS
 from bench.run import DEFAULT_SCENARIOS, SCENARIOS, Options, execute
+from broker.messages import COMPUTE_DTYPES
 
 SMOKE = {
     "preset": "demo",
@@ -109,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path]:
         type=_policies,
         help=f"OMP_WAIT_POLICY of every process, list allowed (default {','.join(d.omp_wait_policy)})",
     )
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default float32")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, help="default float32")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default cpu")
     p.add_argument(
         "--scenario",

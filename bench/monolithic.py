@@ -36,12 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from bench.workload import prompt
+    from tensorframes import TORCH_DTYPES
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        args.dtype
-    ]
+    dtype = TORCH_DTYPES[args.dtype]
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
     load_s = time.perf_counter() - started

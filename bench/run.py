@@ -26,6 +26,7 @@ import psutil
 from bench import brokercpu, longprompt, pipeline, presets
 from bench.cluster import Cluster, bench_env, proc_status
 from bench.stats import median, ratio, summary
+from broker.messages import DTYPE_SIZES
 
 SCENARIOS = ("pipeline", "monolithic", "zmq", "long-prompt", "broker-cpu", "memory")
 DEFAULT_SCENARIOS = ("pipeline", "monolithic", "zmq")
@@ -43,7 +44,6 @@ LONG_TTFT_TARGET = 2.0  # long prompt's TTFT while others decode / idle
 LONG_P99_TARGET = 3.0  # others' p99 time per token during a long prefill / without it
 MEMORY_FACTOR = 1.15  # peak RSS <= 1.15 x weight share + 350 MB
 MEMORY_FIXED_BYTES = 350_000_000
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def stage_shares(model_path: Path, layer_map: list[dict], dtype: str) -> dict[st
     from stage.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(model_path)
-    size = DTYPE_BYTES[dtype]
+    size = DTYPE_SIZES[dtype]
     layers: dict[int, int] = {}
     first = last = 0
     for key, info in ckpt.tensors.items():
@@ -426,7 +426,7 @@ def execute(opts: Options, out: Path) -> dict:
     rep["pipeline"], rep["monolithic"], rep["zmq_floor"] = [], [], []
     rep["long_prompt"] = []
     configs = list(itertools.product(opts.threads, opts.omp_wait_policy))
-    payload = model.hidden_size * DTYPE_BYTES[opts.dtype]
+    payload = model.hidden_size * DTYPE_SIZES[opts.dtype]
     for rnd in range(opts.rounds):
         if "zmq" in opts.scenarios:
             run.log(f"round {rnd + 1}/{opts.rounds}: raw pyzmq round trip, {payload} B frames")

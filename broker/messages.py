@@ -72,8 +72,15 @@ REPLAY_CODES = frozenset({Code.CACHE_MISS, Code.CACHE_MISMATCH, Code.STALE_EPOCH
 MAX_BUNDLE = 32
 MAX_RID_LENGTH = 64
 
+# What a stage may announce: items held at once, items per FORWARD, and its name's length.
+MAX_CREDITS = 1024
+MAX_BATCH = 1024
+MAX_NAME_LENGTH = 128
+# The dtypes a stage computes in (tensor frames may also carry integer ids).
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
 Rid = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
-Name = Annotated[str, Meta(min_length=1, max_length=128)]
+Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
 Count = Annotated[int, Meta(ge=0)]
 Positive = Annotated[int, Meta(ge=1)]
 Seconds = Annotated[float, Meta(ge=0)]
@@ -81,6 +88,7 @@ Seconds = Annotated[float, Meta(ge=0)]
 PrefixHash = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
 Dim = Annotated[int, Meta(ge=0, lt=1 << 31)]
 DType = Literal["float32", "float16", "bfloat16", "int64", "int32"]
+ComputeDType = Literal["float32", "bfloat16", "float16"]
 
 # Bytes per element of each dtype a tensor frame may carry. The broker checks frame lengths
 # with these alone; tensorframes turns frames into torch tensors where a role computes.
@@ -94,9 +102,10 @@ DTYPE_SIZES: dict[str, int] = {
 
 
 def is_decode(pos: int, n: int) -> bool:
-    """Whether positions `[pos, pos+n)` are a decode step: one new token after a prompt. Decode
-    steps batch together and pass prefills; anything else (a prompt, a chunk, a one-token
-    prompt) is a prefill. The one rule for every role."""
+    """Whether positions `[pos, pos+n)` are a decode step: one new token after a prompt. The
+    broker sends decode steps in FORWARDs of their own, ahead of prefills, and a stage runs them
+    between a prompt's layers; anything else (a prompt, a chunk, a one-token prompt) is a
+    prefill. (How a stage batches items is by their length alone.)"""
     return n == 1 and pos > 0
 
 
@@ -136,11 +145,11 @@ class Caps(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """What a stage offers. A stage that names no `max_batch` is sent one item at a time."""
 
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: ComputeDType = "float32"
     memory_bytes: Count = 0
     cores: Positive = 1
     threads: Positive = 1
-    max_batch: Annotated[int, Meta(ge=1, le=1024)] = 1
+    max_batch: Annotated[int, Meta(ge=1, le=MAX_BATCH)] = 1
     host: str = ""
     pid: Count = 0
 
@@ -152,7 +161,7 @@ class Ready(Body, frozen=True, kw_only=True, omit_defaults=True):
     name: Name
     fingerprint: str
     caps: Caps
-    credits: Annotated[int, Meta(ge=1, le=1024)]
+    credits: Annotated[int, Meta(ge=1, le=MAX_CREDITS)]
     held: tuple[Count, Count] | None = None
 
 
@@ -227,7 +236,7 @@ class Assign(Body, frozen=True, kw_only=True, omit_defaults=True):
     start: Count
     end: Count
     num_layers: Positive
-    dtype: str
+    dtype: ComputeDType
     map: tuple[MapRange, ...] = ()
 
 
@@ -252,7 +261,7 @@ class Forward(Body, frozen=True, kw_only=True, omit_defaults=True):
     cmd = Cmd.FORWARD
     fid: int
     epoch: int
-    items: tuple[Item, ...]
+    items: Annotated[tuple[Item, ...], Meta(min_length=1)]
 
 
 class Release(Body, frozen=True, kw_only=True, omit_defaults=True):
@@ -468,7 +477,7 @@ class Status(Body, frozen=True, kw_only=True, omit_defaults=True):
     max_position_embeddings: Count = 0
     eos_token_id: int | list[int] | None = None
     vocab_size: int | None = None
-    dtype: str = "float32"
+    dtype: ComputeDType = "float32"
     prefill_chunk: Positive = 128
     requests: Count = 0
     counters: dict[str, int] = {}

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from broker.messages import COMPUTE_DTYPES, MAX_BATCH, MAX_CREDITS, MAX_NAME_LENGTH
 from common.defaults import DEFAULT_DEMO_DIR
 
 # Idle OpenMP threads spin-wait by default and steal the core that the next stage on the same
@@ -25,7 +26,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Only the standard library and the ground floor's constants above this line: arguments are
 # checked, and torch's thread pools sized, before torch is imported and does any work.
 
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 DEVICE_CHOICES = ("cpu", "cuda")
 _URL = re.compile(
     r"^(?P<scheme>tcp)://(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/\s]+):(?P<port>\d+)$|^ipc://\S+$"
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory offered for weights (default: available RAM or free CUDA memory)",
     )
     p.add_argument("--device", default="cpu", choices=DEVICE_CHOICES)
-    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
+    p.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES)
     p.add_argument(
         "--threads",
         type=int,
@@ -121,10 +121,13 @@ def check_url(url: str) -> None:
 def check_numbers(args: argparse.Namespace) -> None:
     if args.threads < 1:
         raise UsageError("--threads must be at least 1")
-    if args.credits < 1:
-        raise UsageError("--credits must be at least 1")
-    if args.max_batch < 1:
-        raise UsageError("--max-batch must be at least 1")
+    # The broker refuses a READY outside these bounds; say so here, before anything loads.
+    if not 1 <= args.credits <= MAX_CREDITS:
+        raise UsageError(f"--credits must be between 1 and {MAX_CREDITS}")
+    if not 1 <= args.max_batch <= MAX_BATCH:
+        raise UsageError(f"--max-batch must be between 1 and {MAX_BATCH}")
+    if args.name is not None and not 1 <= len(args.name) <= MAX_NAME_LENGTH:
+        raise UsageError(f"--name must be 1 to {MAX_NAME_LENGTH} characters")
     if args.kv_mb < 0:
         raise UsageError("--kv-mb must not be negative")
     if args.memory_mb is not None and args.memory_mb < 1:

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from broker.messages import COMPUTE_DTYPES
 from stage.shard import ShardError
 from tensorframes import TORCH_DTYPES
 
-# The wire's floating dtypes are the ones a stage computes in.
-COMPUTE_DTYPES = {name: dtype for name, dtype in TORCH_DTYPES.items() if dtype.is_floating_point}
+TORCH_COMPUTE_DTYPES = {name: TORCH_DTYPES[name] for name in COMPUTE_DTYPES}
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     try:
-        return COMPUTE_DTYPES[name]
+        return TORCH_COMPUTE_DTYPES[name]
     except KeyError:
         raise ShardError(
             f"unknown dtype {name!r}; use one of {', '.join(COMPUTE_DTYPES)}"
