@@ -173,7 +173,8 @@ class CheckpointMeta:
         ):
             last += max(
                 (
-                    self.tensors[k].numel * (dtype_bytes or 4)
+                    self.tensors[k].numel
+                    * (dtype_bytes or DTYPE_BYTES.get(self.tensors[k].dtype, 4))
                     for k in self.tensors
                     if "embed_tokens" in k or k.endswith("wte.weight")
                 ),
