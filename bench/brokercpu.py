@@ -20,11 +20,13 @@ import threading
 import time
 from pathlib import Path
 
+import msgspec
 import psutil
 import zmq
 
 from bench.cluster import bench_env
 from bench.stats import summary
+from broker import messages as M
 from broker import protocol as P
 from broker.protocol import Cmd
 from layerline.cluster import PY, broker_status, free_port
@@ -94,19 +96,9 @@ class FakePeers:
                 now = time.monotonic()
                 if now >= next_beat:
                     for st in stages:
-                        st["sock"].send_multipart(
-                            P.encode(
-                                P.STAGE_TAG,
-                                Cmd.HEARTBEAT,
-                                {
-                                    "state": "idle",
-                                    "progress": st["progress"],
-                                    "busy_s": 0.0,
-                                    "queued": 0,
-                                },
-                            )
-                        )
-                    client.send_multipart(P.encode(P.CLIENT_TAG, Cmd.PING, {}))
+                        beat = M.StageHeartbeat(progress=st["progress"])
+                        st["sock"].send_multipart(P.encode(P.STAGE_TAG, beat))
+                    client.send_multipart(P.encode(P.CLIENT_TAG, M.Ping()))
                     next_beat = now + HEARTBEAT_S
                 if self._go.is_set() and not streams:
                     for k in range(self.inflight):
@@ -134,87 +126,55 @@ class FakePeers:
             ctx.term()
 
     def _send_ready(self, st: dict) -> None:
-        caps = {
-            "device": "cpu",
-            "dtype": self.dtype,
-            "memory_bytes": 64 << 30,
-            "cores": 1,
-            "threads": 1,
-            "host": pysocket.gethostname(),
-            "pid": os.getpid(),
-        }
-        st["sock"].send_multipart(
-            P.encode(
-                P.STAGE_TAG,
-                Cmd.READY,
-                {
-                    "name": st["name"],
-                    "fingerprint": self.fingerprint,
-                    "caps": caps,
-                    "credits": self.credits,
-                    "held": None,
-                },
-            )
+        caps = M.Caps(
+            device="cpu",
+            dtype=self.dtype,
+            memory_bytes=64 << 30,
+            host=pysocket.gethostname(),
+            pid=os.getpid(),
         )
+        ready = M.Ready(
+            name=st["name"], fingerprint=self.fingerprint, caps=caps, credits=self.credits
+        )
+        st["sock"].send_multipart(P.encode(P.STAGE_TAG, ready))
 
     def _on_stage(self, st: dict, frames: list, payload_size: int, payload) -> None:
         msg = P.decode(frames, expect=P.STAGE_TAG)
-        h = msg.header
+        body = msg.body
         sock = st["sock"]
         if msg.cmd == Cmd.ASSIGN:
-            st["first"] = h["start"] == 0 and h["end"] > 0
-            sock.send_multipart(
-                P.encode(
-                    P.STAGE_TAG,
-                    Cmd.LOADED,
-                    {
-                        "epoch": h["epoch"],
-                        "start": h["start"],
-                        "end": h["end"],
-                        "weight_bytes": 0,
-                        "load_s": 0.0,
-                    },
-                )
-            )
+            st["first"] = body.start == 0 and body.end > 0
+            loaded = M.Loaded(epoch=body.epoch, start=body.start, end=body.end)
+            sock.send_multipart(P.encode(P.STAGE_TAG, loaded))
         elif msg.cmd == Cmd.FORWARD:
             if st["first"]:
                 desc = P.TensorDesc("float32", (1, 1, payload_size // 4))
-                tensors = [(desc, payload) for _ in h["items"]]
+                tensors = [(desc, payload) for _ in body.items]
             else:
                 tensors = list(zip(msg.descs, msg.frames, strict=True))
-            reply = {
-                "step": h["step"],
-                "epoch": h["epoch"],
-                "items": h["items"],
-                "compute_s": 0.0,
-                "queue_s": 0.0,
-            }
-            sock.send_multipart(P.encode(P.STAGE_TAG, Cmd.RESULT, reply, tensors), copy=False)
-            st["progress"] += len(h["items"])
+            reply = M.ForwardResult(fid=body.fid, epoch=body.epoch, batch=len(body.items))
+            sock.send_multipart(P.encode(P.STAGE_TAG, reply, tensors), copy=False)
+            st["progress"] += len(body.items)
         elif msg.cmd == Cmd.ERROR:
-            self.errors.append(h)
+            self.errors.append(msgspec.to_builtins(body))
         elif msg.cmd == Cmd.BYE:
             self._send_ready(st)
 
     def _step(self, rid: str, stream: dict) -> list:
         ids = P.TensorDesc("int64", (1, 1)), (stream["pos"] % 1000 + 3).to_bytes(8, "little")
-        header = {
-            "rid": rid,
-            "seq": stream["seq"],
-            "pos": stream["pos"],
-            "n": 1,
-            "prev": 0,
-            "hash": 0,
-            "logits": True,
-        }
-        return P.encode(P.CLIENT_TAG, Cmd.STEP, header, [ids])
+        step = M.Step(rid=rid, seq=stream["seq"], pos=stream["pos"], n=1, prev=0, hash=0)
+        return P.encode(P.CLIENT_TAG, step, [ids])
 
     def _on_client(self, client: zmq.Socket, frames: list, streams: dict) -> None:
         msg = P.decode(frames, expect=P.CLIENT_TAG)
-        h = msg.header
-        rid = h.get("rid")
         if msg.cmd == Cmd.ERROR:
-            self.errors.append(h)
+            self.errors.append(msgspec.to_builtins(msg.body))
+        # Steps that finish together come back as one RESULTS: each answers its own stream.
+        for single in P.unbundle(msg) if msg.cmd == Cmd.RESULTS else [msg]:
+            self._answer(client, single, streams)
+
+    def _answer(self, client: zmq.Socket, msg: P.Message, streams: dict) -> None:
+        rid = getattr(msg.body, "rid", None)
         if rid not in streams or msg.cmd not in (Cmd.RESULT, Cmd.EVENT):
             return
         stream = streams[rid]
@@ -226,7 +186,7 @@ class FakePeers:
             stream["pos"] = 0
         stream["seq"] += 1
         if stream["pos"] >= MAX_POS:
-            client.send_multipart(P.encode(P.CLIENT_TAG, Cmd.END, {"rid": rid}))
+            client.send_multipart(P.encode(P.CLIENT_TAG, M.End(rid=rid)))
             del streams[rid]
             stream = {**stream, "pos": 0, "seq": 0, "gen": stream["gen"] + 1}
             rid = f"{stream['base']}.{stream['gen']}"

@@ -51,8 +51,8 @@ def overtaking(forwards: Iterable[list[Step]]) -> bool:
     steps = [step for forward in forwards for step in forward]
     return (
         bool(steps)
-        and not any(step.decode for step in steps)
-        and sum(step.item["n"] for step in steps) >= OVERTAKE_POSITIONS
+        and not any(step.item.is_decode for step in steps)
+        and sum(step.item.n for step in steps) >= OVERTAKE_POSITIONS
     )
 
 
@@ -94,9 +94,9 @@ def take(
             kept.append(step)  # behind an earlier step of its request: not scanned
             continue
         scanned += 1
-        n = step.item["n"]
-        if step.decode != decode or (taken and tokens + n > budget):
-            if decode and not step.decode:
+        n, kind = step.item.n, step.item.is_decode
+        if kind != decode or (taken and tokens + n > budget):
+            if decode and not kind:
                 step.passed = True
             blocked.add(step.rid)
             kept.append(step)
@@ -126,10 +126,10 @@ def decode_turn(queue: collections.deque[Step], window: int) -> bool:
         if scanned > window:
             break
         if first is None:
-            if step.decode or step.passed:
-                return step.decode
+            if step.item.is_decode or step.passed:
+                return step.item.is_decode
             first = step
-        elif step.decode and step.rid not in waiting:
+        elif step.item.is_decode and step.rid not in waiting:
             return True
         waiting.add(step.rid)
     return first is None

@@ -20,13 +20,14 @@ import time
 import structlog
 import zmq
 
+from broker import messages as M
 from broker import protocol as P
-from broker.clients import Clients, echo_ids
+from broker.clients import Clients
 from broker.layermap import LayerCost, LayerMap
 from broker.membership import Membership
 from broker.metrics import Metrics
 from broker.protocol import Cmd
-from broker.records import BrokerConfig, Counters, Request, StageRecord, Step
+from broker.records import BrokerConfig, Request, StageRecord, Step
 from broker.recovery import Recovery
 from broker.routing import Routing
 from broker.views import Views
@@ -90,19 +91,18 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
         self.clients_seen: dict[bytes, float] = {}
         self.waiting: collections.deque[Step] = collections.deque()
         self.next_step_id = 1
-        self.next_forward_id = 1
+        self.next_fid = 1  # the id of the next FORWARD
         self.lanes = 1  # stages of the map that can compute at the same time
-        # Stages to dispatch once the socket is drained: steps that arrive together leave
-        # together, as one FORWARD.
+        # Stages to dispatch once a burst of messages is read: steps that arrive together
+        # leave together, as one FORWARD.
         self.dirty: dict[str, StageRecord] = {}
         self.unreachable: list[bytes] = []  # identities a send found gone (bury_unreachable)
-        self.draining = False
+        self.in_burst = False
         # Requests that were just sent a token, by when: their next step is expected.
         self.answering: dict[str, float] = {}
         self.linger_until: float | None = None
-        self.history: collections.deque = collections.deque(maxlen=config.history)
-        self.events: collections.deque = collections.deque(maxlen=1000)
-        self.counters = Counters()
+        self.history: collections.deque[M.Job] = collections.deque(maxlen=config.history)
+        self.events: collections.deque[M.ClusterEvent] = collections.deque(maxlen=1000)
         self.started = time.monotonic()
         self.next_heartbeat = 0.0
         self._running = True
@@ -138,7 +138,7 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
             while self._running:
                 timeout = max(0.0, self.next_timer() - time.monotonic())
                 if poller.poll(timeout * 1000):
-                    self.drain_socket()
+                    self.read_burst()
                 self.run_timers()
                 self.bury_unreachable()
         finally:
@@ -154,8 +154,9 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
     def log(self):
         return log.bind(epoch=self.epoch)
 
-    def drain_socket(self, budget: int = 256) -> None:
-        self.draining = True
+    def read_burst(self, budget: int = 256) -> None:
+        """Handle the messages waiting on the socket (up to `budget`), then dispatch once."""
+        self.in_burst = True
         try:
             for _ in range(budget):
                 try:
@@ -165,7 +166,7 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
                 self.handle(frames)
                 self.bury_unreachable()
         finally:
-            self.draining = False
+            self.in_burst = False
             dirty, self.dirty = self.dirty, {}
             for stage in dirty.values():
                 self.dispatch(stage)
@@ -176,11 +177,10 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
         try:
             msg = P.decode(frames[1:], self.config.limits, inbound=True)
         except P.ProtocolError as e:
-            self.counters.malformed += 1
-            self.metrics.malformed.inc()
             self.log.warning("malformed_message", code=str(e.code), reason=e.message)
+            # Answered in the sender's role where its tag says which; a stranger as a client.
             tag = frames[1].bytes if len(frames) > 1 and frames[1].bytes in P.TAGS else P.CLIENT_TAG
-            self.send(ident, P.encode(tag, Cmd.ERROR, P.error_header(e.code, e.message)))
+            self.refuse(ident, tag, e)
             return
         if msg.role == "stage":
             stage = self.stage_of(ident)
@@ -192,22 +192,22 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
                 stage.last_seen = now
             elif msg.cmd != Cmd.READY:
                 # A stage we do not know (we restarted, or declared it dead): make it register.
-                self.send(ident, P.encode(P.STAGE_TAG, Cmd.BYE, {"reason": "unknown"}))
+                self.send(ident, P.encode(P.STAGE_TAG, M.Bye(reason="unknown")))
                 return
         else:
             self.clients_seen[ident] = time.monotonic()
         try:
             self.handlers[msg.cmd](ident, msg)
         except P.ProtocolError as e:
-            self.refuse(ident, msg, e)
+            self.refuse(ident, msg.tag, e, about=msg.body)
 
-    def refuse(self, ident: bytes, msg: P.Message, e: P.ProtocolError) -> None:
-        """Answer a message (or one item of a bundle) that breaks the protocol with an ERROR."""
-        self.counters.malformed += 1
-        self.send(
-            ident,
-            P.encode(msg.tag, Cmd.ERROR, P.error_header(e.code, e.message, **echo_ids(msg.header))),
-        )
+    def refuse(
+        self, ident: bytes, tag: bytes, e: P.ProtocolError, about: M.Body | None = None
+    ) -> None:
+        """Answer a message (or one item of a bundle) that breaks the protocol with an ERROR
+        that names it (its ids as far as they could be read, or those of `about`)."""
+        self.metrics.malformed.inc()
+        self.send(ident, P.encode(tag, P.error(e.code, e.message, about, **e.ids)))
 
     def next_timer(self) -> float:
         deadlines = [self.next_heartbeat, self.next_feed if self.feed is not None else float("inf")]
@@ -224,7 +224,7 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
             if self.layer_map is not None and self.layer_map.ranges[0].name in self.stages:
                 self.dispatch(self.stages[self.layer_map.ranges[0].name])
         if now >= self.next_feed and self.feed is not None:
-            self.send_feed(P.FEED_STATS, self.status(requests=True))
+            self.send_feed(self.status(active=True))
             self.next_feed = now + self.config.feed_interval_s
         if now < self.next_heartbeat and (self.rebalance_at is None or now < self.rebalance_at):
             return
@@ -247,7 +247,7 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
             self.socket.send_multipart([ident, *frames], flags=zmq.NOBLOCK)
             return True
         except zmq.ZMQError as e:
-            self.counters.send_failures += 1
+            self.metrics.send_failures.inc()
             name = self.by_ident.get(ident)
             if e.errno == errno.EHOSTUNREACH and name is not None:
                 # Declared dead once the caller is done: a reshard started here, inside a
@@ -269,18 +269,19 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
                 self.stage_dead(stage, cause="unreachable")
 
     def send_heartbeats(self) -> None:
-        frames = P.encode(P.STAGE_TAG, Cmd.HEARTBEAT, {"epoch": self.epoch})
+        frames = P.encode(P.STAGE_TAG, M.BrokerHeartbeat(epoch=self.epoch))
         for stage in list(self.stages.values()):
             self.send(stage.ident, frames)
 
-    def publish(self, kind: str, **data) -> None:
-        event = {"ts": time.time(), "kind": kind, "epoch": self.epoch, **data}
+    def publish(self, kind: str, **fields) -> None:
+        """A cluster event: kept for STATUS and sent on the feed."""
+        event = M.ClusterEvent(ts=time.time(), kind=kind, epoch=self.epoch, **fields)
         self.events.append(event)
-        self.send_feed(P.FEED_EVENT, event)
+        self.send_feed(event)
 
-    def send_feed(self, topic: bytes, header: dict, tensors: list = ()) -> None:
+    def send_feed(self, body: M.Body, tensors: list = ()) -> None:
         if self.feed is None:
             return
         # A slow monitor loses feed messages; it never slows the broker.
         with contextlib.suppress(zmq.Again):
-            self.feed.send_multipart(P.encode_feed(topic, header, tensors), flags=zmq.NOBLOCK)
+            self.feed.send_multipart(P.encode_feed(body, tensors), flags=zmq.NOBLOCK)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import bisect
 import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+
+from broker import messages as M
 
 STRATEGIES = ("balanced", "uniform", "capacity")
 
@@ -82,23 +84,9 @@ class LayerMap:
         """The range of stage `name`, or None if it holds no layers."""
         return next((r for r in self.ranges if r.name == name), None)
 
-    def to_json(self) -> list[dict]:
-        """The ranges as JSON-ready dicts, in stage order."""
-        return [{"stage": r.name, "start": r.start, "end": r.end} for r in self.ranges]
-
-    @classmethod
-    def from_json(cls, num_layers: int, items: Sequence[Mapping], epoch: int = 0) -> LayerMap:
-        """Rebuild a map from `to_json` output; ValueError if malformed or incomplete."""
-        ranges = []
-        for item in items:
-            if not isinstance(item, Mapping):
-                raise ValueError(f"layer map item is not an object: {item!r}")
-            name, start, end = item.get("stage"), item.get("start"), item.get("end")
-            # bool is an int subclass; a JSON true is not a layer index.
-            if not isinstance(name, str) or not all(type(v) is int for v in (start, end)):
-                raise ValueError(f"layer map item needs stage: str, start: int, end: int: {item!r}")
-            ranges.append(StageRange(name, start, end))
-        return cls(num_layers, tuple(ranges), epoch)
+    def to_ranges(self) -> tuple[M.MapRange, ...]:
+        """The ranges as ASSIGN, EVENT and STATUS carry them, in stage order."""
+        return tuple(M.MapRange(r.name, r.start, r.end) for r in self.ranges)
 
     def describe(self) -> str:
         """Compact text such as "s0[0,3) s1[3,6)"."""
@@ -272,7 +260,7 @@ def moved_layers(
     return tuple(sorted(wanted - held)), tuple(sorted(held - wanted))
 
 
-def parallel_lanes(caps: Sequence[dict]) -> int:
+def parallel_lanes(caps: Sequence[M.Caps]) -> int:
     """How many stages of a pipeline can compute at the same moment.
 
     Stages on different hosts, and stages on accelerators, run in parallel. CPU stages that
@@ -285,13 +273,11 @@ def parallel_lanes(caps: Sequence[dict]) -> int:
     cpu_threads: dict[str, list[int]] = defaultdict(list)
     cores: dict[str, int] = {}
     for c in caps:
-        device = str(c.get("device") or "cpu")
-        if device != "cpu":
+        if c.device != "cpu":
             lanes += 1
             continue
-        host = str(c.get("host") or "")
-        cpu_threads[host].append(max(1, int(c.get("threads") or 1)))
-        cores[host] = max(cores.get(host, 1), int(c.get("cores") or 1))
+        cpu_threads[c.host].append(c.threads)
+        cores[c.host] = max(cores.get(c.host, 1), c.cores)
     for host, threads in cpu_threads.items():
         lanes += min(len(threads), max(1, cores[host] // max(threads)))
     return max(1, lanes)

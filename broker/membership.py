@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
+from broker import messages as M
 from broker import protocol as P
-from broker.protocol import Cmd, Code
+from broker.protocol import Code
 from broker.records import StageRecord
 
 
@@ -17,38 +18,33 @@ class Membership:
         return self.stages.get(name) if name is not None else None
 
     def on_ready(self, ident: bytes, msg: P.Message) -> None:
-        h = msg.header
-        name = h["name"]
-        if h["fingerprint"] != self.checkpoint.fingerprint:
+        body: M.Ready = msg.body
+        name = body.name
+        if body.fingerprint != self.checkpoint.fingerprint:
             self.log.warning("stage_refused", stage=name, reason="fingerprint")
             return self.refuse_stage(
                 ident,
-                f"stage {name} sees checkpoint {h['fingerprint']} but the broker serves "
+                Code.FINGERPRINT,
+                f"stage {name} sees checkpoint {body.fingerprint} but the broker serves "
                 f"{self.checkpoint.fingerprint} ({self.checkpoint.path}); point --model at the same checkpoint",
             )
-        dtype = h["caps"].get("dtype", "float32")
-        if dtype != self.config.dtype:
+        if body.caps.dtype != self.config.dtype:
+            self.log.warning("stage_refused", stage=name, reason="dtype")
             return self.refuse_stage(
                 ident,
-                f"stage {name} runs {dtype} but the cluster runs {self.config.dtype}; "
+                Code.DTYPE_MISMATCH,
+                f"stage {name} runs {body.caps.dtype} but the cluster runs {self.config.dtype}; "
                 f"start it with --dtype {self.config.dtype}",
             )
-        if not 1 <= h["credits"] <= 1024:
-            raise P.ProtocolError(Code.BAD_REQUEST, "credits must be in [1, 1024]")
-        max_batch = h["caps"].get("max_batch", 1)
-        if not isinstance(max_batch, int) or not 1 <= max_batch <= 1024:
-            raise P.ProtocolError(Code.BAD_REQUEST, "caps.max_batch must be in [1, 1024]")
         now = time.monotonic()
         old = self.stages.get(name)
-        held = h.get("held")
         stage = StageRecord(
             name=name,
             ident=ident,
-            caps=h["caps"],
-            credits=h["credits"],
-            max_batch=max_batch,
+            caps=body.caps,
+            credits=body.credits,
             joined=now,
-            held=tuple(held) if isinstance(held, list) and len(held) == 2 else None,
+            held=body.held,
             last_seen=now,
             progress_at=now,
         )
@@ -68,15 +64,15 @@ class Membership:
         self.log.info(
             "stage_joined",
             stage=name,
-            host=stage.caps.get("host"),
-            device=stage.caps.get("device"),
-            memory_mb=int(stage.caps.get("memory_bytes", 0)) >> 20,
+            host=stage.caps.host,
+            device=stage.caps.device,
+            memory_mb=stage.caps.memory_bytes >> 20,
             credits=stage.credits,
         )
-        self.publish("join", stage=name, host=stage.caps.get("host"))
+        self.publish("join", stage=name, host=stage.caps.host or None)
         # Answered at once: a stage that hears nothing for its dead-after time reconnects under
         # a new identity, and the map may form only later (expect_stages, settle_s).
-        self.send(ident, P.encode(P.STAGE_TAG, Cmd.HEARTBEAT, {"epoch": self.epoch}))
+        self.send(ident, P.encode(P.STAGE_TAG, M.BrokerHeartbeat(epoch=self.epoch)))
         if self.map_formed:
             self.schedule_rebalance(cause="join", now=now, immediate=not self.ready)
 
@@ -91,71 +87,57 @@ class Membership:
         stage.start, stage.end, stage.state = old.start, old.end, "loading"
         self.log.info("stage_restarted", stage=stage.name, layers=f"[{stage.start},{stage.end})")
         self.publish("rejoin", stage=stage.name)
-        self.send(
-            stage.ident,
-            P.encode(
-                P.STAGE_TAG,
-                Cmd.ASSIGN,
-                {
-                    "epoch": self.epoch,
-                    "start": stage.start,
-                    "end": stage.end,
-                    "num_layers": self.num_layers,
-                    "dtype": self.config.dtype,
-                    "map": self.layer_map.to_json(),
-                },
-            ),
-        )
+        self.send_assign(stage)
         for rid in lost:
             self.replay(rid, event="replay", reason=f"stage {stage.name} restarted")
 
-    def refuse_stage(self, ident: bytes, reason: str) -> None:
-        """A stage that must not join this cluster: it exits with the reason."""
-        self.send(ident, P.encode(P.STAGE_TAG, Cmd.ERROR, P.error_header(Code.FINGERPRINT, reason)))
+    def refuse_stage(self, ident: bytes, code: Code, reason: str) -> None:
+        """A stage that must not join this cluster (`code` says why): it exits with the reason."""
+        self.send(ident, P.encode(P.STAGE_TAG, P.error(code, reason)))
 
     def on_loaded(self, ident: bytes, msg: P.Message) -> None:
         stage = self.stage_of(ident)
-        h = msg.header
-        if h["epoch"] != self.epoch:
-            self.counters.stale += 1
+        body: M.Loaded = msg.body
+        if body.epoch != self.epoch:
+            self.metrics.stale.inc()
             return
-        stage.loaded_epoch = h["epoch"]
+        stage.loaded_epoch = body.epoch
         if stage.state in ("loading", "joining"):
             stage.state = "ready" if stage.end > stage.start else "standby"
         self.log.info(
             "stage_loaded",
             stage=stage.name,
-            start=h["start"],
-            end=h["end"],
-            epoch=h["epoch"],
-            load_s=h.get("load_s"),
-            weight_mb=int(h.get("weight_bytes", 0)) >> 20,
+            start=body.start,
+            end=body.end,
+            epoch=body.epoch,
+            load_s=body.load_s,
+            weight_mb=body.weight_bytes >> 20,
         )
         if self.ready:
             self.on_map_ready()
 
     def on_heartbeat(self, ident: bytes, msg: P.Message) -> None:
         stage = self.stage_of(ident)
-        progress = msg.header.get("progress")
-        if isinstance(progress, int) and progress != stage.progress:
-            stage.progress = progress
+        beat: M.StageHeartbeat = msg.body
+        if beat.progress != stage.progress:
+            stage.progress = beat.progress
             stage.progress_at = time.monotonic()
-        stage.stats = msg.header
+        stage.stats = beat
 
     def on_leaving(self, ident: bytes, msg: P.Message) -> None:
         self.drain_stage(self.stage_of(ident), cause="leave")
 
     def on_drain(self, ident: bytes, msg: P.Message) -> None:
-        h = msg.header
-        if self.config.admin_token is None or h["token"] != self.config.admin_token:
+        body: M.Drain = msg.body
+        if self.config.admin_token is None or body.token != self.config.admin_token:
             raise P.ProtocolError(
                 Code.UNAUTHORIZED, "DRAIN needs the broker's admin token (--admin-token)"
             )
-        stage = self.stages.get(h["stage"])
+        stage = self.stages.get(body.stage)
         if stage is None:
-            raise P.ProtocolError(Code.BAD_REQUEST, f"no stage named {h['stage']!r}")
+            raise P.ProtocolError(Code.BAD_REQUEST, f"no stage named {body.stage!r}")
         self.drain_stage(stage, cause="drain")
-        self.send(ident, P.encode(msg.tag, Cmd.PONG, {"ready": self.ready, "epoch": self.epoch}))
+        self.send(ident, P.encode(msg.tag, M.Pong(ready=self.ready, epoch=self.epoch)))
 
     def drain_stage(self, stage: StageRecord, cause: str) -> None:
         if stage.state == "draining":
@@ -183,7 +165,7 @@ class Membership:
         live = [s for s in stage.inflight.values() if not s.dead]
         if not live:
             return False
-        tokens = sum(s.item["n"] for s in live)
+        tokens = sum(s.item.n for s in live)
         expected = stage.per_token_s * tokens
         deadline = (
             max(self.config.stall_floor_s, self.config.stall_factor * expected)

@@ -89,6 +89,16 @@ class Metrics:
         self.busy = Counter(
             "layerline_busy_refusals_total", "Steps refused because a limit was reached", registry=r
         )
+        self.stale = Counter(
+            "layerline_stale_answers_total",
+            "Stage answers for an older epoch or a dropped step, ignored",
+            registry=r,
+        )
+        self.send_failures = Counter(
+            "layerline_send_failures_total",
+            "Messages the broker could not send (peer gone or its queue full)",
+            registry=r,
+        )
         self.active_requests = Gauge(
             "layerline_active_requests", "Requests in progress", registry=r
         )
@@ -106,9 +116,33 @@ class Metrics:
             self.kv_bytes,
             self.rss_bytes,
         )
+        # STATUS `counters`, read from the counters above: one count, seen the same both ways.
+        self._totals = {
+            "forwarded": self.forwarded,
+            "forwarded_bytes": self.forwarded_bytes,
+            "malformed": self.malformed,
+            "stale": self.stale,
+            "send_failures": self.send_failures,
+            "reshards": self.reshards,
+            "busy": self.busy,
+        }
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
+
+    def totals(self) -> dict[str, int]:
+        """Totals since the broker started, as STATUS shows them (a labelled counter summed)."""
+        return {
+            key: int(
+                sum(
+                    sample.value
+                    for family in counter.collect()
+                    for sample in family.samples
+                    if sample.name.endswith("_total")
+                )
+            )
+            for key, counter in self._totals.items()
+        }
 
     def forget_stage(self, name: str) -> None:
         """A departed stage's series go with it, so dashboards show no ghosts."""

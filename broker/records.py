@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
+from broker import messages as M
 from broker import protocol as P
 
 
@@ -69,24 +70,18 @@ class Step:
     rid: str
     seq: int
     client: bytes
-    item: dict
+    item: M.Item
     frames: list
     descs: list
-    want_logits: bool
     created: float
     epoch: int = 0
     hop: int = 0
     enqueued: float = 0.0
     sent: float = 0.0
     broker_queue_s: float = 0.0
-    trace: list = field(default_factory=list)
+    trace: list[M.Hop] = field(default_factory=list)
     dead: bool = False  # its request is replaying or the map changed: ignore its outcome
     passed: bool = False  # a prefill that a decode FORWARD went ahead of at this stage
-
-    @property
-    def decode(self) -> bool:
-        """One new token on an existing cache: the steps a stage runs as one batch."""
-        return self.item["n"] == 1 and self.item["pos"] > 0
 
 
 @dataclass
@@ -95,25 +90,28 @@ class StageRecord:
 
     name: str
     ident: bytes
-    caps: dict
+    caps: M.Caps
     credits: int
     joined: float
     held: tuple[int, int] | None = None
     last_seen: float = 0.0
-    state: str = "joining"  # joining | loading | ready | draining | dead
+    state: str = "joining"  # joining | loading | ready | standby | draining | dead
     start: int = 0
     end: int = 0
     loaded_epoch: int = -1
     inflight: dict[int, Step] = field(default_factory=dict)  # by step id
-    forwards: dict[int, list[Step]] = field(default_factory=dict)  # by FORWARD id
-    max_batch: int = 32
+    forwards: dict[int, list[Step]] = field(default_factory=dict)  # by FORWARD id (fid)
     queue: collections.deque = field(default_factory=collections.deque)
     progress: int = 0
     progress_at: float = 0.0
     per_token_s: float = 0.0  # smoothed compute seconds per token
     step_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=256))
     tokens: int = 0
-    stats: dict = field(default_factory=dict)
+    stats: M.StageHeartbeat | None = None  # its latest heartbeat
+
+    @property
+    def max_batch(self) -> int:
+        return self.caps.max_batch
 
     def describe(self) -> str:
         return f"{self.name}[{self.start},{self.end})"
@@ -131,18 +129,5 @@ class Request:
     replay_pending: bool = False
     steps: int = 0
     tokens: int = 0
-    events: list = field(default_factory=list)
+    events: list[M.Event] = field(default_factory=list)
     first_result_at: float | None = None
-
-
-@dataclass
-class Counters:
-    """Totals since the broker started, shown in STATUS."""
-
-    forwarded: int = 0
-    forwarded_bytes: int = 0
-    malformed: int = 0
-    stale: int = 0
-    send_failures: int = 0
-    reshards: int = 0
-    busy: int = 0

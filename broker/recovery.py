@@ -9,9 +9,10 @@ from __future__ import annotations
 import collections
 import time
 
+from broker import messages as M
 from broker import protocol as P
 from broker.layermap import SchedulerError, StageCapacity, parallel_lanes, plan
-from broker.protocol import Cmd, Code
+from broker.protocol import Code
 from broker.records import StageRecord
 
 
@@ -46,9 +47,8 @@ class Recovery:
         self.epoch += 1
         self.last_reshard = time.monotonic()
         self.rebalance_at = None
-        self.counters.reshards += 1
         self.metrics.reshards.labels(cause).inc()
-        caps = [StageCapacity(s.name, int(s.caps.get("memory_bytes", 0))) for s in order]
+        caps = [StageCapacity(s.name, s.caps.memory_bytes) for s in order]
         try:
             if not caps:
                 raise SchedulerError(
@@ -68,17 +68,9 @@ class Recovery:
             stage.start, stage.end = (r.start, r.end) if r is not None else (0, 0)
             stage.state = "loading"
             stage.loaded_epoch = -1
-            header = {
-                "epoch": self.epoch,
-                "start": stage.start,
-                "end": stage.end,
-                "num_layers": self.num_layers,
-                "dtype": self.config.dtype,
-                "map": new.to_json() if new is not None else [],
-            }
-            self.send(stage.ident, P.encode(P.STAGE_TAG, Cmd.ASSIGN, header))
-        old_json = old.to_json() if old is not None else []
-        new_json = new.to_json() if new is not None else []
+            self.send_assign(stage)
+        old_ranges = old.to_ranges() if old is not None else ()
+        new_ranges = new.to_ranges() if new is not None else ()
         self.log.info(
             "reshard",
             cause=cause,
@@ -87,9 +79,7 @@ class Recovery:
             old=old.describe() if old else None,
             new=new.describe() if new else None,
         )
-        self.publish(
-            "reshard", cause=cause, lost=lost, epoch=self.epoch, old_map=old_json, new_map=new_json
-        )
+        self.publish("reshard", cause=cause, lost=lost, old_map=old_ranges, new_map=new_ranges)
         self.kill_steps()
         for rid in list(self.requests):
             self.replay(
@@ -99,9 +89,21 @@ class Recovery:
                 epoch=self.epoch,
                 lost=lost,
                 cause=cause,
-                old_map=old_json,
-                new_map=new_json,
+                old_map=old_ranges,
+                new_map=new_ranges,
             )
+
+    def send_assign(self, stage: StageRecord) -> None:
+        """Tell a stage its range of the current map (none: standby) and the map's epoch."""
+        assign = M.Assign(
+            epoch=self.epoch,
+            start=stage.start,
+            end=stage.end,
+            num_layers=self.num_layers,
+            dtype=self.config.dtype,
+            map=self.layer_map.to_ranges() if self.layer_map is not None else (),
+        )
+        self.send(stage.ident, P.encode(P.STAGE_TAG, assign))
 
     def pipeline_order(self) -> list[StageRecord]:
         """Survivors keep their places; newcomers go after them, by held range, then name."""
@@ -123,7 +125,7 @@ class Recovery:
             s for s in self.waiting if not (rid is None or s.rid == rid)
         )
 
-    def replay(self, rid: str, event: str, reason: str = "", **data) -> None:
+    def replay(self, rid: str, event: str, reason: str = "", **fields) -> None:
         """Tell a request's client to re-send its steps; its old steps are dropped."""
         request = self.requests.get(rid)
         if request is None:
@@ -131,26 +133,20 @@ class Recovery:
         self.kill_steps(rid)
         request.replays += 1
         if request.replays > self.config.max_replays:
-            self.send(
-                request.client,
-                P.encode(
-                    P.CLIENT_TAG,
-                    Cmd.ERROR,
-                    P.error_header(
-                        Code.REPLAY_LIMIT,
-                        f"request {rid} was replayed {request.replays - 1} times "
-                        f"(limit {self.config.max_replays}); the cluster is unstable",
-                        rid=rid,
-                    ),
-                ),
+            error = P.error(
+                Code.REPLAY_LIMIT,
+                f"request {rid} was replayed {request.replays - 1} times "
+                f"(limit {self.config.max_replays}); the cluster is unstable",
+                rid=rid,
             )
+            self.send(request.client, P.encode(P.CLIENT_TAG, error))
             self.finish_request(request, outcome="failed")
             return
         request.replay_pending = True
         self.metrics.replays.labels(event).inc()
-        body = {"rid": rid, "event": event, "reason": reason, **data}
+        body = M.Event(rid=rid, event=event, reason=reason, **fields)
         request.events.append(body)
-        self.send(request.client, P.encode(P.CLIENT_TAG, Cmd.EVENT, body))
+        self.send(request.client, P.encode(P.CLIENT_TAG, body))
 
     @property
     def ready(self) -> bool:
@@ -163,7 +159,7 @@ class Recovery:
 
     def on_map_ready(self) -> None:
         self.log.info("cluster_ready", epoch=self.epoch, map=self.layer_map.describe())
-        self.publish("ready", epoch=self.epoch, map=self.layer_map.to_json())
+        self.publish("ready", new_map=self.layer_map.to_ranges())
         self.finish_drains()
         now = time.monotonic()
         waiting, self.waiting = self.waiting, collections.deque()
@@ -181,7 +177,7 @@ class Recovery:
                 and (self.layer_map is None or self.layer_map.range_of(stage.name) is None)
                 and (self.ready or self.layer_map is None)
             ):
-                self.send(stage.ident, P.encode(P.STAGE_TAG, Cmd.BYE, {"reason": "drained"}))
+                self.send(stage.ident, P.encode(P.STAGE_TAG, M.Bye(reason="drained")))
                 self.log.info("stage_left", stage=stage.name)
                 self.remove_stage(stage)
 

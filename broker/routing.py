@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 from broker import batching
+from broker import messages as M
 from broker import protocol as P
-from broker.protocol import Cmd, Code
+from broker.protocol import Code
 from broker.records import StageRecord, Step
 
 
@@ -23,7 +24,7 @@ class Routing:
 
     def dispatch(self, stage: StageRecord) -> None:
         """Send a stage its queued steps, batched into FORWARDs, while it has room."""
-        if self.draining:
+        if self.in_burst:
             self.dirty[stage.name] = stage
             return
         if self.lingering(stage):
@@ -49,8 +50,8 @@ class Routing:
             if not steps:
                 return
             now = time.monotonic()
-            forward_id = self.next_forward_id
-            self.next_forward_id += 1
+            fid = self.next_fid
+            self.next_fid += 1
             items, tensors = [], []
             for step in steps:
                 step.broker_queue_s += now - step.enqueued
@@ -58,10 +59,10 @@ class Routing:
                 stage.inflight[step.id] = step
                 items.append(step.item)
                 tensors.extend(zip(step.descs, step.frames, strict=True))
-            stage.forwards[forward_id] = steps
+            stage.forwards[fid] = steps
             self.metrics.batch_items.labels(stage.name).observe(len(steps))
-            header = {"step": forward_id, "epoch": self.epoch, "items": items}
-            if not self.send(stage.ident, P.encode(P.STAGE_TAG, Cmd.FORWARD, header, tensors)):
+            forward = M.Forward(fid=fid, epoch=self.epoch, items=tuple(items))
+            if not self.send(stage.ident, P.encode(P.STAGE_TAG, forward, tensors)):
                 return
 
     # The batching policy (broker/batching.py), bound to this broker's state and config.
@@ -94,14 +95,14 @@ class Routing:
 
     def on_result(self, ident: bytes, msg: P.Message) -> None:
         stage = self.stage_of(ident)
-        h = msg.header
-        steps = self.take_forward(stage, h["step"])
+        body: M.ForwardResult = msg.body
+        steps = self.take_forward(stage, body.fid)
         now = time.monotonic()
-        if steps is None or h.get("epoch") != self.epoch:
-            self.counters.stale += 1
+        if steps is None or body.epoch != self.epoch:
+            self.metrics.stale.inc()
             self.dispatch(stage)
             return
-        refused = _refusals(h.get("refused"), len(steps))
+        refused = _refusals(body.refused, len(steps))
         if refused is None or len(msg.frames) != len(steps) - len(refused):
             self.log.warning("bad_result", stage=stage.name, frames=len(msg.frames))
             for step in steps:
@@ -114,10 +115,9 @@ class Routing:
                     )
             self.dispatch(stage)
             return
-        compute = float(h.get("compute_s", 0.0))
-        queued = float(h.get("queue_s", 0.0))
+        compute, queued = body.compute_s, body.queue_s
         computed = [s for i, s in enumerate(steps) if i not in refused]
-        tokens = sum(s.item["n"] for s in computed)
+        tokens = sum(s.item.n for s in computed)
         self.metrics.step_seconds.labels(stage.name).observe(compute)
         self.metrics.hop_seconds.labels(stage.name).observe(now - steps[0].sent)
         if tokens:
@@ -135,26 +135,24 @@ class Routing:
             live = not step.dead and step.epoch == self.epoch
             if i in refused:
                 if live:
-                    self.step_refused(stage, step, *refused[i])
+                    self.step_refused(stage, step, refused[i].code, refused[i].message)
                 continue
             frame, desc = next(outputs)
             if not live:
-                self.counters.stale += 1
+                self.metrics.stale.inc()
                 continue
             step.trace.append(
-                {
-                    "stage": stage.name,
-                    "start": stage.start,
-                    "end": stage.end,
-                    "compute_s": compute,
-                    "queue_s": queued,
-                    "transfer_s": max(0.0, now - step.sent - compute - queued),
-                }
+                M.Hop(
+                    stage=stage.name,
+                    start=stage.start,
+                    end=stage.end,
+                    compute_s=compute,
+                    queue_s=queued,
+                    transfer_s=max(0.0, now - step.sent - compute - queued),
+                )
             )
             step.frames, step.descs = [frame], [desc]
             step.hop += 1
-            self.counters.forwarded += 1
-            self.counters.forwarded_bytes += desc.nbytes
             self.metrics.forwarded.inc()
             self.metrics.forwarded_bytes.inc(desc.nbytes)
             if step.hop < len(self.layer_map.ranges):
@@ -170,43 +168,37 @@ class Routing:
     def on_error(self, ident: bytes, msg: P.Message) -> None:
         """A FORWARD refused or failed as a whole: every step in it shares the outcome."""
         stage = self.stage_of(ident)
-        h = msg.header
-        steps = self.take_forward(stage, h.get("step"))
+        error: M.Error = msg.body
+        steps = self.take_forward(stage, error.fid)
         if steps is None:
-            self.log.warning("stage_error", stage=stage.name, code=h["code"], reason=h["message"])
+            self.log.warning(
+                "stage_error", stage=stage.name, code=str(error.code), reason=error.message
+            )
             return
-        if h.get("epoch") == self.epoch:
+        if error.epoch == self.epoch:
             for step in steps:
                 if not step.dead and step.epoch == self.epoch:
-                    self.step_refused(stage, step, h["code"], h["message"])
+                    self.step_refused(stage, step, error.code, error.message)
         self.dispatch(stage)
 
-    def take_forward(self, stage: StageRecord, forward_id) -> list[Step] | None:
+    def take_forward(self, stage: StageRecord, fid: int | None) -> list[Step] | None:
         """The steps of an answered FORWARD, no longer outstanding at the stage."""
-        steps = stage.forwards.pop(forward_id, None) if isinstance(forward_id, int) else None
+        steps = stage.forwards.pop(fid, None)
         for step in steps or ():
             stage.inflight.pop(step.id, None)
         return steps
 
-    def step_refused(self, stage: StageRecord, step: Step, code: str, message: str) -> None:
+    def step_refused(self, stage: StageRecord, step: Step, code: Code, message: str) -> None:
         """A lost or stale cache asks for a replay; any other refusal fails the step."""
-        if code in (Code.CACHE_MISS, Code.CACHE_MISMATCH, Code.STALE_EPOCH):
+        if code in P.REPLAY_CODES:
             self.replay(step.rid, event="replay", reason=f"stage {stage.name}: {message}")
         else:
-            self.fail_step(
-                step,
-                Code(code) if code in Code.__members__.values() else Code.INTERNAL,
-                f"stage {stage.name}: {message}",
-            )
+            self.fail_step(step, code, f"stage {stage.name}: {message}")
 
     def fail_step(self, step: Step, code: Code, message: str) -> None:
         step.dead = True
-        self.send(
-            step.client,
-            P.encode(
-                P.CLIENT_TAG, Cmd.ERROR, P.error_header(code, message, rid=step.rid, seq=step.seq)
-            ),
-        )
+        error = P.error(code, message, rid=step.rid, seq=step.seq)
+        self.send(step.client, P.encode(P.CLIENT_TAG, error))
 
     def deliver(self, client: bytes, steps: list[Step], now: float) -> None:
         """Send one client the logits of its finished steps: one RESULTS for a whole group, so
@@ -214,36 +206,32 @@ class Routing:
         entries = []
         for step in steps:
             request = self.requests.get(step.rid)
-            if request is not None and step.want_logits:
+            if request is not None and step.item.logits:
                 self.answering[step.rid] = now
                 request.tokens += 1
                 self.metrics.tokens.inc()
                 if request.first_result_at is None:
                     request.first_result_at = now
-            header = {
-                "rid": step.rid,
-                "seq": step.seq,
-                "pos": step.item["pos"],
-                "n": step.item["n"],
-                "epoch": step.epoch,
-                "trace": step.trace,
-                "broker_queue_s": step.broker_queue_s,
-            }
-            entries.append((header, (step.descs[0], step.frames[0])))
-        for frames in P.encode_bundled(P.CLIENT_TAG, Cmd.RESULT, entries):
+            result = M.StepResult(
+                rid=step.rid,
+                seq=step.seq,
+                pos=step.item.pos,
+                n=step.item.n,
+                epoch=step.epoch,
+                trace=tuple(step.trace),
+                broker_queue_s=step.broker_queue_s,
+            )
+            entries.append((result, (step.descs[0], step.frames[0])))
+        for frames in P.encode_bundled(P.CLIENT_TAG, entries):
             self.send(client, frames)
 
 
-def _refusals(refused, items: int) -> dict[int, tuple[str, str]] | None:
-    """A RESULT's per-item refusals by item index, or None when the list is malformed."""
-    out: dict[int, tuple[str, str]] = {}
-    for entry in refused or ():
-        if not isinstance(entry, dict):
+def _refusals(refused: tuple[M.Refusal, ...], items: int) -> dict[int, M.Refusal] | None:
+    """A RESULT's refusals by item index, or None when one names no item of the FORWARD or
+    an item twice."""
+    out: dict[int, M.Refusal] = {}
+    for refusal in refused:
+        if refusal.i >= items or refusal.i in out:
             return None
-        i, code, message = entry.get("i"), entry.get("code"), entry.get("message")
-        if not isinstance(i, int) or not 0 <= i < items or i in out:
-            return None
-        if not isinstance(code, str) or not isinstance(message, str):
-            return None
-        out[i] = (code, message)
+        out[refusal.i] = refusal
     return out

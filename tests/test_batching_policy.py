@@ -5,32 +5,24 @@ from __future__ import annotations
 import collections
 
 from broker import batching
+from broker import messages as M
 from broker.records import StageRecord, Step
 
 
 def _step(k: int, rid: str, n: int, pos: int | None = None) -> Step:
     """Step `k` of `rid`: `n` tokens at `pos`; one token without a pos is a decode."""
     pos = pos if pos is not None else (0 if n > 1 else 40)
-    item = {"rid": rid, "pos": pos, "n": n}
-    return Step(
-        id=k,
-        rid=rid,
-        seq=k,
-        client=b"c",
-        item=item,
-        frames=[],
-        descs=[],
-        want_logits=True,
-        created=0.0,
-    )
+    item = M.Item(rid=rid, pos=pos, n=n, prev=0, hash=0)
+    return Step(id=k, rid=rid, seq=k, client=b"c", item=item, frames=[], descs=[], created=0.0)
 
 
 def _queue(*steps: tuple) -> collections.deque[Step]:
     return collections.deque(_step(k, *spec) for k, spec in enumerate(steps))
 
 
-def _stage(**kw) -> StageRecord:
-    return StageRecord(name="s0", ident=b"s0", caps={}, credits=8, joined=0.0, **kw)
+def _stage(max_batch: int = 32) -> StageRecord:
+    caps = M.Caps(max_batch=max_batch)
+    return StageRecord(name="s0", ident=b"s0", caps=caps, credits=8, joined=0.0)
 
 
 def test_each_forward_takes_one_step_per_request_and_keeps_their_order():

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import zmq
 
+from broker import messages as M
 from broker.broker import Broker
 from broker.records import BrokerConfig, StageRecord, Step
 from stage.checkpoint import open_checkpoint
@@ -24,7 +26,7 @@ def broker(checkpoints):
 
 
 def _stage() -> StageRecord:
-    return StageRecord(name="s0", ident=b"s0", caps={}, credits=32, joined=0.0, max_batch=32)
+    return StageRecord(name="s0", ident=b"s0", caps=M.Caps(max_batch=32), credits=32, joined=0.0)
 
 
 def _queue(stage: StageRecord, *steps: tuple[str, int] | tuple[str, int, int]) -> list[Step]:
@@ -37,10 +39,9 @@ def _queue(stage: StageRecord, *steps: tuple[str, int] | tuple[str, int, int]) -
             rid=rid,
             seq=k,
             client=b"c",
-            item={"rid": rid, "pos": pos, "n": n},
+            item=M.Item(rid=rid, pos=pos, n=n, prev=0, hash=0),
             frames=[],
             descs=[],
-            want_logits=True,
             created=0.0,
         )
         stage.queue.append(step)
@@ -138,13 +139,14 @@ def test_the_advised_prefill_chunk_follows_the_stages_devices(broker):
     assert broker.prefill_chunk() == CPU_PREFILL_CHUNK  # no map yet
     for name, device in (("a", "cuda"), ("b", "cpu")):
         broker.stages[name] = StageRecord(
-            name=name, ident=name.encode(), caps={"device": device}, credits=32, joined=0.0
+            name=name, ident=name.encode(), caps=M.Caps(device=device), credits=32, joined=0.0
         )
     broker.layer_map = assign_uniform(["a", "b"], 5)
     assert broker.prefill_chunk() == CPU_PREFILL_CHUNK
-    broker.stages["b"].caps["device"] = "cuda:1"
+    b = broker.stages["b"]
+    b.caps = msgspec.structs.replace(b.caps, device="cuda:1")
     assert broker.prefill_chunk() == ACCELERATOR_PREFILL_CHUNK
-    assert broker.status()["prefill_chunk"] == ACCELERATOR_PREFILL_CHUNK
+    assert broker.status().prefill_chunk == ACCELERATOR_PREFILL_CHUNK
 
 
 def test_a_decode_forward_overtakes_only_prefills_in_flight(broker):

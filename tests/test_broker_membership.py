@@ -1,4 +1,5 @@
-"""A stage that vanishes while the broker is busy sending: its death waits for the send loop.
+"""A stage that vanishes while the broker is busy sending: its death waits for the send loop;
+and refusals, counted alike in STATUS and in the metrics.
 
 The broker runs in this process, driven by hand; the stages are real DEALER sockets on
 loopback, so the broker's ROUTER finds a closed one unreachable exactly as in a cluster.
@@ -12,9 +13,10 @@ import time
 import pytest
 import zmq
 
+from broker import messages as M
 from broker import protocol as P
 from broker.broker import Broker
-from broker.protocol import Cmd
+from broker.protocol import Cmd, Code
 from broker.records import BrokerConfig
 from stage.checkpoint import open_checkpoint
 
@@ -34,20 +36,19 @@ def cluster(checkpoints):
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(broker.endpoint)
-        header = {
-            "name": name,
-            "fingerprint": checkpoint.fingerprint,
-            "caps": {"device": "cpu", "dtype": "float32", "memory_bytes": 1 << 30},
-            "credits": 8,
-            "held": None,
-        }
-        sock.send_multipart(P.encode(P.STAGE_TAG, Cmd.READY, header))
+        ready = M.Ready(
+            name=name,
+            fingerprint=checkpoint.fingerprint,
+            caps=M.Caps(device="cpu", dtype="float32", memory_bytes=1 << 30),
+            credits=8,
+        )
+        sock.send_multipart(P.encode(P.STAGE_TAG, ready))
         dealers[name] = sock
     deadline = time.monotonic() + 10
     while len(broker.stages) < 3:
         assert time.monotonic() < deadline, "the stages did not register"
         broker.socket.poll(100)
-        broker.drain_socket()
+        broker.read_burst()
     yield broker, dealers
     for sock in dealers.values():
         sock.close(linger=0)
@@ -55,13 +56,13 @@ def cluster(checkpoints):
     ctx.term()
 
 
-def _assigns(sock: zmq.Socket) -> list[dict]:
-    """Every ASSIGN header a stage's socket has received so far, in order."""
+def _assigns(sock: zmq.Socket) -> list[M.Assign]:
+    """Every ASSIGN a stage's socket has received so far, in order."""
     out = []
     while sock.poll(200):
         msg = P.decode(sock.recv_multipart(copy=False), P.DEFAULT_LIMITS, inbound=False)
         if msg.cmd == Cmd.ASSIGN:
-            out.append(msg.header)
+            out.append(msg.body)
     return out
 
 
@@ -72,7 +73,7 @@ def _disconnect(broker: Broker, name: str, sock: zmq.Socket) -> None:
     a probe on the raw socket (not through Broker.send) returns EHOSTUNREACH once it is gone.
     """
     ident = broker.stages[name].ident
-    probe = P.encode(P.STAGE_TAG, Cmd.HEARTBEAT, {"epoch": broker.epoch})
+    probe = P.encode(P.STAGE_TAG, M.BrokerHeartbeat(epoch=broker.epoch))
     sock.close(linger=0)
     deadline = time.monotonic() + 10
     while True:
@@ -104,10 +105,11 @@ def test_a_stage_gone_during_the_first_map_is_dropped_after_it(cluster):
         assert assigns, f"{name} got no ASSIGN"
         last = assigns[-1]
         mine = final.range_of(name)
-        assert (last["epoch"], last["start"], last["end"]) == (broker.epoch, mine.start, mine.end)
+        assert (last.epoch, last.start, last.end) == (broker.epoch, mine.start, mine.end)
+        assert last.map == final.to_ranges()
         ranges_by_epoch: dict[int, set] = {}
         for a in assigns:
-            ranges_by_epoch.setdefault(a["epoch"], set()).add((a["start"], a["end"]))
+            ranges_by_epoch.setdefault(a.epoch, set()).add((a.start, a.end))
         assert all(len(r) == 1 for r in ranges_by_epoch.values()), assigns
 
 
@@ -119,4 +121,48 @@ def test_a_joining_stage_hears_from_the_broker_at_once(cluster):
     for name, sock in dealers.items():
         assert sock.poll(1000), f"{name} heard nothing"
         msg = P.decode(sock.recv_multipart(copy=False), P.DEFAULT_LIMITS)
-        assert msg.cmd == Cmd.HEARTBEAT and msg.header["epoch"] == broker.epoch
+        assert msg.cmd == Cmd.HEARTBEAT and msg.body.epoch == broker.epoch
+
+
+def _step(rid: str, seq: int) -> tuple[M.Step, tuple[P.TensorDesc, bytes]]:
+    """A one-token prompt step of `rid`, with its token id frame."""
+    step = M.Step(rid=rid, seq=seq, pos=0, n=1, prev=0, hash=1)
+    return step, (P.TensorDesc("int64", (1, 1)), (7).to_bytes(8, "little"))
+
+
+def test_every_refusal_counts_in_status_and_in_the_metric(cluster):
+    """A message that does not decode and one bad item of a STEPS bundle are both refused,
+    and each refusal shows in STATUS `counters` and in the Prometheus counter alike."""
+    broker, _ = cluster
+    client = broker.context.socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    client.connect(broker.endpoint)
+    try:
+        client.send_multipart([P.CLIENT_TAG, bytes([Cmd.STEP]), b"{not json"])
+        bad_rid = _step("no spaces allowed", 0)  # the rid pattern refuses it on decode
+        (bundle,) = P.encode_bundled(P.CLIENT_TAG, [_step("good", 0), bad_rid])
+        client.send_multipart(bundle)
+        errors = []
+        deadline = time.monotonic() + 10
+        while len(errors) < 2:
+            assert time.monotonic() < deadline, f"the broker answered only {errors}"
+            broker.socket.poll(100)
+            broker.read_burst()
+            while client.poll(0):
+                errors.append(P.decode(client.recv_multipart(), P.DEFAULT_LIMITS).body)
+        assert [e.code for e in errors] == [Code.MALFORMED, Code.BAD_REQUEST]
+        assert errors[1].rid == "no spaces allowed" and errors[1].seq == 0
+        assert [s.rid for s in broker.waiting] == ["good"]  # its neighbour was taken
+        metric = broker.metrics.registry.get_sample_value("layerline_malformed_messages_total")
+        assert broker.status().counters["malformed"] == metric == 2
+        # STATUS on the wire says the same.
+        client.send_multipart(P.encode(P.CLIENT_TAG, M.StatusQuery()))
+        deadline = time.monotonic() + 10
+        while not client.poll(0):
+            assert time.monotonic() < deadline, "no STATUS reply"
+            broker.socket.poll(100)
+            broker.read_burst()
+        status = P.decode(client.recv_multipart(), P.DEFAULT_LIMITS).body
+        assert isinstance(status, M.Status) and status.counters["malformed"] == 2
+    finally:
+        client.close(linger=0)

@@ -6,10 +6,12 @@ import itertools
 import math
 import re
 
+import msgspec
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from broker import messages as M
 from broker.layermap import (
     InsufficientMemory,
     LayerCost,
@@ -317,9 +319,13 @@ def test_moved_layers_is_the_set_difference(names, a, b, data):
 
 @settings(max_examples=200, deadline=None)
 @given(names=names_st, num_layers=layers_st, epoch=st.integers(0, 10**6))
-def test_json_round_trip(names, num_layers, epoch):
+def test_ranges_round_trip(names, num_layers, epoch):
+    """The ranges a map travels as (ASSIGN, EVENT, STATUS) rebuild the same map."""
     layer_map = assign_uniform(names, num_layers, epoch)
-    assert LayerMap.from_json(num_layers, layer_map.to_json(), epoch) == layer_map
+    wire = msgspec.json.encode(layer_map.to_ranges())
+    ranges = msgspec.json.decode(wire, type=tuple[M.MapRange, ...])
+    rebuilt = tuple(StageRange(r.stage, r.start, r.end) for r in ranges)
+    assert LayerMap(num_layers, rebuilt, epoch) == layer_map
 
 
 # --- examples ------------------------------------------------------------------------------
@@ -328,7 +334,7 @@ def test_json_round_trip(names, num_layers, epoch):
 def test_uniform_example():
     layer_map = assign_uniform(["s0", "s1", "s2"], 10)
     assert layer_map.describe() == "s0[0,4) s1[4,7) s2[7,10)"
-    assert layer_map.to_json()[1] == {"stage": "s1", "start": 4, "end": 7}
+    assert layer_map.to_ranges()[1] == M.MapRange("s1", 4, 7)
     assert layer_map.stage_for_layer(6) == "s1"
     assert layer_map.range_of("s2") == StageRange("s2", 7, 10)
     assert layer_map.range_of("s9") is None
@@ -401,21 +407,23 @@ def test_errors_for_bad_input():
         assign_capacity([StageCapacity("a", 0)], 4)
 
 
-def test_from_json_rejects_incomplete_or_malformed_maps():
-    good = [{"stage": "a", "start": 0, "end": 2}, {"stage": "b", "start": 2, "end": 4}]
-    assert LayerMap.from_json(4, good).describe() == "a[0,2) b[2,4)"
+def test_layer_maps_reject_incomplete_or_malformed_ranges():
+    good = (StageRange("a", 0, 2), StageRange("b", 2, 4))
+    assert LayerMap(4, good).describe() == "a[0,2) b[2,4)"
     bad = [
-        [{"stage": "a", "start": 0, "end": 2}],  # layers 2-3 missing
-        [good[0], {"stage": "b", "start": 1, "end": 4}],  # overlap
-        [good[1], good[0]],  # out of order
-        [good[0], {"stage": "a", "start": 2, "end": 4}],  # name twice
-        [good[0], {"stage": "b", "start": 2, "end": True}],
-        [good[0], {"stage": "b", "start": 2}],
-        [],
+        good[:1],  # layers 2-3 missing
+        (good[0], StageRange("b", 1, 4)),  # overlap
+        (good[1], good[0]),  # out of order
+        (good[0], StageRange("a", 2, 4)),  # name twice
+        (),
     ]
-    for items in bad:
+    for ranges in bad:
         with pytest.raises(ValueError):
-            LayerMap.from_json(4, items)
+            LayerMap(4, ranges)
+    # A range that is not one on the wire is refused where it is decoded.
+    for item in ({"stage": "b", "start": 2, "end": True}, {"stage": "b", "start": 2}):
+        with pytest.raises(msgspec.ValidationError):
+            msgspec.json.decode(msgspec.json.encode([item]), type=tuple[M.MapRange, ...])
 
 
 def test_moved_layers_when_both_neighbours_leave():
@@ -425,8 +433,8 @@ def test_moved_layers_when_both_neighbours_leave():
     assert moved_layers(old, new, "a") == ((), (0, 1))
 
 
-def _cpu(host: str, cores: int, threads: int) -> dict:
-    return {"device": "cpu", "host": host, "cores": cores, "threads": threads}
+def _cpu(host: str, cores: int, threads: int) -> M.Caps:
+    return M.Caps(device="cpu", host=host, cores=cores, threads=threads)
 
 
 @pytest.mark.parametrize(
@@ -439,8 +447,8 @@ def _cpu(host: str, cores: int, threads: int) -> dict:
         ([_cpu("a", 16, 16)] * 2, 1),
         ([_cpu("a", 2, 1), _cpu("b", 2, 1), _cpu("c", 2, 1)], 3),  # one per host
         ([_cpu("a", 2, 1)] * 3 + [_cpu("b", 4, 1)], 3),
-        ([{"device": "cuda", "host": "a"}] * 2 + [_cpu("a", 2, 1)], 3),
-        ([{"host": "a"}], 1),  # an older stage that reports nothing
+        ([M.Caps(device="cuda", host="a")] * 2 + [_cpu("a", 2, 1)], 3),
+        ([M.Caps(host="a")], 1),  # a stage that reports nothing: the defaults
     ],
 )
 def test_parallel_lanes(caps, lanes):
