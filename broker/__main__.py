@@ -13,6 +13,7 @@ import structlog
 from broker import protocol
 from broker.broker import Broker
 from broker.layermap import STRATEGIES
+from broker.messages import COMPUTE_DTYPES
 from broker.protocol import DEFAULT_LIMITS
 from broker.records import BrokerConfig
 from common.checkpoint import CheckpointError, CheckpointMeta, read_checkpoint
@@ -38,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="balanced: even compute per stage, the head counted (default); uniform: even "
         "layer counts; capacity: layers in proportion to each stage's --memory-mb",
     )
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=D.dtype)
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=D.dtype)
     p.add_argument(
         "--expect-stages",
         type=int,

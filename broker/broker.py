@@ -70,8 +70,7 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
             self.feed.bind(config.feed)
         self.next_feed = 0.0
 
-        dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[config.dtype]
-        wb = checkpoint.weight_bytes(dtype_bytes)
+        wb = checkpoint.weight_bytes(P.DTYPE_SIZES[config.dtype])
         self.cost = LayerCost(
             layer_bytes=wb["layer"], first_extra_bytes=wb["first"], last_extra_bytes=wb["last"]
         )
