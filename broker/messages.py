@@ -124,7 +124,11 @@ class TensorDesc(msgspec.Struct, frozen=True):
 
 
 class Body(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """A message header. `cmd` is the command byte it travels under."""
+    """A message header. `cmd` is the command byte it travels under.
+
+    Fields left at their defaults stay off the wire, except in what clients and monitors read
+    as JSON (STATUS, JOBS, EVENT, cluster events), which spell out every field.
+    """
 
     cmd: ClassVar[Cmd]
     tensors: tuple[TensorDesc, ...] = ()
@@ -393,7 +397,7 @@ class Results(Body, frozen=True, kw_only=True, omit_defaults=True):
     items: Annotated[tuple[StepResult, ...], Meta(min_length=1, max_length=MAX_BUNDLE)]
 
 
-class Event(Body, frozen=True, kw_only=True, omit_defaults=True):
+class Event(Body, frozen=True, kw_only=True, omit_defaults=False):
     """Request `rid` must replay: the map changed (`reshard`) or a stage lost its cache."""
 
     cmd = Cmd.EVENT
@@ -413,12 +417,12 @@ class Pong(Body, frozen=True, kw_only=True, omit_defaults=True):
     epoch: int
 
 
-class ClusterEvent(Body, frozen=True, kw_only=True, omit_defaults=True):
+class ClusterEvent(Body, frozen=True, kw_only=True, omit_defaults=False):
     """Something that happened to the cluster (the feed's `event` topic, STATUS `events`)."""
 
     ts: float
     kind: Literal["join", "rejoin", "leave", "dead", "stalled", "reshard", "not_ready", "ready"]
-    epoch: int
+    epoch: int | None = None
     stage: str | None = None
     host: str | None = None
     cause: str | None = None
@@ -462,7 +466,7 @@ class ActiveRequest(msgspec.Struct, frozen=True, kw_only=True):
     tokens_per_s: float = 0.0
 
 
-class Status(Body, frozen=True, kw_only=True, omit_defaults=True):
+class Status(Body, frozen=True, kw_only=True, omit_defaults=False):
     """The cluster as the broker sees it: the STATUS reply, and the feed's `stats`."""
 
     cmd = Cmd.STATUS
@@ -488,7 +492,7 @@ class Status(Body, frozen=True, kw_only=True, omit_defaults=True):
     active: tuple[ActiveRequest, ...] = ()  # the active requests, in the feed's stats
 
 
-class JobEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class JobEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=False):
     """What a request's EVENT said, kept in its job record."""
 
     event: str
@@ -497,7 +501,7 @@ class JobEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     epoch: int | None = None
 
 
-class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=False):
     """A request, finished (with its outcome) or `active`."""
 
     rid: str

@@ -233,6 +233,14 @@ def test_optional_and_nested_fields_are_validated_where_they_are_decoded(tag, cm
     assert field in e.value.message
 
 
+def test_an_assign_names_a_dtype_a_stage_computes_in():
+    assign = {"epoch": 1, "start": 0, "end": 2, "num_layers": 2, "dtype": "float16"}
+    assert P.decode(raw_message(P.STAGE_TAG, Cmd.ASSIGN, assign)).body.dtype == "float16"
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode(raw_message(P.STAGE_TAG, Cmd.ASSIGN, {**assign, "dtype": "int64"}))
+    assert e.value.code == Code.BAD_REQUEST and "$.dtype" in e.value.message
+
+
 def test_a_refused_step_echoes_the_ids_it_could_read():
     frames = raw_message(
         P.CLIENT_TAG,
