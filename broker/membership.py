@@ -152,7 +152,10 @@ class Membership:
 
     def purge_stages(self, now: float) -> None:
         for stage in list(self.stages.values()):
-            if now - stage.last_seen > self.config.dead_after_s:
+            silence = self.config.dead_after_s
+            if stage.state == "loading":
+                silence = max(silence, self.config.load_grace_s)
+            if now - stage.last_seen > silence:
                 self.stage_dead(stage, cause="silent")
             elif self.is_stalled(stage, now):
                 self.log.warning(

@@ -20,6 +20,10 @@ class BrokerConfig:
     # while costing a few hundred bytes per second.
     heartbeat_s: float = 0.25
     dead_after_s: float = 1.0
+    # A stage that is loading its layers cannot serve anyway, and reading and dequantizing
+    # weights on a busy machine may keep its I/O thread from the CPU for seconds: it is dead
+    # only after this much silence, so that a slow load is not a death and a reshard.
+    load_grace_s: float = 10.0
     # A step may take long (a big prefill); it is stalled only past this floor and
     # stall_factor times its expected duration from the stage's measured per-token time.
     stall_floor_s: float = 5.0

@@ -33,7 +33,7 @@ from client.session import (
 )
 from client.transport import AsyncLink, SyncLink
 from common.defaults import default_broker
-from common.text import DETOKENIZE_CONTEXT, TextAssembler, ships_tokenizer
+from common.text import DETOKENIZE_CONTEXT, TextAssembler, tokenizer_source
 
 
 def query_broker(
@@ -115,27 +115,26 @@ def _load_tokenizer(tokenizer: Any, status: M.Status) -> tuple[Any, Path | None]
     """The tokenizer (None for a checkpoint without one) and the local directory it came from."""
     if tokenizer is not None and not isinstance(tokenizer, str | os.PathLike):
         return tokenizer, None  # already a tokenizer object
-    if tokenizer is None:
-        path = status.model
-        if not Path(path).is_dir():
-            raise ClientError(
-                f"the broker serves the checkpoint {path!r}, which is not on this machine; "
-                "pass tokenizer=DIR (--tokenizer DIR) with a local copy of its tokenizer"
-            )
-        source = Path(path)
-        if not ships_tokenizer(source):
-            return None, source  # a bare checkpoint (tests, benchmarks): token ids only
-    else:
-        source = Path(tokenizer).expanduser()
-        if not source.is_dir():
-            raise ClientError(f"tokenizer directory {source} does not exist")
+    path = Path(status.model if tokenizer is None else tokenizer).expanduser()
+    if not path.exists():
+        if tokenizer is not None:
+            raise ClientError(f"tokenizer {path} does not exist")
+        raise ClientError(
+            f"the broker serves the checkpoint {str(path)!r}, which is not on this machine; "
+            "pass tokenizer=PATH (--tokenizer PATH) with a local copy of its tokenizer"
+        )
+    local = path.parent if path.is_file() else path
+    source = tokenizer_source(path)
+    if source is None:
+        return None, local  # a bare checkpoint (tests, benchmarks): token ids only
     from transformers import AutoTokenizer  # deferred: importing it costs a second
 
+    directory, options = source
     try:
-        loaded = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+        loaded = AutoTokenizer.from_pretrained(directory, local_files_only=True, **options)
     except (OSError, ValueError) as e:
-        raise ClientError(f"cannot load a tokenizer from {source}: {e}") from None
-    return loaded, source
+        raise ClientError(f"cannot load a tokenizer from {path}: {e}") from None
+    return loaded, local
 
 
 class _Frontend:

@@ -1,5 +1,6 @@
-"""A local Hugging Face checkpoint read without torch or transformers: its config.json, where
-each tensor lives, its fingerprint and its context length."""
+"""A local checkpoint read without torch or transformers: its config, where each tensor lives,
+its fingerprint and its context length. A Hugging Face directory (config.json and safetensors)
+is read here; a GGUF file by common/gguf.py, into the same `CheckpointMeta`."""
 
 from __future__ import annotations
 
@@ -50,7 +51,13 @@ UNDECLARED_CONTEXT = 1 << 30
 # and a sample of the bytes at both ends of each file tells two fine-tunes apart.
 SAMPLE_BYTES = 64 * 1024
 
-_LAYER_KEY = re.compile(r"\.(?:layers|h)\.(\d+)\.")
+# A decoder layer's tensors: `model.layers.N.`, GPT-2's `h.N.`, GGUF's `blk.N.`.
+_LAYER_KEY = re.compile(r"(?:^|\.)(?:layers|h|blk)\.(\d+)\.")
+# Tensors of the first stage besides its layers (token and position embeddings) and of the
+# last (final norm, head), in Hugging Face's names and GGUF's.
+_EMBEDDING_KEYS = ("embed", "wte.weight", "wpe.weight", "token_embd.", "position_embd.")
+_TIED_EMBEDDING_KEYS = ("embed_tokens", "wte.weight", "token_embd.weight")
+_HEAD_KEYS = ("lm_head", "output.weight")
 
 
 class CheckpointError(ValueError):
@@ -164,33 +171,58 @@ class CheckpointMeta:
             layer = self.layer_of(key)
             if layer is not None:
                 per_layer[layer] = per_layer.get(layer, 0) + nbytes
-            elif "embed" in key or key.endswith(("wte.weight", "wpe.weight")):
+            elif any(k in key for k in _EMBEDDING_KEYS):
                 first += nbytes
             else:
                 last += nbytes
         if self.raw_config.get("tie_word_embeddings", False) and not any(
-            k.startswith("lm_head") for k in self.tensors
+            k.startswith(_HEAD_KEYS) for k in self.tensors
         ):
             last += max(
                 (
                     self.tensors[k].numel
                     * (dtype_bytes or DTYPE_BYTES.get(self.tensors[k].dtype, 4))
                     for k in self.tensors
-                    if "embed_tokens" in k or k.endswith("wte.weight")
+                    if any(t in k for t in _TIED_EMBEDDING_KEYS)
                 ),
                 default=0,
             )
         return {"layer": max(per_layer.values(), default=0), "first": first, "last": last}
 
 
+def gguf_file_of(path: str | Path) -> Path | None:
+    """The GGUF file a `--model` names: the file itself, or the one `.gguf` of a directory
+    without a config.json. None for a Hugging Face directory."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CheckpointError(f"GGUF file {path} does not exist")
+        return path
+    if not path.is_dir() or (path / CONFIG_FILE).is_file():
+        return None
+    files = sorted(path.glob("*.gguf"))
+    if len(files) > 1:
+        names = ", ".join(f.name for f in files)
+        raise CheckpointError(f"{path} holds several GGUF files ({names}); name one with --model")
+    return files[0] if files else None
+
+
 def read_checkpoint(directory: str | Path) -> CheckpointMeta:
-    """Validate a checkpoint directory and index its tensors, without reading any weight."""
+    """Validate a checkpoint (a Hugging Face directory, or a GGUF file or a directory holding
+    one) and index its tensors, without reading any weight."""
+    gguf = gguf_file_of(directory)
+    if gguf is not None:
+        from common.gguf import read_gguf_checkpoint
+
+        return read_gguf_checkpoint(gguf)
     path = Path(directory)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
-        raise CheckpointError(f"{path} has no config.json; is it a Hugging Face checkpoint?")
+        raise CheckpointError(
+            f"{path} has no config.json and no .gguf file; is it a Hugging Face checkpoint?"
+        )
     config = read_config(config_file)
     try:
         layers = int(config.get("num_hidden_layers") or 0)

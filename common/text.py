@@ -28,6 +28,18 @@ def ships_tokenizer(directory: Path) -> bool:
     return any((directory / name).is_file() for name in TOKENIZER_FILES)
 
 
+def tokenizer_source(model: str | Path) -> tuple[str, dict[str, str]] | None:
+    """Where `AutoTokenizer.from_pretrained` finds a checkpoint's tokenizer: (directory,
+    keyword arguments), a GGUF file's own vocabulary and chat template included. None for a
+    checkpoint without one (it serves token ids only) or one not on this machine."""
+    path = Path(model)
+    if path.suffix == ".gguf" and path.is_file():
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir() and ships_tokenizer(path):
+        return str(path), {}
+    return None
+
+
 class TextAssembler:
     """Turns generated ids into text deltas: incremental detokenization plus stop strings.
 

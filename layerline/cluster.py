@@ -1,9 +1,9 @@
 """A broker and N stages as subprocesses on loopback, always stopped: the one cluster launcher.
 
-`make run-cluster` (`layerline run-cluster`, `python -m layerline.cluster`) builds the demo
-checkpoint if needed, starts the processes, waits until the cluster is ready, shows the layer
-map, runs one demo generation, then keeps the cluster up until Ctrl-C and stops every process
-it started. The tests and the benchmark start their clusters with the same `Cluster`.
+`make run-cluster` (`layerline run-cluster`, `python -m layerline.cluster`) serves the
+built-in model (SmolLM2-135M-Instruct, GGUF) unless told another, starts the processes, waits
+until the cluster is ready, shows the layer map, asks the model one chat question, then keeps
+the cluster up until Ctrl-C and stops every process it started. The tests and the benchmark start their clusters with the same `Cluster`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import IO
 from broker.protocol import feed_endpoint
 from client import Client, ClientError, query_broker
 from common.defaults import DEFAULT_DEMO_DIR
+from common.models import DEMO_QUESTION, builtin_model
 from stage.demo_model import ensure_demo_model
 
 PY = sys.executable
@@ -337,13 +338,16 @@ def format_map(status: dict) -> str:
 
 
 def demo_generation(url: str) -> None:
+    """One greedy chat answer; a checkpoint without a chat template continues a text instead."""
     with Client(url) as client:
-        prompt = "The river carries"
-        result = client.generate(prompt, max_new_tokens=48)
+        chat = getattr(client.tokenizer, "chat_template", None) is not None
+        prompt = DEMO_QUESTION if chat else "The river carries"
+        result = client.generate(prompt, max_new_tokens=48, chat=chat)
         tps = len(result.token_ids) / result.total_s if result.total_s else 0.0
+        shown = f"> {prompt}\n  {result.text.strip()}" if chat else f"  {prompt}{result.text}"
         print(
             f"\ndemo generation ({len(result.token_ids)} tokens, {tps:.0f} tokens/s, "
-            f"finish: {result.finish_reason}):\n  {prompt}{result.text}\n",
+            f"finish: {result.finish_reason}):\n{shown}\n",
             flush=True,
         )
 
@@ -370,7 +374,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="A broker and N stages on loopback, a demo generation, until Ctrl-C.",
     )
     p.add_argument("--stages", type=int, default=int(os.environ.get("STAGES", 3)))
-    p.add_argument("--model", default=os.environ.get("MODEL") or str(DEFAULT_DEMO_DIR))
+    p.add_argument(
+        "--model",
+        default=os.environ.get("MODEL") or None,
+        help="a checkpoint directory or GGUF file (default: the built-in SmolLM2-135M-Instruct; "
+        f"{DEFAULT_DEMO_DIR} is a tiny random one)",
+    )
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", 5555)))
     p.add_argument(
         "--threads",
@@ -385,9 +394,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.stages < 1:
         p.error("--stages must be at least 1")
-    model = Path(args.model)
+    try:
+        model = Path(args.model) if args.model else builtin_model()
+    except ValueError as e:  # CheckpointError: the built-in model is not installed
+        print(f"run-cluster: {e}", file=sys.stderr)
+        return 2
     if str(model) == str(DEFAULT_DEMO_DIR):
         print(f"demo model: {ensure_demo_model(model)}", flush=True)
+    else:
+        print(f"model: {model}", flush=True)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.stages)
     cluster = Cluster(
         model,
@@ -414,8 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_demo:
             demo_generation(cluster.url)
         print(
-            "The demo model's weights are random, so its text is meaningless. Submit more with:\n"
-            f"  .venv/bin/layerline generate --broker {cluster.url} --prompt 'hello' --stream\n"
+            "Submit more with:\n"
+            f"  .venv/bin/layerline generate --broker {cluster.url} --chat "
+            "--prompt 'Name three rivers.' --stream\n"
             f'  .venv/bin/python -c "from client import Client; '
             f"print(Client('{cluster.url}').generate('hello').text)\"\n"
             f"  make tui BROKER={cluster.url}\n"

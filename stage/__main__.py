@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         type=Path,
         default=DEFAULT_DEMO_DIR,
-        help="local Hugging Face checkpoint directory (default: the demo checkpoint)",
+        help="local checkpoint: a Hugging Face directory, a GGUF file, or a directory holding "
+        "one (default: the demo checkpoint)",
     )
     p.add_argument("--name", help="stable stage name (default: HOST-PID)")
     p.add_argument(
@@ -155,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         check_url(args.broker)
     except UsageError as e:
         _fail(str(e))
-    if args.model != DEFAULT_DEMO_DIR and not args.model.is_dir():
-        _fail(f"checkpoint directory {args.model} does not exist")  # before seconds of imports
+    if args.model != DEFAULT_DEMO_DIR and not args.model.exists():
+        _fail(f"checkpoint {args.model} does not exist")  # before seconds of imports
 
     import torch
 

@@ -160,8 +160,14 @@ class Link:
             if session.retry:
                 break
             if now - session.last_rx >= cfg.dead_after:
-                self.log.warning("broker lost", silent_s=round(now - session.last_rx, 3))
-                break
+                # This thread may have been the silent one (a busy machine, a compute thread
+                # holding the GIL): read what the broker sent meanwhile before judging it.
+                self._receive(session)
+                ever_registered = ever_registered or session.registered
+                if now - session.last_rx >= cfg.dead_after and self.exit_code is None:
+                    self.log.warning("broker lost", silent_s=round(now - session.last_rx, 3))
+                    break
+                now = time.monotonic()
             if now >= next_heartbeat:
                 self._send(session, self._heartbeat())
                 next_heartbeat = now + cfg.heartbeat

@@ -1,17 +1,16 @@
 """Loading a shard: layers [start, end) of a checkpoint, holding only their own weights.
 
 The shard is built on the meta device from transformers' own model class and filled only with
-its own tensors, read straight from the checkpoint's safetensors files.
+its own tensors, read straight from the checkpoint's files (safetensors, or GGUF dequantized
+tensor by tensor: `Checkpoint.read_tensors`).
 """
 
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from common.checkpoint import CheckpointError
@@ -114,16 +113,10 @@ def load_shard(
         _fill(parts["norm"], "norm", adapter.norm, ckpt, torch_dtype, dev)
         head = adapter.module(skeleton, "head")
         tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
-        if (
-            tied
-            and parts["embed"] is not None
-            and _checkpoint_key(ckpt, f"{adapter.head}.weight") is None
-        ):
+        if tied and parts["embed"] is not None and ckpt.key_for(f"{adapter.head}.weight") is None:
             head.weight = parts["embed"].weight  # one matrix, as in the monolithic model
         else:
-            fallback = (
-                {"weight": _checkpoint_key(ckpt, f"{adapter.embed}.weight")} if tied else None
-            )
+            fallback = {"weight": ckpt.key_for(f"{adapter.embed}.weight")} if tied else None
             _fill(head, "head", adapter.head, ckpt, torch_dtype, dev, fallback)
         parts["head"] = head
 
@@ -178,7 +171,7 @@ def _fill(
 ) -> None:
     wanted: dict[str, str] = {}
     for name in module.state_dict():
-        key = _checkpoint_key(checkpoint, f"{ckpt_prefix}.{name}")
+        key = checkpoint.key_for(f"{ckpt_prefix}.{name}")
         if key is None and fallback is not None:
             key = fallback.get(name)
         if key is None:
@@ -187,7 +180,7 @@ def _fill(
                 "the checkpoint is incomplete or of another architecture"
             )
         wanted[name] = key
-    tensors = _load_tensors(checkpoint, wanted, dtype, device)
+    tensors = checkpoint.read_tensors(wanted, dtype, device)
     try:
         module.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
@@ -195,36 +188,6 @@ def _fill(
             f"{checkpoint.path}: tensors for {ckpt_prefix} do not fit: {e}"
         ) from e
     _materialize_buffers(module, device)
-
-
-def _checkpoint_key(checkpoint: Checkpoint, key: str) -> str | None:
-    if key in checkpoint.tensors:
-        return key
-    # Original GPT-2 checkpoints store the transformer's tensors without the prefix.
-    bare = key.removeprefix("transformer.")
-    return bare if bare in checkpoint.tensors else None
-
-
-def _load_tensors(
-    checkpoint: Checkpoint, wanted: dict[str, str], dtype: torch.dtype, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """Read exactly the named tensors (local name -> checkpoint key), grouped by file."""
-    by_file: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for local, key in wanted.items():
-        by_file[checkpoint.tensors[key].file].append((local, key))
-    out: dict[str, torch.Tensor] = {}
-    for file, items in sorted(by_file.items()):
-        path = checkpoint.path / file
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for local, key in items:
-                    t = f.get_tensor(key)
-                    if t.is_floating_point():
-                        t = t.to(dtype)
-                    out[local] = t.to(device)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"cannot read tensors from {path}: {e}") from e
-    return out
 
 
 def _materialize_buffers(module: nn.Module, device: torch.device) -> None:

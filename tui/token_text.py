@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import collections
-from pathlib import Path
 from typing import Any
 
 import structlog
 
-from common.text import DETOKENIZE_CONTEXT, TextAssembler, ships_tokenizer
+from common.text import DETOKENIZE_CONTEXT, TextAssembler, tokenizer_source
 from tui.state import MAX_TEXTS
 
 log = structlog.get_logger("tui")
@@ -16,12 +15,14 @@ log = structlog.get_logger("tui")
 
 def load_tokenizer(model: str | None) -> Any:
     """The checkpoint's tokenizer if it is on this machine, else None (the app shows ids)."""
-    if not model or not Path(model).is_dir() or not ships_tokenizer(Path(model)):
+    source = tokenizer_source(model) if model else None
+    if source is None:
         return None
     try:
         from transformers import AutoTokenizer  # deferred: importing it costs a second
 
-        return AutoTokenizer.from_pretrained(model, local_files_only=True)
+        directory, options = source
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True, **options)
     except (OSError, ValueError) as e:
         log.warning("tokenizer_unavailable", model=model, error=str(e))
         return None

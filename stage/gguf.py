@@ -1,0 +1,212 @@
+"""A GGUF checkpoint as a stage opens it: transformers' config and names, tensors dequantized
+one at a time from the file's memory map.
+
+Everything model-specific is transformers' own GGUF support: the config from the file's
+metadata (`AutoConfig.from_pretrained(..., gguf_file=)`), the GGUF -> transformers name map
+(`get_gguf_hf_weights_map` on a meta-device model), and the per-family tensor processors
+(the llama family's Q/K reverse permutation, GPT-2's transposes). A tensor read here is the
+tensor `from_pretrained(..., gguf_file=)` loads, bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PretrainedConfig
+
+from common.checkpoint import CheckpointError
+from common.gguf import GGUFFile, GGUFMeta
+from stage.checkpoint import Checkpoint
+
+
+@dataclass(frozen=True)
+class GGUFCheckpoint(Checkpoint):
+    """`tensors` are the file's, by GGUF name; `names` maps transformers' parameter names to
+    them."""
+
+    gguf: GGUFFile
+    names: dict[str, str] = field(default_factory=dict)
+
+    def key_for(self, name: str) -> str | None:
+        key = self.names.get(name)
+        return key if key in self.tensors else None
+
+    @cached_property
+    def _processor(self):
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+        kind = TENSOR_PROCESSORS.get(self.gguf.architecture, TensorProcessor)
+        return kind(config=self.config.to_dict())
+
+    def read_tensors(
+        self, wanted: dict[str, str], dtype: torch.dtype, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """Dequantize exactly the named tensors (local name -> GGUF name), one at a time."""
+        from gguf import GGMLQuantizationType, dequantize
+
+        out: dict[str, torch.Tensor] = {}
+        # Mapped for this read only: pages of the file stay off the stage's resident memory.
+        data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        for local, key in wanted.items():
+            info = self.gguf.tensors[key]
+            raw = data[info.offset : info.offset + info.nbytes]
+            rows = raw.reshape(*info.shape[:-1], -1) if info.shape else raw
+            try:
+                weights = dequantize(rows, GGMLQuantizationType(info.ggml_type))
+            except (NotImplementedError, ValueError) as e:
+                kind = GGMLQuantizationType(info.ggml_type).name
+                raise CheckpointError(
+                    f"{self.path}: cannot dequantize {key} ({kind}): {e}; "
+                    "convert the file to a common quant type (Q8_0, Q4_K_M, ...)"
+                ) from None
+            parsed: dict[str, dict] = {"tensors": {}}
+            result = self._processor.process(
+                weights=weights,
+                name=key,
+                tensor_key_mapping=self._mapping,
+                parsed_parameters=parsed,
+            )
+            if result.name is None:  # GPT-2's head: the processor stores it itself
+                (tensor,) = parsed["tensors"].values()
+            else:
+                tensor = torch.from_numpy(np.copy(result.weights))
+            if tuple(tensor.shape) != tuple(self._shapes[key]):
+                raise CheckpointError(
+                    f"{self.path}: tensor {key} has shape {list(tensor.shape)} but the "
+                    f"metadata's model needs {list(self._shapes[key])}; the file is corrupt "
+                    "or was converted wrongly"
+                )
+            if tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            out[local] = tensor.to(device)
+        del data
+        return out
+
+    @cached_property
+    def _mapping(self) -> dict[str, str]:
+        return {gguf_name: name for name, gguf_name in self.names.items()}
+
+    @cached_property
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        """What transformers' model expects of each GGUF tensor, from a meta-device model."""
+        from stage.adapters import meta_model
+
+        params = meta_model(self.config, torch.float32).state_dict()
+        return {key: tuple(params[name].shape) for name, key in self.names.items()}
+
+
+# GGUF's architecture names where transformers' model_type differs (as its GGUF loader renames).
+_MODEL_TYPES = {
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "gpt-oss": "gpt_oss",
+    "minimax-m2": "minimax_m2",
+}
+
+
+def transformers_config(gguf: GGUFFile) -> PretrainedConfig:
+    """The config `AutoConfig.from_pretrained(..., gguf_file=)` builds, from the metadata that
+    common/gguf.py already read: transformers' own key tables, the loop of its GGUF loader.
+
+    transformers' loader parses the whole file again, vocabulary included, which takes seconds
+    and holds the GIL while the stage's I/O thread should heartbeat. `tests/test_gguf.py`
+    checks this config equals transformers' own, field by field.
+    """
+    from transformers.integrations import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    meta = gguf.metadata
+    arch = gguf.architecture
+    name = meta.get("general.name")
+    model_type = _MODEL_TYPES.get(arch, arch)
+    if arch == "llama" and name == "mistral":  # llama.cpp writes Mistral as llama
+        model_type = "mistral"
+    config: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in gguf.tensors}
+    for key, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(model_type, {}).items():
+        config.setdefault(key, value)
+    for key, value in meta.items():
+        prefix, _, rest = key.replace(arch, model_type).partition(".")
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, str) and arch in value:
+            value = value.replace(arch, model_type)
+        renamed = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
+        if renamed is not None and renamed != -1:
+            config[renamed] = value
+    if "vocab_size" not in config and meta.get("tokenizer.ggml.tokens") is not None:
+        config["vocab_size"] = len(meta["tokenizer.ggml.tokens"])
+    if config.get("model_type") not in CONFIG_MAPPING:
+        raise CheckpointError(
+            f"{gguf.path} holds a {arch!r} model, which transformers cannot build"
+        )
+    return CONFIG_MAPPING[config["model_type"]].from_dict(config)
+
+
+def open_gguf(meta: GGUFMeta) -> GGUFCheckpoint:
+    """Read transformers' config from the file's metadata and map its tensor names."""
+    from transformers.modeling_gguf_pytorch_utils import (
+        GGUF_SUPPORTED_ARCHITECTURES,
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+    )
+
+    path = meta.path
+    arch = meta.gguf.architecture
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(
+            f"{path} holds a {arch!r} model, which transformers cannot load from GGUF "
+            f"(it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})"
+        )
+    try:
+        config = transformers_config(meta.gguf)
+    except (TypeError, ValueError, KeyError) as e:  # what a config class raises for bad values
+        raise CheckpointError(f"cannot build the model config of {path}: {e}") from e
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+    to_hf = _layer_pattern_map(config, processor, get_gguf_hf_weights_map)
+    names = {name: key for key, name in to_hf.items()}
+    missing = sorted(set(meta.tensors) - set(to_hf))
+    if missing:
+        raise CheckpointError(
+            f"{path} holds tensors a {arch} model does not have ({', '.join(missing[:4])}); "
+            "the file is of another architecture than its metadata says"
+        )
+    return GGUFCheckpoint(
+        path=path,
+        raw_config=meta.raw_config,
+        tensors=meta.tensors,
+        fingerprint=meta.fingerprint,
+        config=config,
+        gguf=meta.gguf,
+        names=names,
+    )
+
+
+def _layer_pattern_map(config: PretrainedConfig, processor, weights_map) -> dict[str, str]:
+    """transformers' GGUF -> parameter name map, built on a one-layer model and repeated for
+    every layer: the names of layer N are layer 0's with N in them, and transformers' own map
+    rebuilds gguf's name table for every submodule, which takes seconds per layer."""
+    from stage.adapters import meta_model
+
+    one = copy.deepcopy(config)
+    one.num_hidden_layers = 1
+    if getattr(config, "layer_types", None) is not None:
+        one.layer_types = list(config.layer_types[:1])
+    single = weights_map(meta_model(one, torch.float32), processor)
+    out: dict[str, str] = {}
+    for key, name in single.items():
+        if not key.startswith("blk.0."):
+            out[key] = name
+            continue
+        for i in range(config.num_hidden_layers):
+            out[f"blk.{i}.{key.removeprefix('blk.0.')}"] = _LAYER_INDEX.sub(rf"\g<1>{i}.", name, 1)
+    return out
+
+
+_LAYER_INDEX = re.compile(r"(\.(?:layers|h)\.)0\.")
