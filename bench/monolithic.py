@@ -13,6 +13,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     dtype = TORCH_DTYPES[args.dtype]
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+    # A GGUF file loads through transformers' own GGUF loader, dequantized as a stage does.
+    source = Path(args.model)
+    where = {"gguf_file": source.name} if source.suffix == ".gguf" else {}
+    directory = source.parent if where else source
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **where)
+    model = model.to(args.device).eval()
     load_s = time.perf_counter() - started
     model.generation_config.eos_token_id = None  # exactly gen-len tokens, as the pipeline runs
     model.generation_config.pad_token_id = 0

@@ -1,4 +1,5 @@
-"""Benchmark checkpoints: the built-in demo model and Llama shapes with seeded random weights.
+"""Benchmark checkpoints: the built-in model (SmolLM2-135M-Instruct, GGUF), the demo model, and
+Llama shapes with seeded random weights.
 
 Random weights run exactly as fast as trained ones, and need no download. A preset is built
 once into `.cache/bench-models/<preset>` and reused while its spec file matches. The weights
@@ -52,7 +53,10 @@ SHAPES: dict[str, dict[str, int]] = {
         "vocab_size": 32000,
     },
 }
-PRESETS = ("demo", *SHAPES)
+# The built-in model, a real GGUF file: dequantized per stage, compared against transformers'
+# own model loaded from the same file.
+GGUF_PRESETS = ("smollm2",)
+PRESETS = ("demo", *GGUF_PRESETS, *SHAPES)
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class Model:
     num_layers: int
     vocab_size: int
     params: int
-    weight_bytes: int  # as stored (fp32)
+    weight_bytes: int  # in float32 (dequantized, for a GGUF file)
 
     def to_json(self) -> dict:
         return {
@@ -86,6 +90,10 @@ def ensure_model(preset: str, cache_dir: Path = CACHE_DIR, log=print) -> Model:
         from stage.demo_model import ensure_demo_model
 
         path = ensure_demo_model(DEFAULT_DEMO_DIR)
+    elif preset == "smollm2":
+        from common.models import builtin_model
+
+        path = builtin_model()
     elif preset in SHAPES:
         path = Path(cache_dir) / preset
         spec = _spec(preset)
@@ -113,7 +121,7 @@ def describe(preset: str, path: Path) -> Model:
         num_layers=int(cfg.num_hidden_layers),
         vocab_size=int(cfg.vocab_size),
         params=params,
-        weight_bytes=ckpt.tensor_bytes(ckpt.tensors),
+        weight_bytes=ckpt.tensor_bytes(ckpt.tensors, 4),
     )
 
 

@@ -147,18 +147,7 @@ def stage_shares(model_path: Path, layer_map: list[dict], dtype: str) -> dict[st
     from stage.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(model_path)
-    size = DTYPE_SIZES[dtype]
-    layers: dict[int, int] = {}
-    first = last = 0
-    for key, info in ckpt.tensors.items():
-        nbytes = info.numel * size
-        layer = ckpt.layer_of(key)
-        if layer is not None:
-            layers[layer] = layers.get(layer, 0) + nbytes
-        elif "embed" in key:
-            first += nbytes
-        else:
-            last += nbytes
+    layers, first, last = ckpt.role_bytes(DTYPE_SIZES[dtype])
     out = {}
     for r in layer_map:
         share = sum(layers.get(i, 0) for i in range(r["start"], r["end"]))

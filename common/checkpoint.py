@@ -164,6 +164,13 @@ class CheckpointMeta:
 
     def weight_bytes(self, dtype_bytes: int | None = None) -> dict[str, int]:
         """Bytes of weights per role: 'layer' (largest layer), 'first' and 'last' extras."""
+        layers, first, last = self.role_bytes(dtype_bytes)
+        return {"layer": max(layers.values(), default=0), "first": first, "last": last}
+
+    def role_bytes(self, dtype_bytes: int | None = None) -> tuple[dict[int, int], int, int]:
+        """Bytes of each layer's weights, of the first stage's extras (embeddings) and of the
+        last's (final norm, head; a tied head counts as a copy of the embedding), at
+        `dtype_bytes` per element (None: as stored)."""
         per_layer: dict[int, int] = {}
         first = last = 0
         for key, info in self.tensors.items():
@@ -180,14 +187,13 @@ class CheckpointMeta:
         ):
             last += max(
                 (
-                    self.tensors[k].numel
-                    * (dtype_bytes or DTYPE_BYTES.get(self.tensors[k].dtype, 4))
-                    for k in self.tensors
+                    info.numel * (dtype_bytes or DTYPE_BYTES.get(info.dtype, 4))
+                    for k, info in self.tensors.items()
                     if any(t in k for t in _TIED_EMBEDDING_KEYS)
                 ),
                 default=0,
             )
-        return {"layer": max(per_layer.values(), default=0), "first": first, "last": last}
+        return per_layer, first, last
 
 
 def gguf_file_of(path: str | Path) -> Path | None:
