@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import signal
 import subprocess
@@ -10,11 +11,10 @@ import sys
 
 import structlog
 
-from broker import protocol
 from broker.broker import Broker
 from broker.layermap import STRATEGIES
 from broker.messages import COMPUTE_DTYPES
-from broker.protocol import DEFAULT_LIMITS
+from broker.protocol import DEFAULT_LIMITS, feed_endpoint
 from broker.records import BrokerConfig
 from common.checkpoint import CheckpointError, CheckpointMeta, read_checkpoint
 from common.defaults import DEFAULT_DEMO_DIR
@@ -111,18 +111,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def feed_endpoint(bind: str, feed: str | None) -> str | None:
-    """The --feed endpoint: given, derived from --bind, or none."""
-    if feed == "none":
-        return None
-    if feed is not None:
-        return feed
-    try:
-        return protocol.feed_endpoint(bind)
-    except ValueError:
-        return None
-
-
 def open_model(model: str) -> CheckpointMeta:
     """The --model checkpoint; the demo one is built first where it is missing or incomplete.
 
@@ -168,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"broker: {e}", file=sys.stderr)
         return 2
+    feed = args.feed
+    if feed is None:
+        with contextlib.suppress(ValueError):  # an endpoint with no port to add one to: no feed
+            feed = feed_endpoint(args.bind)
     config = BrokerConfig(
         bind=args.bind,
         strategy=args.strategy,
@@ -191,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         rebalance_cooldown_s=args.rebalance_cooldown,
         limits=dataclasses.replace(DEFAULT_LIMITS, max_frame_bytes=args.max_frame_mb << 20),
         admin_token=args.admin_token,
-        feed=feed_endpoint(args.bind, args.feed),
+        feed=None if feed == "none" else feed,
     )
     try:
         broker = Broker(config, checkpoint)

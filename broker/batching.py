@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterable, Mapping
 
-from broker.records import StageRecord, Step
+from broker.records import QueuedStep, StageRecord
 
 # A decode FORWARD overtakes a stage's prefills only if they hold this many positions.
 OVERTAKE_POSITIONS = 64
@@ -41,7 +41,7 @@ def linger_deadline(
     return min(expected) + linger_s if expected else None
 
 
-def overtaking(forwards: Iterable[list[Step]]) -> bool:
+def overtaking(forwards: Iterable[list[QueuedStep]]) -> bool:
     """Whether a decode FORWARD may go to a stage beyond its window: when every FORWARD
     it holds is a prefill and together they hold OVERTAKE_POSITIONS positions or more (a
     long prompt's chunk, or many short prompts that arrived together). The stage runs it
@@ -56,7 +56,7 @@ def overtaking(forwards: Iterable[list[Step]]) -> bool:
     )
 
 
-def next_batch(queue: collections.deque[Step], cap: int, budget: int) -> list[Step]:
+def next_batch(queue: collections.deque[QueuedStep], cap: int, budget: int) -> list[QueuedStep]:
     """Take up to `cap` queued steps, one per request, in order, for one FORWARD.
 
     A request's steps keep their order: once one of its steps is left in the queue, so
@@ -77,11 +77,11 @@ def next_batch(queue: collections.deque[Step], cap: int, budget: int) -> list[St
 
 
 def take(
-    queue: collections.deque[Step], cap: int, window: int, budget: int, decode: bool
-) -> list[Step]:
+    queue: collections.deque[QueuedStep], cap: int, window: int, budget: int, decode: bool
+) -> list[QueuedStep]:
     """Pop the steps of one FORWARD of the given kind (see `next_batch`)."""
-    taken: list[Step] = []
-    kept: list[Step] = []
+    taken: list[QueuedStep] = []
+    kept: list[QueuedStep] = []
     rids: set[str] = set()
     blocked: set[str] = set()
     tokens = 0
@@ -108,7 +108,7 @@ def take(
     return taken
 
 
-def decode_turn(queue: collections.deque[Step], window: int) -> bool:
+def decode_turn(queue: collections.deque[QueuedStep], window: int) -> bool:
     """Whether the next FORWARD from `queue` is a decode one (else a prefill one).
 
     A decode step counts only if it may leave now, that is, no earlier step of its request
@@ -116,7 +116,7 @@ def decode_turn(queue: collections.deque[Step], window: int) -> bool:
     first queued step of each request counts towards `window`, so the chunks of a long
     prompt, queued at once, never hide the decode steps behind them.
     """
-    first: Step | None = None
+    first: QueuedStep | None = None
     waiting: set[str] = set()  # requests with a step ahead in the queue
     scanned = 0
     for step in queue:

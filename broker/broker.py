@@ -27,7 +27,7 @@ from broker.layermap import LayerCost, LayerMap
 from broker.membership import Membership
 from broker.metrics import Metrics
 from broker.protocol import Cmd
-from broker.records import BrokerConfig, Request, StageRecord, Step
+from broker.records import BrokerConfig, QueuedStep, Request, StageRecord
 from broker.recovery import Recovery
 from broker.routing import Routing
 from broker.views import Views
@@ -88,7 +88,7 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
         self.rebalance_at: float | None = None
         self.requests: dict[str, Request] = {}
         self.clients_seen: dict[bytes, float] = {}
-        self.waiting: collections.deque[Step] = collections.deque()
+        self.waiting: collections.deque[QueuedStep] = collections.deque()
         self.next_step_id = 1
         self.next_fid = 1  # the id of the next FORWARD
         self.lanes = 1  # stages of the map that can compute at the same time
@@ -178,8 +178,7 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
         except P.ProtocolError as e:
             self.log.warning("malformed_message", code=str(e.code), reason=e.message)
             # Answered in the sender's role where its tag says which; a stranger as a client.
-            tag = frames[1].bytes if len(frames) > 1 and frames[1].bytes in P.TAGS else P.CLIENT_TAG
-            self.refuse(ident, tag, e)
+            self.refuse(ident, e.tag or P.CLIENT_TAG, e)
             return
         if msg.role == "stage":
             stage = self.stage_of(ident)

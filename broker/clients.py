@@ -7,7 +7,7 @@ import time
 from broker import messages as M
 from broker import protocol as P
 from broker.protocol import Code
-from broker.records import Request, Step
+from broker.records import QueuedStep, Request
 
 
 class Clients:
@@ -69,7 +69,7 @@ class Clients:
             and len(self.stages[self.layer_map.ranges[0].name].queue) >= self.config.max_queue
         ):
             return self.busy(ident, body, f"stage queue full ({self.config.max_queue} steps)")
-        step = Step(
+        step = QueuedStep(
             id=self.next_step_id,
             rid=rid,
             seq=body.seq,

@@ -73,13 +73,6 @@ class LayerMap:
         if expected != self.num_layers:
             raise ValueError(f"layer map ends at layer {expected}, expected {self.num_layers}")
 
-    def stage_for_layer(self, layer: int) -> str:
-        """Name of the stage that runs `layer`; IndexError outside [0, num_layers)."""
-        for r in self.ranges:
-            if r.start <= layer < r.end:
-                return r.name
-        raise IndexError(f"layer {layer} outside [0, {self.num_layers})")
-
     def range_of(self, name: str) -> StageRange | None:
         """The range of stage `name`, or None if it holds no layers."""
         return next((r for r in self.ranges if r.name == name), None)
@@ -245,19 +238,6 @@ def plan(
     if strategy == "capacity":
         return assign_capacity(stages, num_layers, cost, epoch)
     raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
-
-
-def moved_layers(
-    old: LayerMap, new: LayerMap, name: str
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(layers stage `name` must newly load, layers it gives away), each sorted, maybe empty."""
-    # Sorted tuples, not ranges: a stage whose neighbours both left gains layers on both sides.
-    if old.num_layers != new.num_layers:
-        raise ValueError(f"maps of different models: {old.num_layers} vs {new.num_layers} layers")
-    was, now = old.range_of(name), new.range_of(name)
-    held = set(range(was.start, was.end)) if was else set()
-    wanted = set(range(now.start, now.end)) if now else set()
-    return tuple(sorted(wanted - held)), tuple(sorted(held - wanted))
 
 
 def parallel_lanes(caps: Sequence[M.Caps]) -> int:

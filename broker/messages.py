@@ -14,6 +14,8 @@ from typing import Annotated, ClassVar, Literal
 import msgspec
 from msgspec import Meta, Raw
 
+from common.defaults import CPU_PREFILL_CHUNK
+
 
 class Cmd(enum.IntEnum):
     # stage <-> broker
@@ -482,7 +484,7 @@ class Status(Body, frozen=True, kw_only=True, omit_defaults=False):
     eos_token_id: int | list[int] | None = None
     vocab_size: int | None = None
     dtype: ComputeDType = "float32"
-    prefill_chunk: Positive = 128
+    prefill_chunk: Positive = CPU_PREFILL_CHUNK
     requests: Count = 0
     counters: dict[str, int] = {}
     uptime_s: float = 0.0

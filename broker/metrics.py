@@ -19,9 +19,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.step_seconds = Histogram(
-            "layerline_stage_step_seconds",
-            "Stage compute time per step",
+        self.forward_seconds = Histogram(
+            "layerline_stage_forward_seconds",
+            "Stage compute time per FORWARD (one batch of steps), as the stage reports it",
             ["stage"],
             buckets=STEP_BUCKETS,
             registry=r,
@@ -107,7 +107,7 @@ class Metrics:
         )
         self.epoch = Gauge("layerline_epoch", "Current layer-map epoch", registry=r)
         self._per_stage = (
-            self.step_seconds,
+            self.forward_seconds,
             self.hop_seconds,
             self.batch_items,
             self.queue_depth,

@@ -96,13 +96,16 @@ BUNDLES = {Cmd.STEPS: Cmd.STEP, Cmd.RESULTS: Cmd.RESULT}
 
 class ProtocolError(Exception):
     """A message that breaks the wire format; `code` goes into the ERROR reply, with `ids`:
-    the request or FORWARD the message named, as far as it could be read."""
+    the request or FORWARD the message named, as far as it could be read. `tag` is the
+    sender's protocol tag where `decode` could read a known one (None otherwise), so that the
+    reply goes out in the sender's role."""
 
     def __init__(self, code: Code, message: str, ids: dict[str, Any] | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.ids = ids or {}
+        self.tag: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -272,16 +275,27 @@ def decode(
     expect: bytes | None = None,
     inbound: bool = False,
 ) -> Message:
-    """Validate and parse one message (without the routing identity). Raises ProtocolError.
+    """Validate and parse one message (without the routing identity). Raises ProtocolError,
+    with the sender's `tag` where it was readable.
 
     `inbound=True` (the broker) reads what a role sends to the broker, and refuses a command
     that role may not send; otherwise it reads what the broker sends to the tag's role.
     """
+    tag = bytes(frame_buffer(frames[0])) if frames and _length(frames[0]) <= 8 else b""
+    try:
+        return _decode(tag, frames, limits, expect, inbound)
+    except ProtocolError as e:
+        e.tag = tag if tag in TAGS else None
+        raise
+
+
+def _decode(
+    tag: bytes, frames: Sequence, limits: Limits, expect: bytes | None, inbound: bool
+) -> Message:
     if len(frames) < 3:
         raise ProtocolError(
             Code.MALFORMED, f"message has {len(frames)} frames; need tag, command, header"
         )
-    tag = bytes(frame_buffer(frames[0])) if _length(frames[0]) <= 8 else b""
     if tag not in TAGS:
         if tag[:2] == b"LL":
             raise ProtocolError(
@@ -342,6 +356,8 @@ def encode(tag: bytes, body: Body, tensors: Sequence = ()) -> list:
 
     A pair is re-sent as the same frame object it arrived in: forwarding never copies.
     """
+    if not hasattr(body, "cmd"):  # ClusterEvent, TokenSeen: their feed topic names them
+        raise TypeError(f"{type(body).__name__} is a feed message; use encode_feed")
     frames, descs = _tensor_frames(tensors)
     if descs:
         body = msgspec.structs.replace(body, tensors=tuple(descs))

@@ -7,19 +7,18 @@ from dataclasses import dataclass, field
 
 from broker import messages as M
 from broker import protocol as P
+from common.defaults import DEAD_AFTER_S, DEFAULT_BROKER, HEARTBEAT_S, MAX_REPLAYS
 
 
 @dataclass(frozen=True)
 class BrokerConfig:
     """Every knob of the broker, with the default and the reason for it."""
 
-    bind: str = "tcp://127.0.0.1:5555"
+    bind: str = DEFAULT_BROKER
     strategy: str = "balanced"
     dtype: str = "float32"
-    # Stages run on one LAN: 250 ms heartbeats notice a dead peer within about a second
-    # while costing a few hundred bytes per second.
-    heartbeat_s: float = 0.25
-    dead_after_s: float = 1.0
+    heartbeat_s: float = HEARTBEAT_S
+    dead_after_s: float = DEAD_AFTER_S
     # A stage that is loading its layers cannot serve anyway, and reading and dequantizing
     # weights on a busy machine may keep its I/O thread from the CPU for seconds: it is dead
     # only after this much silence, so that a slow load is not a death and a reshard.
@@ -51,7 +50,7 @@ class BrokerConfig:
     prefill_chunk: int = 0
     max_requests: int = 512
     max_client_requests: int = 64
-    max_replays: int = 8
+    max_replays: int = MAX_REPLAYS
     busy_retry_s: float = 0.5
     # Stages expected at start: the first map waits for them (or settle_s of quiet) so that
     # a cluster start does not load the whole model on the first stage and then reshard.
@@ -67,8 +66,8 @@ class BrokerConfig:
 
 
 @dataclass
-class Step:
-    """One client step on its way through the pipeline."""
+class QueuedStep:
+    """The broker's record of one client STEP on its way through the pipeline."""
 
     id: int
     rid: str
@@ -103,8 +102,8 @@ class StageRecord:
     start: int = 0
     end: int = 0
     loaded_epoch: int = -1
-    inflight: dict[int, Step] = field(default_factory=dict)  # by step id
-    forwards: dict[int, list[Step]] = field(default_factory=dict)  # by FORWARD id (fid)
+    inflight: dict[int, QueuedStep] = field(default_factory=dict)  # by step id
+    forwards: dict[int, list[QueuedStep]] = field(default_factory=dict)  # by FORWARD id (fid)
     queue: collections.deque = field(default_factory=collections.deque)
     progress: int = 0
     progress_at: float = 0.0

@@ -8,13 +8,13 @@ from broker import batching
 from broker import messages as M
 from broker import protocol as P
 from broker.protocol import Code
-from broker.records import StageRecord, Step
+from broker.records import QueuedStep, StageRecord
 
 
 class Routing:
     """The `Broker`'s path of a step from stage to stage and back to its client."""
 
-    def enqueue(self, step: Step, now: float) -> StageRecord:
+    def enqueue(self, step: QueuedStep, now: float) -> StageRecord:
         step.epoch = self.epoch
         step.enqueued = now
         step.passed = False
@@ -83,7 +83,7 @@ class Routing:
         """Requests per FORWARD that leave a group for every lane of the pipeline."""
         return batching.batch_cap(len(self.requests), self.lanes)
 
-    def next_batch(self, stage: StageRecord, cap: int) -> list[Step]:
+    def next_batch(self, stage: StageRecord, cap: int) -> list[QueuedStep]:
         """Take the steps of the stage's next FORWARD from its queue (`batching.next_batch`)."""
         return batching.next_batch(stage.queue, cap, self.config.forward_tokens)
 
@@ -118,7 +118,7 @@ class Routing:
         compute, queued = body.compute_s, body.queue_s
         computed = [s for i, s in enumerate(steps) if i not in refused]
         tokens = sum(s.item.n for s in computed)
-        self.metrics.step_seconds.labels(stage.name).observe(compute)
+        self.metrics.forward_seconds.labels(stage.name).observe(compute)
         self.metrics.hop_seconds.labels(stage.name).observe(now - steps[0].sent)
         if tokens:
             stage.tokens += tokens
@@ -130,7 +130,7 @@ class Routing:
         stage.progress_at = now
         outputs = iter(zip(msg.frames, msg.descs, strict=True))
         following = None
-        answers: dict[bytes, list[Step]] = {}
+        answers: dict[bytes, list[QueuedStep]] = {}
         for i, step in enumerate(steps):
             live = not step.dead and step.epoch == self.epoch
             if i in refused:
@@ -181,26 +181,26 @@ class Routing:
                     self.step_refused(stage, step, error.code, error.message)
         self.dispatch(stage)
 
-    def take_forward(self, stage: StageRecord, fid: int | None) -> list[Step] | None:
+    def take_forward(self, stage: StageRecord, fid: int | None) -> list[QueuedStep] | None:
         """The steps of an answered FORWARD, no longer outstanding at the stage."""
         steps = stage.forwards.pop(fid, None)
         for step in steps or ():
             stage.inflight.pop(step.id, None)
         return steps
 
-    def step_refused(self, stage: StageRecord, step: Step, code: Code, message: str) -> None:
+    def step_refused(self, stage: StageRecord, step: QueuedStep, code: Code, message: str) -> None:
         """A lost or stale cache asks for a replay; any other refusal fails the step."""
         if code in P.REPLAY_CODES:
             self.replay(step.rid, event="replay", reason=f"stage {stage.name}: {message}")
         else:
             self.fail_step(step, code, f"stage {stage.name}: {message}")
 
-    def fail_step(self, step: Step, code: Code, message: str) -> None:
+    def fail_step(self, step: QueuedStep, code: Code, message: str) -> None:
         step.dead = True
         error = P.error(code, message, rid=step.rid, seq=step.seq)
         self.send(step.client, P.encode(P.CLIENT_TAG, error))
 
-    def deliver(self, client: bytes, steps: list[Step], now: float) -> None:
+    def deliver(self, client: bytes, steps: list[QueuedStep], now: float) -> None:
         """Send one client the logits of its finished steps: one RESULTS for a whole group, so
         the client answers them together and their next steps arrive together."""
         entries = []

@@ -10,13 +10,7 @@ from broker import messages as M
 from broker import protocol as P
 from broker.metrics import STAGE_STATES
 from broker.records import Request, StageRecord
-
-# Prompt chunks advised to clients (STATUS `prefill_chunk`). Measured: on a 2-core CPU
-# (`small`, 3 stages) 128-token chunks gave a 1024-token prompt its first token sooner than 64
-# or 32 and kept 8 other streams' p99 within 2.4x; on an H100 (`tinyllama`, bf16) a 128-token
-# chunk costs about what a decode step does, and a 1024-token prompt in 8 chunks took 221 ms.
-CPU_PREFILL_CHUNK = 128
-ACCELERATOR_PREFILL_CHUNK = 1024
+from common.defaults import ACCELERATOR_PREFILL_CHUNK, CPU_PREFILL_CHUNK
 
 
 def shown_state(stage: StageRecord) -> str:

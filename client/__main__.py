@@ -19,7 +19,7 @@ from typing import Any
 from broker import messages as M
 from client.core import Client, query_broker
 from client.session import ClientError
-from common.defaults import default_broker
+from common.defaults import CLIENT_CONNECT_TIMEOUT_S, default_broker
 from common.logs import configure_logging
 
 SUBCOMMANDS = ("status", "jobs")
@@ -32,7 +32,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--connect-timeout",
         type=float,
-        default=3.0,
+        default=CLIENT_CONNECT_TIMEOUT_S,
         metavar="S",
         help="seconds to wait for the broker's first answer (default: %(default)s)",
     )

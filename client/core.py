@@ -22,7 +22,6 @@ from broker import messages as M
 from broker.protocol import Cmd
 from client.sampling import Sampler, check_sampling_args
 from client.session import (
-    DEFAULT_MAX_REPLAYS,
     ClientError,
     GenerationResult,
     Request,
@@ -32,14 +31,21 @@ from client.session import (
     encode_prompt,
 )
 from client.transport import AsyncLink, SyncLink
-from common.defaults import default_broker
+from common.defaults import (
+    CLIENT_BROKER_TIMEOUT_S,
+    CLIENT_CONNECT_TIMEOUT_S,
+    CLIENT_RECONNECT_TIMEOUT_S,
+    HEARTBEAT_S,
+    MAX_REPLAYS,
+    default_broker,
+)
 from common.text import DETOKENIZE_CONTEXT, TextAssembler, tokenizer_source
 
 
 def query_broker(
     broker: str | None,
     query: M.StatusQuery | M.JobsQuery | None = None,
-    timeout: float = 3.0,
+    timeout: float = CLIENT_CONNECT_TIMEOUT_S,
 ) -> dict:
     """The reply to one STATUS (the default) or JOBS, as JSON, without a tokenizer: for the CLI,
     tools and the cluster launcher. BrokerUnreachable when the broker does not answer in time."""
@@ -47,7 +53,7 @@ def query_broker(
     link = SyncLink(
         broker or default_broker(),
         client_id=secrets.token_hex(4),
-        heartbeat=0.25,
+        heartbeat=HEARTBEAT_S,
         broker_timeout=timeout,
         reconnect_timeout=timeout,
     )
@@ -221,11 +227,11 @@ class Client(_Frontend):
         broker: str | None = None,
         *,
         tokenizer: Any = None,
-        connect_timeout: float = 3.0,
-        broker_timeout: float = 3.0,
-        heartbeat: float = 0.25,
-        reconnect_timeout: float = 30.0,
-        max_replays: int = DEFAULT_MAX_REPLAYS,
+        connect_timeout: float = CLIENT_CONNECT_TIMEOUT_S,
+        broker_timeout: float = CLIENT_BROKER_TIMEOUT_S,
+        heartbeat: float = HEARTBEAT_S,
+        reconnect_timeout: float = CLIENT_RECONNECT_TIMEOUT_S,
+        max_replays: int = MAX_REPLAYS,
         prefill_chunk: int | None = None,
     ):
         super().__init__(max_replays, prefill_chunk)
@@ -284,9 +290,9 @@ class Client(_Frontend):
             timeout,
             ignore_eos,
         )
-        for event in events:
-            if event["type"] == "done":
-                return event["result"]
+        # A stream ends right after its one done event: this reads it to the end.
+        (done,) = [e for e in events if e["type"] == "done"]
+        return done["result"]
 
     def stream(
         self,
@@ -362,11 +368,11 @@ class AsyncClient(_Frontend):
         broker: str | None = None,
         *,
         tokenizer: Any = None,
-        connect_timeout: float = 3.0,
-        broker_timeout: float = 3.0,
-        heartbeat: float = 0.25,
-        reconnect_timeout: float = 30.0,
-        max_replays: int = DEFAULT_MAX_REPLAYS,
+        connect_timeout: float = CLIENT_CONNECT_TIMEOUT_S,
+        broker_timeout: float = CLIENT_BROKER_TIMEOUT_S,
+        heartbeat: float = HEARTBEAT_S,
+        reconnect_timeout: float = CLIENT_RECONNECT_TIMEOUT_S,
+        max_replays: int = MAX_REPLAYS,
         prefill_chunk: int | None = None,
     ):
         super().__init__(max_replays, prefill_chunk)
@@ -443,9 +449,8 @@ class AsyncClient(_Frontend):
             ignore_eos,
         )
         try:
-            async for event in events:
-                if event["type"] == "done":
-                    return event["result"]
+            (done,) = [e async for e in events if e["type"] == "done"]
+            return done["result"]
         finally:
             await events.aclose()
 

@@ -19,10 +19,8 @@ import torch
 from broker import messages as M
 from broker.protocol import EMPTY_PREFIX_HASH, REPLAY_CODES, Cmd, Code, Message, prefix_hash
 from client.sampling import Sampler
+from common.defaults import MAX_REPLAYS
 from common.text import TextAssembler
-
-# Replays per request before giving up; the broker enforces the same default (--max-replays).
-DEFAULT_MAX_REPLAYS = 8
 
 # A message for the broker, not yet encoded: (body, tensors). The transport sends the STEPs
 # that one incoming message caused as one STEPS bundle.
@@ -96,7 +94,7 @@ class Request:
         assembler: TextAssembler,
         eos_ids: frozenset[int],
         prefill_chunk: int,
-        max_replays: int = DEFAULT_MAX_REPLAYS,
+        max_replays: int = MAX_REPLAYS,
     ):
         self.rid = rid
         self.prefill_chunk = prefill_chunk
@@ -364,8 +362,11 @@ def check_prompt(
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
-    if len(ids) + max_new_tokens > context:
+    # The last sampled token is never sent to the cluster: it takes no position.
+    needed = len(ids) + max_new_tokens - 1
+    if needed > context:
         raise ValueError(
-            f"prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} = "
-            f"{len(ids) + max_new_tokens} exceeds the model's context of {context} positions"
+            f"prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} needs {needed} "
+            f"positions, more than the model's context of {context}; shorten the prompt or "
+            "lower max_new_tokens"
         )

@@ -16,15 +16,23 @@ from pathlib import Path
 from typing import NoReturn
 
 from broker.messages import COMPUTE_DTYPES, MAX_BATCH, MAX_CREDITS, MAX_NAME_LENGTH
-from common.defaults import DEFAULT_DEMO_DIR
+from common.defaults import DEAD_AFTER_S, DEFAULT_DEMO_DIR, HEARTBEAT_S
+from stage.config import (
+    DEFAULT_CREDITS,
+    DEFAULT_DRAIN_TIMEOUT_S,
+    DEFAULT_KV_MB,
+    DEFAULT_MAX_BATCH,
+    EXIT_USAGE,
+)
 
 # Idle OpenMP threads spin-wait by default and steal the core that the next stage on the same
 # machine needs, which slows decode badly when stages share cores. Set before torch is
 # imported (the worker imports it lazily).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# Only the standard library and the ground floor's constants above this line: arguments are
-# checked, and torch's thread pools sized, before torch is imported and does any work.
+# Only the standard library, the ground floor's constants and stage.config's above this line:
+# arguments are checked, and torch's thread pools sized, before torch is imported and does any
+# work.
 
 DEVICE_CHOICES = ("cpu", "cuda")
 _URL = re.compile(
@@ -43,7 +51,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _fail(message: str) -> NoReturn:
     print(f"python -m stage: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,15 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch intra-op threads (default: all cores)",
     )
     p.add_argument(
-        "--credits", type=int, default=32, help="FORWARDs held at once (default %(default)s)"
+        "--credits",
+        type=int,
+        default=DEFAULT_CREDITS,
+        help="FORWARDs held at once (default %(default)s)",
     )
     p.add_argument(
         "--max-batch",
         type=int,
-        default=32,
+        default=DEFAULT_MAX_BATCH,
         help="decode steps of different requests run as one batch (1: off, batch-invariant)",
     )
-    p.add_argument("--kv-mb", type=int, default=1024, help="KV cache memory before LRU eviction")
+    p.add_argument(
+        "--kv-mb", type=int, default=DEFAULT_KV_MB, help="KV cache memory before LRU eviction"
+    )
     p.add_argument(
         "--no-row-kernel",
         dest="row_kernel",
@@ -87,17 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="multiply decode groups with BLAS, not the row kernel that a one-thread float32 "
         "CPU stage uses by default (saves about 130 MiB: numba's runtime)",
     )
-    p.add_argument("--heartbeat", type=float, default=0.25, help="heartbeat interval, seconds")
+    p.add_argument(
+        "--heartbeat", type=float, default=HEARTBEAT_S, help="heartbeat interval, seconds"
+    )
     p.add_argument(
         "--dead-after",
         type=float,
-        default=1.0,
+        default=DEAD_AFTER_S,
         help="broker silence after which it is lost, seconds",
     )
     p.add_argument(
         "--drain-timeout",
         type=float,
-        default=30.0,
+        default=DEFAULT_DRAIN_TIMEOUT_S,
         help="after SIGTERM, exit at the latest after this many seconds",
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

@@ -58,11 +58,6 @@ def cache_keyword(module_cls: type[nn.Module]) -> str:
     )
 
 
-def cache_kwargs(module: nn.Module, cache: Cache | None) -> dict[str, Cache | None]:
-    """`{keyword: cache}` for calling a module, a whole model included, with a KV cache."""
-    return {cache_keyword(type(module)): cache}
-
-
 def _get(root: nn.Module, path: str) -> nn.Module | None:
     module: nn.Module | None = root
     for part in path.split("."):
@@ -99,10 +94,6 @@ def build_layer(layer_cls: type[nn.Module], config, global_idx: int) -> nn.Modul
 def set_cache_slot(layer: nn.Module, adapter: Adapter, slot: int) -> None:
     """Point a decoder layer at its slot in a shard's cache (its index within the shard)."""
     getattr(layer, adapter.attention).layer_idx = slot
-
-
-def cache_slot(layer: nn.Module, adapter: Adapter) -> int:
-    return int(getattr(layer, adapter.attention).layer_idx)
 
 
 def build_rotary(skeleton_rotary: nn.Module, config, device: torch.device) -> nn.Module:

@@ -37,6 +37,9 @@ from stage.shard import KVState, Shard
 # Sends the frames of one reply on: to the I/O thread, or straight to the broker when the I/O
 # thread runs the round itself.
 Send = Callable[[list], object]
+# Queued jobs a round looks through, per max_batch: enough to reach decode steps behind
+# deferred prompt chunks, while a long queue costs each round only O(max_batch).
+ROUND_SCAN_FACTOR = 4
 
 
 # --- jobs for the compute thread (one FIFO queue) -------------------------------------------
@@ -246,7 +249,7 @@ class Compute:
         items = len(rids)
         kept: collections.deque = collections.deque()
         scanned = 0
-        while items < self.config.max_batch and scanned < 4 * self.config.max_batch:
+        while items < self.config.max_batch and scanned < ROUND_SCAN_FACTOR * self.config.max_batch:
             if pending:
                 job = pending.popleft()
             else:

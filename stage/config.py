@@ -1,9 +1,12 @@
-"""What a stage is asked to do, and the defaults of each setting with the reason for its value."""
+"""What a stage is asked to do, the defaults of each setting with the reason for its value, and
+the exit codes of `python -m stage`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from common.defaults import DEAD_AFTER_S, HEARTBEAT_S
 
 # Defaults, as in docs/protocol.md ("Limits and timeouts").
 # Credits bound the steps a stage holds; batching needs several of them queued at once, and
@@ -13,10 +16,14 @@ DEFAULT_CREDITS = 32
 # (batch-invariant results, bit-exact with the monolithic forward under any load).
 DEFAULT_MAX_BATCH = 32
 DEFAULT_KV_MB = 1024
-DEFAULT_HEARTBEAT_S = 0.25
-DEFAULT_DEAD_AFTER_S = 1.0
 # Long enough for the broker to move this stage's layers and replay the requests it held.
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+
+# Exit codes, as `python -m stage` documents them. Here, not in stage.link, because the command
+# line needs EXIT_USAGE before it imports torch.
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
 
 
 @dataclass(frozen=True)
@@ -33,8 +40,8 @@ class StageConfig:
     credits: int = DEFAULT_CREDITS
     max_batch: int = DEFAULT_MAX_BATCH
     kv_bytes: int = DEFAULT_KV_MB * 1024 * 1024
-    heartbeat: float = DEFAULT_HEARTBEAT_S
-    dead_after: float = DEFAULT_DEAD_AFTER_S
+    heartbeat: float = HEARTBEAT_S
+    dead_after: float = DEAD_AFTER_S
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S
     # Decode groups of a float32 CPU shard take stage.kernels' row kernel on one thread.
     row_kernel: bool = True

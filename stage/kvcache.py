@@ -6,7 +6,6 @@ heartbeats, which are single attribute reads and safe under the GIL.
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -16,11 +15,10 @@ from stage.shard import KVState
 
 @dataclass
 class Entry:
-    """One request's cache, the prefix hash of what it holds, and when a step last used it."""
+    """One request's cache, the prefix hash of what it holds, and its size in bytes."""
 
     state: KVState
     hash: int
-    last_used: float
     nbytes: int = 0
 
 
@@ -36,7 +34,7 @@ class KVStore:
     def start(self, rid: str, state: KVState) -> Entry:
         """A fresh cache for a step at position 0, replacing any cache the request had."""
         self._drop(rid)
-        entry = Entry(state=state, hash=0, last_used=time.monotonic())
+        entry = Entry(state=state, hash=0)
         self._entries[rid] = entry
         return entry
 
@@ -47,7 +45,6 @@ class KVStore:
         """Record a finished step: the new prefix hash, the cache's size, most recently used."""
         entry = self._entries[rid]
         entry.hash = prefix_hash
-        entry.last_used = time.monotonic()
         size = entry.state.nbytes()
         self._bytes += size - entry.nbytes
         entry.nbytes = size
@@ -83,9 +80,6 @@ class KVStore:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def __contains__(self, rid: object) -> bool:
-        return rid in self._entries
 
     def _drop(self, rid: str) -> bool:
         entry = self._entries.pop(rid, None)

@@ -25,7 +25,7 @@ from broker.messages import Cmd, Code
 from broker.protocol import Message
 from stage.checkpoint import Checkpoint
 from stage.compute import Compute, ForwardJob, LoadJob, ReleaseJob
-from stage.config import StageConfig
+from stage.config import EXIT_OK, EXIT_REFUSED, StageConfig
 
 # Reconnect backoff after losing the broker: fast for a blip, capped so a stage waiting for a
 # restarted broker wakes only every few seconds; the jitter spreads a fleet's reconnects.
@@ -33,10 +33,6 @@ BACKOFF_START_S = 0.1
 BACKOFF_FACTOR = 2.0
 BACKOFF_CAP_S = 5.0
 BACKOFF_JITTER = 0.5
-
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_REFUSED = 3
 
 # The cluster runs another checkpoint or dtype: this stage can never serve it, whenever the
 # broker says so.

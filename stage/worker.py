@@ -13,8 +13,8 @@ import zmq
 
 from stage.checkpoint import Checkpoint, open_checkpoint
 from stage.compute import Compute
-from stage.config import StageConfig
-from stage.link import EXIT_OK, Link
+from stage.config import EXIT_OK, StageConfig
+from stage.link import Link
 
 
 class StageWorker:

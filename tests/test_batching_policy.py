@@ -6,17 +6,19 @@ import collections
 
 from broker import batching
 from broker import messages as M
-from broker.records import StageRecord, Step
+from broker.records import QueuedStep, StageRecord
 
 
-def _step(k: int, rid: str, n: int, pos: int | None = None) -> Step:
+def _step(k: int, rid: str, n: int, pos: int | None = None) -> QueuedStep:
     """Step `k` of `rid`: `n` tokens at `pos`; one token without a pos is a decode."""
     pos = pos if pos is not None else (0 if n > 1 else 40)
     item = M.Item(rid=rid, pos=pos, n=n, prev=0, hash=0)
-    return Step(id=k, rid=rid, seq=k, client=b"c", item=item, frames=[], descs=[], created=0.0)
+    return QueuedStep(
+        id=k, rid=rid, seq=k, client=b"c", item=item, frames=[], descs=[], created=0.0
+    )
 
 
-def _queue(*steps: tuple) -> collections.deque[Step]:
+def _queue(*steps: tuple) -> collections.deque[QueuedStep]:
     return collections.deque(_step(k, *spec) for k, spec in enumerate(steps))
 
 

@@ -8,7 +8,7 @@ import zmq
 
 from broker import messages as M
 from broker.broker import Broker
-from broker.records import BrokerConfig, StageRecord, Step
+from broker.records import BrokerConfig, QueuedStep, StageRecord
 from stage.checkpoint import open_checkpoint
 
 
@@ -29,12 +29,12 @@ def _stage() -> StageRecord:
     return StageRecord(name="s0", ident=b"s0", caps=M.Caps(max_batch=32), credits=32, joined=0.0)
 
 
-def _queue(stage: StageRecord, *steps: tuple[str, int] | tuple[str, int, int]) -> list[Step]:
+def _queue(stage: StageRecord, *steps: tuple[str, int] | tuple[str, int, int]) -> list[QueuedStep]:
     """Queue steps given as (rid, n) or (rid, n, pos); one token without a pos is a decode."""
     out = []
     for k, (rid, n, *at) in enumerate(steps):
         pos = at[0] if at else (0 if n > 1 else 40)
-        step = Step(
+        step = QueuedStep(
             id=k,
             rid=rid,
             seq=k,
@@ -134,7 +134,7 @@ def test_the_advised_prefill_chunk_follows_the_stages_devices(broker):
     """Small chunks while any stage computes on a CPU, large ones when every stage has an
     accelerator (a forward there costs about the same up to a thousand tokens)."""
     from broker.layermap import assign_uniform
-    from broker.views import ACCELERATOR_PREFILL_CHUNK, CPU_PREFILL_CHUNK
+    from common.defaults import ACCELERATOR_PREFILL_CHUNK, CPU_PREFILL_CHUNK
 
     assert broker.prefill_chunk() == CPU_PREFILL_CHUNK  # no map yet
     for name, device in (("a", "cuda"), ("b", "cpu")):

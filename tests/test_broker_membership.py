@@ -166,3 +166,35 @@ def test_every_refusal_counts_in_status_and_in_the_metric(cluster):
         assert isinstance(status, M.Status) and status.counters["malformed"] == 2
     finally:
         client.close(linger=0)
+
+
+def test_a_message_that_does_not_decode_is_answered_in_its_senders_role(cluster):
+    """The ERROR goes out under the tag the sender used where it is a known one, so a stage
+    can read it; a sender whose tag is unknown is answered as a client."""
+    broker, dealers = cluster
+    stage = dealers["s0"]
+    while stage.poll(0):  # what registration brought
+        stage.recv_multipart()
+    stranger = broker.context.socket(zmq.DEALER)
+    stranger.setsockopt(zmq.LINGER, 0)
+    stranger.connect(broker.endpoint)
+    try:
+        stage.send_multipart([P.STAGE_TAG, bytes([Cmd.HEARTBEAT]), b"{not json"])
+        stranger.send_multipart([b"HTTP", b"GET /", b"{}"])
+        replies: dict[str, list] = {"stage": [], "stranger": []}
+        deadline = time.monotonic() + 10
+        while not (replies["stage"] and replies["stranger"]):
+            assert time.monotonic() < deadline, f"the broker answered only {replies}"
+            broker.socket.poll(100)
+            broker.read_burst()
+            for who, sock in (("stage", stage), ("stranger", stranger)):
+                while sock.poll(0):
+                    frames = sock.recv_multipart()
+                    if frames[1] == bytes([Cmd.ERROR]):
+                        replies[who].append(frames)
+        [stage_error], [stranger_error] = replies["stage"], replies["stranger"]
+        assert stage_error[0] == P.STAGE_TAG and stranger_error[0] == P.CLIENT_TAG
+        assert P.decode(stage_error).body.code == Code.MALFORMED
+        assert P.decode(stranger_error).body.code == Code.BAD_VERSION
+    finally:
+        stranger.close(linger=0)

@@ -39,8 +39,9 @@ from client import (
     RequestTimeout,
 )
 from common.text import TextAssembler
-from stage.adapters import cache_kwargs, new_request_cache
+from stage.adapters import new_request_cache
 from stage.demo_model import ensure_demo_model
+from tests.tiny_models import cache_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 EOS = 1
@@ -729,9 +730,36 @@ def test_invalid_arguments_raise_before_anything_is_sent(broker):
                 client.generate(**kwargs)
             with pytest.raises(ValueError):
                 client.stream(**kwargs)  # eager, before the first next()
-        with pytest.raises(ValueError, match=r"2000 tokens \+ max_new_tokens 100 = 2100 .* 2048"):
+        with pytest.raises(
+            ValueError, match=r"2000 tokens \+ max_new_tokens 100 needs 2099 .* 2048"
+        ):
             client.generate(list(range(10, 2010)), max_new_tokens=100)
     assert broker.steps() == []
+
+
+@pytest.mark.timeout(60)
+def test_a_request_may_fill_the_context_exactly(demo_dir, model):
+    """The last sampled token is never sent, so a request needs prompt + max_new_tokens - 1
+    positions: exactly the context is accepted, one more is refused before anything is sent."""
+    fake = FakeBroker(demo_dir, model, forced=[5])  # forced logits: no forward over 2048
+    fake.start()
+    try:
+        with make_client(fake) as client:
+            context = client.model.context
+            prompt = [3] * (context - 8)
+            result = client.generate(prompt, max_new_tokens=9)
+            assert len(result.token_ids) == 9 and result.finish_reason == "length"
+            *_, (_, last) = fake.steps(result.rid)
+            assert last.pos + last.n == context
+            sent = len(fake.steps())
+            with pytest.raises(
+                ValueError, match=f"needs {context + 1} positions, more than .* of {context};"
+            ):
+                client.generate(prompt, max_new_tokens=10)
+            assert len(fake.steps()) == sent
+    finally:
+        fake.stop()
+    assert fake.failures == []
 
 
 @pytest.mark.timeout(60)

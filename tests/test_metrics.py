@@ -65,8 +65,8 @@ def test_metrics_follow_a_stage_death(checkpoints):
         )  # start + death
         assert value(m, "layerline_reshards_total", cause="start") == 1
         assert value(m, "layerline_replays_total", event="reshard") >= 1
-        assert value(m, "layerline_stage_step_seconds_count", stage="s0") > 0
-        assert value(m, "layerline_stage_step_seconds_bucket", stage="s0", le="0.005") > 0
+        assert value(m, "layerline_stage_forward_seconds_count", stage="s0") > 0
+        assert value(m, "layerline_stage_forward_seconds_bucket", stage="s0", le="0.005") > 0
         assert value(m, "layerline_forwarded_bytes_total") > 0
         assert (
             value(m, "layerline_stages", state="ready") + value(m, "layerline_stages", state="busy")

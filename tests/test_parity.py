@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from stage.adapters import cache_kwargs, new_request_cache
+from stage.adapters import new_request_cache
 from stage.loading import load_shard
-from tests.tiny_models import ARCHITECTURES, VOCAB
+from tests.tiny_models import ARCHITECTURES, VOCAB, cache_kwargs
 
 # 5 layers; uneven splits on purpose.
 SPLITS = {

@@ -184,12 +184,17 @@ def _address(frame) -> int:
         ([b"LLC1", bytes((Cmd.END,)), b'{"rid": 5}'], Code.BAD_REQUEST),
         ([b"LLC1", bytes((Cmd.READY,)), b"{}"], Code.UNKNOWN_COMMAND),  # a stage's command
         ([b"LLC1", bytes((Cmd.RESULT,)), b"{}"], Code.UNKNOWN_COMMAND),  # the broker's to send
+        ([b"LLS1", bytes((Cmd.STEP,)), b"{}"], Code.UNKNOWN_COMMAND),  # a client's command
+        ([b"LLS1"], Code.MALFORMED),
+        ([], Code.MALFORMED),
     ],
 )
 def test_malformed_messages_get_a_code(frames, code):
     with pytest.raises(P.ProtocolError) as e:
         P.decode(frames, inbound=True)
     assert e.value.code == code
+    # The tag the sender used, where it is a known one: the ERROR goes out in its role.
+    assert e.value.tag == (frames[0] if frames and frames[0] in P.TAGS else None)
 
 
 @pytest.mark.parametrize(
@@ -421,6 +426,21 @@ def test_the_feed_has_its_own_codec():
     assert e.value.code == Code.BAD_REQUEST
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        M.ClusterEvent(ts=2.0, kind="reshard", epoch=6, cause="silent"),
+        M.TokenSeen(rid="r1", pos=4, n=1, stage="s1", ts=3.0),
+    ],
+)
+def test_a_feed_only_message_is_refused_by_the_command_encoder(body):
+    with pytest.raises(
+        TypeError, match=f"{type(body).__name__} is a feed message; use encode_feed"
+    ):
+        P.encode(P.MONITOR_TAG, body)
+    assert P.encode_feed(body)  # where it belongs
+
+
 frame_bytes = st.binary(max_size=64)
 header_values = st.recursive(
     st.none()
@@ -475,6 +495,7 @@ def test_fuzz_decode_only_raises_protocol_errors(tag, cmd, header, tensors, inbo
         msg = P.decode([tag, cmd, header, *tensors], inbound=inbound)
     except P.ProtocolError as e:
         assert isinstance(e.code, Code) and e.message
+        assert e.tag == (tag if tag in P.TAGS else None)
         return
     # Whatever decodes is internally consistent: one descriptor per frame, lengths match.
     assert len(msg.descs) == len(msg.frames)

@@ -25,7 +25,7 @@ from tests.cluster import Cluster
 from tui.app import HelpScreen, LayerlineApp
 from tui.format import format_map
 from tui.reader import FeedReader
-from tui.records import Link, Notice, Snapshot, Tokens, snapshot_of
+from tui.records import LinkState, Notice, Snapshot, Tokens, snapshot_of
 from tui.state import ClusterState
 from tui.tables import RequestTable, StageTable
 from tui.widgets import EventLog, MapBar, RequestText, StatusLine, ThroughputPanel
@@ -331,17 +331,17 @@ async def test_help_drain_and_quit_keys():
 async def test_broker_lost_is_shown_and_clears_when_stats_resume():
     app, feed = make_app()
     async with app.run_test(size=(120, 30)) as pilot:
-        feed.push(Link("up", NOW - 30), three_stages())
+        feed.push(LinkState("up", NOW - 30), three_stages())
         await settle(pilot)
         status = app.query_one(StatusLine)
         assert "● ready" in rendered(status)
-        feed.push(Link("lost", NOW - 4, "no feed from tcp://127.0.0.1:5556 for 2 s"))
+        feed.push(LinkState("lost", NOW - 4, "no feed from tcp://127.0.0.1:5556 for 2 s"))
         await settle(pilot)
         line = rendered(status)
         assert "broker lost" in line and "reconnecting… 4 s" in line
         assert app.screen.has_class("-stale")  # the last known state stays, dimmed
         feed.push(
-            Link("up", NOW),
+            LinkState("up", NOW),
             three_stages(ready=False, reason="waiting for stages to load their layers"),
         )
         await settle(pilot)
@@ -410,7 +410,7 @@ TEXT_B = ["Tell", " me", " about", " layers", ":", " each", " stage", " holds", 
 def readme_state(feed: FakeFeed) -> None:
     """A realistic session: three stages, a stage lost and replaced, two requests streaming."""
     t = NOW - 40
-    feed.push(Link("up", t - 10))
+    feed.push(LinkState("up", t - 10))
     for name, host in (("s0", "node-a"), ("s1", "node-b"), ("s2", "node-c")):
         feed.push(event("join", t, stage=name, host=host, epoch=EPOCH))
     feed.push(
@@ -532,7 +532,7 @@ def test_feed_reader_snapshot_tokens_drain_and_broker_loss():
                     return next_update(updates, kind, 0.1, where)
             raise AssertionError(f"no {kind.__name__} while publishing")
 
-        assert publish_until(Link, lambda u: u.state == "up")
+        assert publish_until(LinkState, lambda u: u.state == "up")
         step = {"rid": "r1", "stage": "s0", "ts": NOW}
         pub.send_multipart(P.encode_feed(M.TokenSeen(**step, pos=0, n=2), [torch.tensor([[1, 2]])]))
         pub.send_multipart(P.encode_feed(M.TokenSeen(**step, pos=2, n=1), [torch.tensor([[3]])]))
@@ -552,9 +552,9 @@ def test_feed_reader_snapshot_tokens_drain_and_broker_loss():
         )
 
         # Silence: the broker is lost; messages again: it is back and the snapshot is asked anew.
-        lost = next_update(updates, Link, 3, lambda u: u.state == "lost")
+        lost = next_update(updates, LinkState, 3, lambda u: u.state == "lost")
         assert feed in lost.reason
-        assert publish_until(Link, lambda u: u.state == "up")
+        assert publish_until(LinkState, lambda u: u.state == "up")
         kinds = {next_request(router)[1].cmd for _ in range(2)}
         assert kinds == {Cmd.STATUS, Cmd.JOBS}
     finally:

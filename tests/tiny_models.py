@@ -1,10 +1,12 @@
-"""Tiny random checkpoints of every supported architecture, written with save_pretrained."""
+"""Tiny random checkpoints of every supported architecture, written with save_pretrained, and
+the keyword that runs a whole reference model with a KV cache."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     GemmaConfig,
@@ -15,6 +17,8 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+
+from stage.adapters import cache_keyword
 
 VOCAB = 160
 COMMON = dict(
@@ -68,3 +72,8 @@ def make_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, max_shard_size=max_shard_size)
     return directory
+
+
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """`{keyword: cache}` for calling a whole model with a KV cache, in this release's spelling."""
+    return {cache_keyword(type(model)): cache}

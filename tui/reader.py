@@ -22,7 +22,7 @@ import zmq
 from broker import messages as M
 from broker import protocol as P
 from broker.protocol import Cmd
-from tui.records import Link, Notice, Snapshot, Tokens, Update, snapshot_of
+from tui.records import LinkState, Notice, Snapshot, Tokens, Update, snapshot_of
 from tui.token_text import TokenText, load_tokenizer
 
 log = structlog.get_logger("tui")
@@ -35,10 +35,6 @@ REPLY_TIMEOUT_S = 3.0
 POLL_MS = 100
 # Feed messages handled per wake-up before the thread looks at its other socket and commands.
 RECV_BUDGET = 2000
-
-
-def default_feed(broker: str) -> str:
-    return P.feed_endpoint(broker)
 
 
 @dataclass
@@ -66,7 +62,7 @@ class FeedReader:
         tokenizer_loader: Callable[[str | None], Any] = load_tokenizer,
     ):
         self.broker = broker
-        self.feed = feed or default_feed(broker)
+        self.feed = feed or P.feed_endpoint(broker)
         self.admin_token = admin_token
         self.lost_after_s = lost_after_s
         self.reply_timeout_s = reply_timeout_s
@@ -113,7 +109,7 @@ class FeedReader:
             self._loop()
         except Exception as e:  # a bug here must show on screen, not kill the monitor silently
             log.exception("feed_reader_failed")
-            self._post(Link("lost", time.time(), f"monitor reader failed: {e}"))
+            self._post(LinkState("lost", time.time(), f"monitor reader failed: {e}"))
 
     def _dealer(self) -> zmq.Socket:
         sock = self._context.socket(zmq.DEALER)
@@ -134,7 +130,7 @@ class FeedReader:
         self._ask_snapshot(dealer)
         link = "connecting"
         last_feed = time.monotonic()
-        self._post(Link(link, time.time(), f"waiting for the feed at {self.feed}"))
+        self._post(LinkState(link, time.time(), f"waiting for the feed at {self.feed}"))
         try:
             while not self._stopping.is_set():
                 # Silence is judged from before the poll: handling a message may take seconds
@@ -152,12 +148,12 @@ class FeedReader:
                         if link == "lost":
                             self._ask_snapshot(dealer)  # the broker may have restarted
                         link = "up"
-                        self._post(Link(link, time.time()))
+                        self._post(LinkState(link, time.time()))
                 elif link != "lost" and polled_at - last_feed > self.lost_after_s:
                     link = "lost"
                     log.warning("feed_lost", feed=self.feed)
                     self._post(
-                        Link(
+                        LinkState(
                             link,
                             time.time(),
                             f"no feed from {self.feed} for {self.lost_after_s:g} s",

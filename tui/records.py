@@ -43,7 +43,9 @@ class Tokens:
 
 
 @dataclass(frozen=True)
-class Link:
+class LinkState:
+    """The state of the monitor's link to the broker's feed, posted on each change."""
+
     state: str  # connecting | up | lost
     since: float  # wall-clock time of the change
     reason: str = ""
@@ -57,7 +59,7 @@ class Notice:
     error: bool = False
 
 
-Update = Snapshot | ClusterEvent | Tokens | Jobs | Link | Notice
+Update = Snapshot | ClusterEvent | Tokens | Jobs | LinkState | Notice
 
 
 class FeedSource(Protocol):

@@ -13,7 +13,7 @@ from broker.messages import is_decode
 from tui.records import (
     ClusterEvent,
     Jobs,
-    Link,
+    LinkState,
     MapRange,
     Notice,
     Snapshot,
@@ -53,7 +53,7 @@ class ClusterView:
     """Everything the widgets show, frozen at one moment."""
 
     now: float
-    link: Link
+    link: LinkState
     snapshot: Snapshot | None
     colors: Mapping[str, int]  # stage -> palette index, stable for the session
     throughput: tuple[tuple[str, tuple[float, ...]], ...]
@@ -87,7 +87,7 @@ class ClusterState:
         max_texts: int = MAX_TEXTS,
         max_rows: int = MAX_REQUEST_ROWS,
     ):
-        self.link = Link("connecting", 0.0)
+        self.link = LinkState("connecting", 0.0)
         self.snapshot: Snapshot | None = None
         self.samples = samples
         self.throughput: dict[str, collections.deque[float]] = {}
@@ -119,7 +119,7 @@ class ClusterState:
             self._apply_tokens(update)
         elif isinstance(update, Jobs):
             self._apply_jobs(update)
-        elif isinstance(update, Link):
+        elif isinstance(update, LinkState):
             self.link = update
         elif isinstance(update, Notice):
             self.notices.append(update)
