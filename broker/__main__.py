@@ -19,6 +19,7 @@ from broker.records import BrokerConfig
 from common.checkpoint import CheckpointError, CheckpointMeta, read_checkpoint
 from common.defaults import DEFAULT_DEMO_DIR
 from common.logs import configure_logging
+from common.models import builtin_model
 from common.text import ships_tokenizer
 
 D = BrokerConfig()
@@ -29,8 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bind", default=D.bind, help="ROUTER endpoint (default %(default)s)")
     p.add_argument(
         "--model",
-        default=str(DEFAULT_DEMO_DIR),
-        help="local Hugging Face checkpoint directory (default: the built-in demo model)",
+        default=None,
+        help="local checkpoint: a Hugging Face directory, a GGUF file, or a directory holding "
+        f"one (default: the built-in SmolLM2-135M-Instruct; {DEFAULT_DEMO_DIR} is a tiny random "
+        "one, built on first use)",
     )
     p.add_argument(
         "--strategy",
@@ -111,11 +114,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def open_model(model: str) -> CheckpointMeta:
-    """The --model checkpoint; the demo one is built first where it is missing or incomplete.
+def open_model(model: str | None) -> CheckpointMeta:
+    """The --model checkpoint (None: the built-in model); the demo one is built first where it
+    is missing or incomplete.
 
     The builder needs torch, which the broker never imports: it runs in a subprocess.
     """
+    if model is None:
+        return read_checkpoint(builtin_model())
     if model != str(DEFAULT_DEMO_DIR):
         return read_checkpoint(model)
     try:

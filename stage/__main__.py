@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from broker.messages import COMPUTE_DTYPES, MAX_BATCH, MAX_CREDITS, MAX_NAME_LENGTH
 from common.defaults import DEAD_AFTER_S, DEFAULT_DEMO_DIR, HEARTBEAT_S
+from common.models import builtin_model
 from stage.config import (
     DEFAULT_CREDITS,
     DEFAULT_DRAIN_TIMEOUT_S,
@@ -60,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         type=Path,
-        default=DEFAULT_DEMO_DIR,
+        default=None,
         help="local checkpoint: a Hugging Face directory, a GGUF file, or a directory holding "
-        "one (default: the demo checkpoint)",
+        f"one (default: the built-in SmolLM2-135M-Instruct; {DEFAULT_DEMO_DIR} is a tiny random "
+        "one, built on first use)",
     )
     p.add_argument("--name", help="stable stage name (default: HOST-PID)")
     p.add_argument(
@@ -171,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         check_url(args.broker)
     except UsageError as e:
         _fail(str(e))
+    if args.model is None:
+        try:
+            args.model = builtin_model()
+        except ValueError as e:  # CheckpointError: the built-in model is not installed
+            _fail(str(e))
     if args.model != DEFAULT_DEMO_DIR and not args.model.exists():
         _fail(f"checkpoint {args.model} does not exist")  # before seconds of imports
 

@@ -65,10 +65,18 @@ def test_broker_serves_a_checkpoint_without_torch_or_transformers(checkpoints, t
     assert out.strip() == "[]"
 
 
+@pytest.mark.timeout(120)
+def test_broker_serves_the_builtin_gguf_model_without_torch_or_transformers(tmp_path):
+    """By default the broker serves the built-in GGUF file, reading its header only."""
+    maps, out = run_idle_broker(tmp_path, start_s=60)
+    assert "libtorch" not in maps
+    assert out.strip() == "[]"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_broker_builds_the_demo_checkpoint_in_a_subprocess(tmp_path):
-    maps, out = run_idle_broker(tmp_path, start_s=240)
+    maps, out = run_idle_broker(tmp_path, "--model", ".cache/demo-model", start_s=240)
     assert (tmp_path / ".cache/demo-model/tokenizer.json").is_file()
     assert "libtorch" not in maps
     assert out.strip() == "[]"
