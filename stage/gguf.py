@@ -159,17 +159,23 @@ def open_gguf(meta: GGUFMeta) -> GGUFCheckpoint:
 
     path = meta.path
     arch = meta.gguf.architecture
-    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+    # The keys of transformers' GGUF table are its architectures, plus two metadata sections.
+    readable = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})
+    if arch not in readable and _MODEL_TYPES.get(arch, arch) not in readable:
         raise CheckpointError(
             f"{path} holds a {arch!r} model, which transformers cannot load from GGUF "
-            f"(it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})"
+            f"(it reads {', '.join(readable)}); use a Hugging Face checkpoint of it, or "
+            "a GGUF file of one of those"
         )
     try:
         config = transformers_config(meta.gguf)
     except (TypeError, ValueError, KeyError) as e:  # what a config class raises for bad values
         raise CheckpointError(f"cannot build the model config of {path}: {e}") from e
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
-    to_hf = _layer_pattern_map(config, processor, get_gguf_hf_weights_map)
+    try:
+        to_hf = _layer_pattern_map(config, processor, get_gguf_hf_weights_map, arch)
+    except NotImplementedError as e:  # gguf-py knows no tensor names for this architecture
+        raise CheckpointError(f"cannot map the tensor names of {path}: {e}") from None
     names = {name: key for key, name in to_hf.items()}
     missing = sorted(set(meta.tensors) - set(to_hf))
     if missing:
@@ -188,7 +194,9 @@ def open_gguf(meta: GGUFMeta) -> GGUFCheckpoint:
     )
 
 
-def _layer_pattern_map(config: PretrainedConfig, processor, weights_map) -> dict[str, str]:
+def _layer_pattern_map(
+    config: PretrainedConfig, processor, weights_map, architecture: str | None = None
+) -> dict[str, str]:
     """transformers' GGUF -> parameter name map, built on a one-layer model and repeated for
     every layer: the names of layer N are layer 0's with N in them, and transformers' own map
     rebuilds gguf's name table for every submodule, which takes seconds per layer."""
@@ -198,7 +206,9 @@ def _layer_pattern_map(config: PretrainedConfig, processor, weights_map) -> dict
     one.num_hidden_layers = 1
     if getattr(config, "layer_types", None) is not None:
         one.layer_types = list(config.layer_types[:1])
-    single = weights_map(meta_model(one, torch.float32), processor)
+    # The names are the file's: its own architecture's table (a Mistral written by llama.cpp
+    # is a `llama` file, whose config transformers nonetheless builds as mistral).
+    single = weights_map(meta_model(one, torch.float32), processor, model_type=architecture)
     out: dict[str, str] = {}
     for key, name in single.items():
         if not key.startswith("blk.0."):
