@@ -14,7 +14,8 @@ MODEL ?=
 DEMO_DIR := .cache/demo-model
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # What `make canary` runs: exactness, batching, end to end, and the transformers contracts.
-CANARY_TESTS := tests/test_adapters.py tests/test_parity.py tests/test_batching.py tests/test_e2e.py
+CANARY_TESTS := tests/test_adapters.py tests/test_parity.py tests/test_batching.py tests/test_gguf.py \
+	tests/test_e2e.py
 # Extra requirements for the canary, e.g. CANARY_PINS="transformers==5.17.0" for the oldest
 # release the ranges admit.
 CANARY_PINS ?=

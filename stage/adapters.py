@@ -8,7 +8,9 @@ called and cached: the keyword a decoder layer takes its cache by, how masks are
 private attention setting a layer reads, where a layer keeps its cache slot, how a rotary
 module is built, and the cache-layer extension point (`CacheLayerMixin` in
 `Cache(layers=...)`). Each such fact has a contract test in `tests/test_adapters.py`, so a
-release that changes one shows up as one red test with its name.
+release that changes one shows up as one red test with its name. (Reading GGUF files leans on
+transformers' GGUF tables in the same way, in `stage/gguf.py`, with its contract tests in
+`tests/test_gguf.py`.)
 """
 
 from __future__ import annotations
