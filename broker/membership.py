@@ -102,6 +102,7 @@ class Membership:
             self.metrics.stale.inc()
             return
         stage.loaded_epoch = body.epoch
+        stage.load_s = body.load_s
         if stage.state in ("loading", "joining"):
             stage.state = "ready" if stage.end > stage.start else "standby"
         self.log.info(

@@ -457,6 +457,7 @@ class StageStatus(msgspec.Struct, frozen=True, kw_only=True):
     rss_bytes: Count | None = None
     memory_bytes: Count = 0
     last_seen_s: float = 0.0
+    load_s: float | None = None  # its last load of layers, in seconds
 
 
 class ActiveRequest(msgspec.Struct, frozen=True, kw_only=True):

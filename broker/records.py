@@ -102,6 +102,7 @@ class StageRecord:
     start: int = 0
     end: int = 0
     loaded_epoch: int = -1
+    load_s: float | None = None  # how long its last load took, as its LOADED said
     inflight: dict[int, QueuedStep] = field(default_factory=dict)  # by step id
     forwards: dict[int, list[QueuedStep]] = field(default_factory=dict)  # by FORWARD id (fid)
     queue: collections.deque = field(default_factory=collections.deque)
