@@ -68,7 +68,7 @@ def _generate_parser() -> argparse.ArgumentParser:
         "--tokenizer",
         default=None,
         metavar="DIR",
-        help="local tokenizer directory (default: the broker's checkpoint path)",
+        help="local tokenizer: a directory, or a GGUF file (default: the broker's checkpoint)",
     )
     return parser
 

@@ -804,7 +804,7 @@ def test_checkpoint_without_a_tokenizer_takes_token_ids(tmp_path, model):
 @pytest.mark.timeout(60)
 def test_missing_checkpoint_directory_asks_for_a_tokenizer(broker, tmp_path):
     broker.model_dir = tmp_path / "not-here"
-    with pytest.raises(Exception, match="tokenizer=DIR"):
+    with pytest.raises(Exception, match="tokenizer=PATH"):
         make_client(broker)
 
 
