@@ -67,7 +67,7 @@ def _generate_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tokenizer",
         default=None,
-        metavar="DIR",
+        metavar="PATH",
         help="local tokenizer: a directory, or a GGUF file (default: the broker's checkpoint)",
     )
     return parser
