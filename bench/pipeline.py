@@ -103,6 +103,25 @@ def warm_up(url: str, vocab: int, prompt_len: int) -> None:
     _run_sync(url, [prompt(10_000, prompt_len, vocab)], 4, stream=False)
 
 
+def chat_ttft(url: str, question: str, repeats: int = 3) -> dict | None:
+    """Time to the first token of a chat question (the tokenizer's template applied), median
+    of `repeats`; None when the served checkpoint has no chat template."""
+    from client import Client
+
+    with Client(url) as client:
+        if getattr(client.tokenizer, "chat_template", None) is None:
+            return None
+        runs = [
+            client.generate(question, max_new_tokens=1, chat=True, ignore_eos=True)
+            for _ in range(repeats)
+        ]
+    return {
+        "prompt_tokens": len(runs[0].prompt_ids),
+        "ttft_s": statistics.median(r.ttft_s for r in runs),
+        "ttft_runs_s": [r.ttft_s for r in runs],
+    }
+
+
 def run_phase(
     url: str,
     broker_pid: int | None,

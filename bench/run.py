@@ -27,6 +27,7 @@ from bench import brokercpu, longprompt, pipeline, presets
 from bench.cluster import Cluster, bench_env, proc_status
 from bench.stats import median, ratio, summary
 from broker.messages import DTYPE_SIZES
+from common.models import DEMO_QUESTION
 
 SCENARIOS = ("pipeline", "monolithic", "zmq", "long-prompt", "broker-cpu", "memory")
 DEFAULT_SCENARIOS = ("pipeline", "monolithic", "zmq")
@@ -275,6 +276,15 @@ def run_pipeline(run: Run, model: presets.Model, stages: int, threads: int, omp:
         status = cluster.status(5.0)
         pipeline.warm_up(cluster.url, model.vocab_size, o.prompt_len)
         names = [r["stage"] for r in status["map"]]
+        # How long each stage took to load its share, as its LOADED said.
+        load_s = {s["name"]: s["load_s"] for s in status["stages"]}
+        run.log(f"  {name} stage load: " + ", ".join(f"{k} {v:.1f} s" for k, v in load_s.items()))
+        chat = pipeline.chat_ttft(cluster.url, DEMO_QUESTION)
+        if chat is not None:
+            run.log(
+                f"  {name} chat question ({chat['prompt_tokens']} tokens): "
+                f"TTFT {chat['ttft_s'] * 1e3:.0f} ms"
+            )
         for c in o.concurrency:
             n = max(o.requests, c) if c == 1 else max(o.requests, 2 * c)
             phase = pipeline.run_phase(
@@ -304,6 +314,8 @@ def run_pipeline(run: Run, model: presets.Model, stages: int, threads: int, omp:
                     "threads": threads,
                     "omp_wait_policy": omp,
                     "map": status["map"],
+                    "stage_load_s": load_s,
+                    "chat": chat,
                     **fig,
                 }
             )
