@@ -58,7 +58,7 @@ class GGUFCheckpoint(Checkpoint):
             raw = data[info.offset : info.offset + info.nbytes]
             rows = raw.reshape(*info.shape[:-1], -1) if info.shape else raw
             try:
-                weights = dequantize(rows, GGMLQuantizationType(info.ggml_type))
+                weights = _dequantize(rows, GGMLQuantizationType(info.ggml_type), dequantize)
             except (NotImplementedError, ValueError) as e:
                 kind = GGMLQuantizationType(info.ggml_type).name
                 raise CheckpointError(
@@ -75,7 +75,10 @@ class GGUFCheckpoint(Checkpoint):
             if result.name is None:  # GPT-2's head: the processor stores it itself
                 (tensor,) = parsed["tensors"].values()
             else:
-                tensor = torch.from_numpy(np.copy(result.weights))
+                array = result.weights
+                if not (array.flags.c_contiguous and array.flags.owndata):
+                    array = np.array(array)  # a processor's view (a permutation, a transpose)
+                tensor = torch.from_numpy(array)
             if tuple(tensor.shape) != tuple(self._shapes[key]):
                 raise CheckpointError(
                     f"{self.path}: tensor {key} has shape {list(tensor.shape)} but the "
@@ -220,3 +223,22 @@ def _layer_pattern_map(
 
 
 _LAYER_INDEX = re.compile(r"(\.(?:layers|h)\.)0\.")
+
+
+# Rows dequantized at a time: gguf's dequantizers build temporaries as large as their input's
+# float32 values, so a 49k-row embedding dequantized at once briefly takes three times its size.
+DEQUANTIZE_ROWS = 4096
+
+
+def _dequantize(rows: np.ndarray, kind, dequantize) -> np.ndarray:
+    """`dequantize(rows, kind)`, a block of rows at a time, into one array of its own (blocks
+    are independent, so the values are those of one call)."""
+    if rows.ndim < 2:
+        return np.array(dequantize(rows, kind))
+    first = dequantize(rows[:DEQUANTIZE_ROWS], kind)
+    out = np.empty((rows.shape[0], *first.shape[1:]), dtype=first.dtype)
+    out[:DEQUANTIZE_ROWS] = first
+    del first
+    for at in range(DEQUANTIZE_ROWS, rows.shape[0], DEQUANTIZE_ROWS):
+        out[at : at + DEQUANTIZE_ROWS] = dequantize(rows[at : at + DEQUANTIZE_ROWS], kind)
+    return out
