@@ -34,15 +34,14 @@ from client import Client
 from common.checkpoint import CheckpointError, read_checkpoint
 from common.gguf import read_gguf
 from common.models import DEMO_QUESTION, builtin_model
-from stage.adapters import meta_model, new_request_cache
+from stage.adapters import meta_model
 from stage.checkpoint import open_checkpoint
 from stage.gguf import _layer_pattern_map, transformers_config
 from stage.loading import load_shard
 from tests.cluster import Cluster
 from tests.test_e2e import prompt_ids
-from tests.test_parity import PROMPT_LEN, SPLITS, _prompt, _run
+from tests.test_parity import SPLITS, assert_chain_equals_reference
 from tests.tiny_gguf import SUPPORTED, make_gguf
-from tests.tiny_models import cache_kwargs
 
 # (architecture, quant) of the exactness tests: a llama-family file (Q/K permuted by the
 # loader), a tied-head one (qwen2) and GPT-2 (Conv1D transposes, learned positions).
@@ -259,29 +258,10 @@ def test_shard_tensors_equal_from_pretrained(gguf_file, reference, arch, quant, 
 @pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize(("arch", "quant"), CASES)
 def test_prefill_and_decode_bit_exact(gguf_file, reference, arch, quant, split):
-    ref = reference(arch, quant)
     ckpt = open_checkpoint(gguf_file(arch, quant))
     shards = [load_shard(ckpt, a, b) for a, b in SPLITS[split]]
-    states = [s.new_cache() for s in shards]
-    ref_cache = new_request_cache(ref.config)
-
-    ids = _prompt()
-    with torch.no_grad():
-        for step in range(DECODE_STEPS + 1):
-            out = ref(
-                ids, **cache_kwargs(ref, ref_cache), use_cache=True, output_hidden_states=True
-            )
-            boundaries, logits = _run(shards, states, ids)
-            for layer, hidden in boundaries:
-                assert torch.equal(hidden, out.hidden_states[layer]), (
-                    f"{arch} {quant} split {split}: hidden state at layer {layer} differs "
-                    f"at step {step}"
-                )
-            assert torch.equal(logits, out.logits), (
-                f"{arch} {quant} split {split}: logits differ at step {step}"
-            )
-            ids = out.logits[:, -1:].argmax(-1)
-    assert all(state.length == PROMPT_LEN + DECODE_STEPS for state in states)
+    label = f"{arch} {quant} split {split}"
+    assert_chain_equals_reference(reference(arch, quant), shards, label, DECODE_STEPS)
 
 
 # ---- 4. end to end through real processes -----------------------------------------------------

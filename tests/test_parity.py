@@ -50,28 +50,31 @@ def _reference(directory, dtype=torch.float32):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_prefill_and_decode_bit_exact(checkpoints, arch, split):
     directory = checkpoints[arch]
-    ref = _reference(directory)
     shards = [load_shard(directory, a, b) for a, b in SPLITS[split]]
+    assert_chain_equals_reference(_reference(directory), shards, f"{arch} split {split}")
+
+
+def assert_chain_equals_reference(
+    ref, shards, label: str, decode_steps: int = DECODE_STEPS
+) -> None:
+    """Prefill then `decode_steps` greedy steps through the chained shards: every stage
+    boundary and the logits equal the monolithic forward's, bit for bit."""
     states = [s.new_cache() for s in shards]
     ref_cache = new_request_cache(ref.config)
-
     ids = _prompt()
     with torch.no_grad():
-        for step in range(DECODE_STEPS + 1):
+        for step in range(decode_steps + 1):
             out = ref(
                 ids, **cache_kwargs(ref, ref_cache), use_cache=True, output_hidden_states=True
             )
             boundaries, logits = _run(shards, states, ids)
             for layer, hidden in boundaries:
                 assert torch.equal(hidden, out.hidden_states[layer]), (
-                    f"{arch} split {split}: hidden state at layer {layer} differs at step {step}"
+                    f"{label}: hidden state at layer {layer} differs at step {step}"
                 )
-            assert torch.equal(logits, out.logits), (
-                f"{arch} split {split}: logits differ at step {step}"
-            )
+            assert torch.equal(logits, out.logits), f"{label}: logits differ at step {step}"
             ids = out.logits[:, -1:].argmax(-1)
-    for _shard, state in zip(shards, states, strict=True):
-        assert state.length == PROMPT_LEN + DECODE_STEPS
+    assert all(state.length == PROMPT_LEN + decode_steps for state in states)
 
 
 def _greedy(shards, prompt, n):
