@@ -284,9 +284,12 @@ def _check_greedy(cluster: Cluster, model: torch.nn.Module, prompt: list[int]) -
 
 
 @pytest.mark.timeout(240)
-def test_greedy_through_three_stages_gpt2_f32(gguf_file, reference):
-    with Cluster(gguf_file("gpt2", "F32"), 3) as cluster:
-        _check_greedy(cluster, reference("gpt2", "F32"), prompt_ids(22))
+@pytest.mark.parametrize(("arch", "quant", "seed"), [("gpt2", "F32", 22), ("qwen2", "Q4_0", 23)])
+def test_greedy_through_three_stages(gguf_file, reference, arch, quant, seed):
+    """A third architecture and a second quant type through real stage processes (llama Q8_0
+    has its own cluster, below): learned positions and fused qkv; biases and a tied head."""
+    with Cluster(gguf_file(arch, quant), 3) as cluster:
+        _check_greedy(cluster, reference(arch, quant), prompt_ids(seed))
 
 
 @pytest.mark.timeout(600)
