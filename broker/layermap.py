@@ -141,8 +141,8 @@ def assign_balanced(
     The last stage also runs the final norm and the head, which cost `head_layers` decoder
     layers (their weights over a layer's: a decode step reads every weight once). Among the
     splits with the smallest largest share, the most even one wins, and then the one with
-    more layers early. With `head_layers` 0 this is `assign_uniform`. Measured on `small`
-    (8 layers, a head of 5.5 layers): 3 stages get 4, 3 and 1 layers instead of 3, 3 and 2.
+    more layers early. With `head_layers` 0 this is `assign_uniform`. For example, 8 layers
+    with a head worth 5.5 layers go to 3 stages as 4, 3 and 1 layers instead of 3, 3 and 2.
     """
     _check_inputs(names, num_layers)
     if head_layers < 0:

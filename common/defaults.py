@@ -35,10 +35,10 @@ CLIENT_RECONNECT_TIMEOUT_S = 30.0
 # broker: each fault costs a request one replay, so more than this many during one request
 # means the cluster is unstable, not unlucky.
 MAX_REPLAYS = 8
-# Prompt chunks the broker advises clients (STATUS `prefill_chunk`). Measured: on a 2-core CPU
-# (`small`, 3 stages) 128-token chunks gave a 1024-token prompt its first token sooner than 64
-# or 32 and kept 8 other streams' p99 within 2.4x; on an H100 (`tinyllama`, bf16) a 128-token
-# chunk costs about what a decode step does, and a 1024-token prompt in 8 chunks took 221 ms.
+# Prompt chunks the broker advises clients (STATUS `prefill_chunk`). On a CPU a chunk's compute
+# holds every decode group behind it, so chunks stay short; on an accelerator a forward costs
+# about the same up to a thousand tokens, so small chunks only multiply the waits. The figures
+# behind both are in docs/performance.md (the long-prompt figures, CPU and GPU).
 CPU_PREFILL_CHUNK = 128
 ACCELERATOR_PREFILL_CHUNK = 1024
 
