@@ -151,6 +151,7 @@ def text(rep: dict) -> str:
                 r["stage"],
                 f"[{r['start']},{r['end']})",
                 f"{r['share_bytes'] / 2**20:.0f}",
+                f"{r.get('runtime_bytes', 0) / 2**20:.0f}",
                 f"{(r['peak_rss_bytes'] or 0) / 2**20:.0f}",
                 f"{r['limit_bytes'] / 2**20:.0f}",
                 f"{(r['rss_file_bytes'] or 0) / 2**20:.0f}",
@@ -161,7 +162,17 @@ def text(rep: dict) -> str:
         parts.append(f"\nstage memory, {mem['preset']} (MiB)")
         parts.append(
             _table(
-                ["stage", "layers", "share", "peak RSS", "limit", "file-backed now", "met"], rows
+                [
+                    "stage",
+                    "layers",
+                    "share",
+                    "runtime",
+                    "peak RSS",
+                    "limit",
+                    "file-backed now",
+                    "met",
+                ],
+                rows,
             )
         )
     if rep.get("long_prompt"):

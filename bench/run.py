@@ -43,8 +43,10 @@ STREAMS_MONOLITHIC_TARGET = 0.8  # aggregate tokens/s at 8 streams / batch-8 gen
 STREAMS_P99_TARGET = 3.0  # p99 time per output token at 16 streams / batch 1
 LONG_TTFT_TARGET = 2.0  # long prompt's TTFT while others decode / idle
 LONG_P99_TARGET = 3.0  # others' p99 time per token during a long prefill / without it
-MEMORY_FACTOR = 1.15  # peak RSS <= 1.15 x weight share + 350 MB
-MEMORY_FIXED_BYTES = 350_000_000
+# Stage peak RSS <= 1.15 x its weight share + its runtime (what it held before its first
+# layer: the interpreter, torch, transformers, the row kernel, the checkpoint's index; STATUS's
+# `runtime_bytes`).
+MEMORY_FACTOR = 1.15
 
 
 @dataclass(frozen=True)
@@ -160,12 +162,14 @@ def stage_shares(model_path: Path, layer_map: list[dict], dtype: str) -> dict[st
 
 def stage_memory(cluster: Cluster, status: dict, model_path: Path, dtype: str) -> list[dict]:
     shares = stage_shares(model_path, status["map"], dtype)
+    stage_status = {s["name"]: s for s in status["stages"]}
     rows = []
     for r in status["map"]:
         pid = cluster.stages[r["stage"]].pid
         mem = proc_status(pid)
         share = shares[r["stage"]]
-        limit = MEMORY_FACTOR * share + MEMORY_FIXED_BYTES
+        runtime = stage_status[r["stage"]]["runtime_bytes"]
+        limit = MEMORY_FACTOR * share + runtime
         hwm = mem.get("VmHWM")
         rows.append(
             {
@@ -174,6 +178,7 @@ def stage_memory(cluster: Cluster, status: dict, model_path: Path, dtype: str) -
                 "end": r["end"],
                 "pid": pid,
                 "share_bytes": share,
+                "runtime_bytes": runtime,
                 "peak_rss_bytes": hwm,
                 "rss_bytes": mem.get("VmRSS"),
                 "rss_anon_bytes": mem.get("RssAnon"),
@@ -645,7 +650,7 @@ def targets(rep: dict) -> list[dict]:
         worst = max(mem["stages"], key=lambda r: (r["peak_rss_bytes"] or 0) / r["limit_bytes"])
         out.append(
             {
-                "target": "stage peak RSS / (1.15 x share + 350 MB), worst stage",
+                "target": "stage peak RSS / (1.15 x share + runtime), worst stage",
                 "config": f"{mem['preset']}, {len(mem['stages'])} stages",
                 "figure": (worst["peak_rss_bytes"] or 0) / worst["limit_bytes"],
                 "limit": 1.0,

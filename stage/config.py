@@ -34,6 +34,9 @@ class StageConfig:
     model: Path
     name: str
     memory_bytes: int
+    # Resident before any layer is loaded: the interpreter, torch, transformers, the row
+    # kernel and the checkpoint's index. A stage's memory is this plus what its layers take.
+    runtime_bytes: int = 0
     device: str = "cpu"
     dtype: str = "float32"
     threads: int = 1

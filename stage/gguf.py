@@ -1,5 +1,5 @@
 """A GGUF checkpoint as a stage opens it: transformers' config and names, tensors dequantized
-one at a time from the file's memory map.
+one at a time, a block of rows at a time, from the file.
 
 Everything model-specific is transformers' own GGUF support: the config from the file's
 metadata (`AutoConfig.from_pretrained(..., gguf_file=)`), the GGUF -> transformers name map
@@ -11,17 +11,18 @@ tensor `from_pretrained(..., gguf_file=)` loads, bit for bit.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from transformers import PretrainedConfig
 
 from common.checkpoint import CheckpointError
-from common.gguf import GGUFFile, GGUFMeta
+from common.gguf import GGUFFile, GGUFMeta, GGUFTensor
 from stage.checkpoint import Checkpoint
 
 
@@ -51,45 +52,47 @@ class GGUFCheckpoint(Checkpoint):
         from gguf import GGMLQuantizationType, dequantize
 
         out: dict[str, torch.Tensor] = {}
-        # Mapped for this read only: pages of the file stay off the stage's resident memory.
-        data = np.memmap(self.path, dtype=np.uint8, mode="r")
-        for local, key in wanted.items():
-            info = self.gguf.tensors[key]
-            raw = data[info.offset : info.offset + info.nbytes]
-            rows = raw.reshape(*info.shape[:-1], -1) if info.shape else raw
-            try:
-                weights = _dequantize(rows, GGMLQuantizationType(info.ggml_type), dequantize)
-            except (NotImplementedError, ValueError) as e:
-                kind = GGMLQuantizationType(info.ggml_type).name
-                raise CheckpointError(
-                    f"{self.path}: cannot dequantize {key} ({kind}): {e}; "
-                    "convert the file to a common quant type (Q8_0, Q4_K_M, ...)"
-                ) from None
-            parsed: dict[str, dict] = {"tensors": {}}
-            result = self._processor.process(
-                weights=weights,
-                name=key,
-                tensor_key_mapping=self._mapping,
-                parsed_parameters=parsed,
-            )
-            if result.name is None:  # GPT-2's head: the processor stores it itself
-                (tensor,) = parsed["tensors"].values()
-            else:
-                array = result.weights
-                if not (array.flags.c_contiguous and array.flags.owndata):
-                    array = np.array(array)  # a processor's view (a permutation, a transpose)
-                tensor = torch.from_numpy(array)
-            if tuple(tensor.shape) != tuple(self._shapes[key]):
-                raise CheckpointError(
-                    f"{self.path}: tensor {key} has shape {list(tensor.shape)} but the "
-                    f"metadata's model needs {list(self._shapes[key])}; the file is corrupt "
-                    "or was converted wrongly"
-                )
-            if tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            out[local] = tensor.to(device)
-        del data
+        with open(self.path, "rb") as f:
+            for local, key in wanted.items():
+                info = self.gguf.tensors[key]
+                try:
+                    weights = _dequantize(f, info, GGMLQuantizationType(info.ggml_type), dequantize)
+                except (NotImplementedError, ValueError) as e:
+                    kind = GGMLQuantizationType(info.ggml_type).name
+                    raise CheckpointError(
+                        f"{self.path}: cannot dequantize {key} ({kind}): {e}; "
+                        "convert the file to a common quant type (Q8_0, Q4_K_M, ...)"
+                    ) from None
+                out[local] = self._to_torch(key, weights, dtype, device)
         return out
+
+    def _to_torch(
+        self, key: str, weights: np.ndarray, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """One dequantized tensor through transformers' tensor processor, checked and cast."""
+        parsed: dict[str, dict] = {"tensors": {}}
+        result = self._processor.process(
+            weights=weights,
+            name=key,
+            tensor_key_mapping=self._mapping,
+            parsed_parameters=parsed,
+        )
+        if result.name is None:  # GPT-2's head: the processor stores it itself
+            (tensor,) = parsed["tensors"].values()
+        else:
+            array = result.weights
+            if not (array.flags.c_contiguous and array.flags.owndata):
+                array = np.array(array)  # a processor's view (a permutation, a transpose)
+            tensor = torch.from_numpy(array)
+        if tuple(tensor.shape) != tuple(self._shapes[key]):
+            raise CheckpointError(
+                f"{self.path}: tensor {key} has shape {list(tensor.shape)} but the "
+                f"metadata's model needs {list(self._shapes[key])}; the file is corrupt "
+                "or was converted wrongly"
+            )
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        return tensor.to(device)
 
     @cached_property
     def _mapping(self) -> dict[str, str]:
@@ -225,20 +228,38 @@ def _layer_pattern_map(
 _LAYER_INDEX = re.compile(r"(\.(?:layers|h)\.)0\.")
 
 
-# Rows dequantized at a time: gguf's dequantizers build temporaries as large as their input's
-# float32 values, so a 49k-row embedding dequantized at once briefly takes three times its size.
-DEQUANTIZE_ROWS = 4096
+# Float32 bytes dequantized at a time. gguf's dequantizers build temporaries several times the
+# size of their output, and the quantized blocks are read with plain reads, not mapped, so that
+# neither a whole 49k-row embedding's temporaries nor its file pages count in the stage's memory.
+DEQUANTIZE_BYTES = 4 << 20
 
 
-def _dequantize(rows: np.ndarray, kind, dequantize) -> np.ndarray:
-    """`dequantize(rows, kind)`, a block of rows at a time, into one array of its own (blocks
-    are independent, so the values are those of one call)."""
-    if rows.ndim < 2:
-        return np.array(dequantize(rows, kind))
-    first = dequantize(rows[:DEQUANTIZE_ROWS], kind)
-    out = np.empty((rows.shape[0], *first.shape[1:]), dtype=first.dtype)
-    out[:DEQUANTIZE_ROWS] = first
-    del first
-    for at in range(DEQUANTIZE_ROWS, rows.shape[0], DEQUANTIZE_ROWS):
-        out[at : at + DEQUANTIZE_ROWS] = dequantize(rows[at : at + DEQUANTIZE_ROWS], kind)
+def _dequantize(f: BinaryIO, info: GGUFTensor, kind, dequantize) -> np.ndarray:
+    """`dequantize(blocks, kind)` of one tensor, read and dequantized a block of rows at a time
+    into one array of its own (blocks are independent, so the values are those of one call)."""
+    if len(info.shape) < 2:
+        return np.array(dequantize(_read(f, info, 0, info.nbytes), kind))
+    slices = info.shape[0]
+    slice_bytes = info.nbytes // slices
+    step = max(1, DEQUANTIZE_BYTES // (4 * math.prod(info.shape[1:])))
+    out: np.ndarray | None = None
+    for at in range(0, slices, step):
+        count = min(step, slices - at)
+        raw = _read(f, info, at * slice_bytes, count * slice_bytes)
+        values = dequantize(raw.reshape(count, *info.shape[1:-1], -1), kind)
+        if out is None:
+            out = np.empty((slices, *values.shape[1:]), dtype=values.dtype)
+        out[at : at + count] = values
+        del values
     return out
+
+
+def _read(f: BinaryIO, info: GGUFTensor, start: int, size: int) -> np.ndarray:
+    f.seek(info.offset + start)
+    data = f.read(size)
+    if len(data) != size:
+        raise CheckpointError(
+            f"{f.name}: tensor {info.name} ends past the end of the file; the file is "
+            "truncated: download or convert it again"
+        )
+    return np.frombuffer(data, dtype=np.uint8)

@@ -331,6 +331,7 @@ class Link:
             device=cfg.device,
             dtype=cfg.dtype,
             memory_bytes=cfg.memory_bytes,
+            runtime_bytes=cfg.runtime_bytes,
             cores=_cores(),
             threads=cfg.threads,
             max_batch=cfg.max_batch,

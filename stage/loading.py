@@ -8,6 +8,7 @@ tensor by tensor: `Checkpoint.read_tensors`).
 from __future__ import annotations
 
 import copy
+import ctypes
 from pathlib import Path
 
 import torch
@@ -188,6 +189,7 @@ def _fill(
             f"{checkpoint.path}: tensors for {ckpt_prefix} do not fit: {e}"
         ) from e
     _materialize_buffers(module, device)
+    _trim_heap()
 
 
 def _materialize_buffers(module: nn.Module, device: torch.device) -> None:
@@ -196,3 +198,12 @@ def _materialize_buffers(module: nn.Module, device: torch.device) -> None:
         for name, buf in list(sub.named_buffers(recurse=False)):
             if buf.is_meta and not materialize_buffer(sub, name, device):
                 raise ShardError(f"{type(sub).__name__}.{name} has no value after loading")
+
+
+def _trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc). A tensor's temporaries that
+    glibc placed in its heap, not in a mapping of their own, otherwise stay resident after they
+    are freed: about 20 MiB per stage of a GGUF model, whose tensors are dequantized in parts."""
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

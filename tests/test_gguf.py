@@ -310,9 +310,34 @@ def test_smollm2_answers_the_demo_question_like_transformers(smollm2, smollm2_co
         result = client.generate(
             DEMO_QUESTION, chat=True, max_new_tokens=SMOL_TOKENS, ignore_eos=True
         )
+        peaks = _stage_peaks(cluster.status(), open_checkpoint(smollm2))
     assert result.token_ids == expected
     assert "Paris" in result.text
     assert "Paris" in tokenizer.decode(expected)
+    # Each stage's peak is its runtime (held before its first layer) plus at most 1.15 times
+    # its dequantized share: it never holds another stage's tensors or a whole tensor's
+    # dequantization temporaries.
+    for name, (peak, share, runtime) in peaks.items():
+        assert peak <= 1.15 * share + runtime, (
+            f"{name}: peak RSS {peak / 2**20:.0f} MiB for a share of {share / 2**20:.0f} MiB "
+            f"and a runtime of {runtime / 2**20:.0f} MiB"
+        )
+
+
+def _stage_peaks(status: dict, ckpt) -> dict[str, tuple[int, int, int]]:
+    """Per stage of the map: its peak RSS (VmHWM), its float32 weight share, its runtime."""
+    layers, first, last = ckpt.role_bytes(4)
+    stages = {s["name"]: s for s in status["stages"]}
+    out = {}
+    for r in status["map"]:
+        share = sum(layers[i] for i in range(r["start"], r["end"]))
+        share += first if r["start"] == 0 else 0
+        share += last if r["end"] == ckpt.num_layers else 0
+        stage = stages[r["stage"]]
+        with open(f"/proc/{stage['pid']}/status") as f:
+            hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        out[r["stage"]] = (hwm, share, stage["runtime_bytes"])
+    return out
 
 
 @pytest.mark.timeout(240)

@@ -291,6 +291,10 @@ def test_ready_and_loaded(llama_stage, checkpoints):
     caps = ready.caps
     assert caps.device == "cpu" and caps.dtype == "float32" and caps.threads == 1
     assert caps.memory_bytes > 0 and caps.cores >= 1 and caps.pid == llama_stage.proc.pid
+    # What the stage held before its first layer: torch alone is over 100 MiB resident, and
+    # the process holds at least as much once its layers are loaded.
+    rss_now = psutil.Process(llama_stage.proc.pid).memory_info().rss
+    assert 100 * 2**20 < caps.runtime_bytes < rss_now
     assert (loaded.epoch, loaded.start, loaded.end) == (EPOCH, 0, 5)
     assert loaded.weight_bytes > 0 and loaded.load_s >= 0
 

@@ -71,9 +71,10 @@ _GPT2_POSITIONS = 1024
 _GPT2_TRANSPOSED = ("attn_qkv.weight", "ffn_down.weight", "ffn_up.weight", "attn_output.weight")
 
 
-def make_gguf(arch: str, path: Path, quant: str = "F32", seed: int = 0) -> Path:
+def make_gguf(arch: str, path: Path, quant: str = "F32", seed: int = 0, config=None) -> Path:
     """Write the tiny `arch` model (seeded with `seed`) to the GGUF file `path`, its 2-D weights
-    in `quant` (one of `QUANTS`), and return `path`."""
+    in `quant` (one of `QUANTS`), and return `path`. `config` replaces the tiny config (a
+    transformers config of the same architecture)."""
     import gguf
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (
@@ -90,7 +91,7 @@ def make_gguf(arch: str, path: Path, quant: str = "F32", seed: int = 0) -> Path:
     qtype = gguf.GGMLQuantizationType[quant]
 
     torch.manual_seed(seed)
-    config = tiny_gguf_config(arch)
+    config = config if config is not None else tiny_gguf_config(arch)
     model = AutoModelForCausalLM.from_config(config).eval()
     processor = TENSOR_PROCESSORS.get(gguf_arch, TensorProcessor)(config=config.to_dict())
     # The map is keyed by the model's own type; mistral's llama-shaped modules map as llama's do.
