@@ -11,7 +11,7 @@ import sys
 
 import structlog
 
-from broker.broker import Broker
+from broker.broker import BindError, Broker
 from broker.layermap import STRATEGIES
 from broker.messages import COMPUTE_DTYPES
 from broker.protocol import DEFAULT_LIMITS, feed_endpoint
@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         broker = Broker(config, checkpoint)
-    except Exception as e:  # zmq bind errors: address in use, bad endpoint
-        print(f"broker: cannot bind {args.bind}: {e}", file=sys.stderr)
+    except BindError as e:
+        print(f"broker: {e}", file=sys.stderr)
         return 2
     if args.metrics_port is not None:
         try:

@@ -36,6 +36,23 @@ from common.checkpoint import CheckpointMeta
 log = structlog.get_logger("broker")
 
 
+class BindError(Exception):
+    """An endpoint of the broker cannot be bound; the message names its option."""
+
+
+def bind(sock: zmq.Socket, endpoint: str, what: str, fix: str) -> None:
+    """Bind `sock`, or close it and raise a BindError that names the endpoint and says `fix`."""
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as e:
+        sock.close(linger=0)
+        held = e.errno == errno.EADDRINUSE
+        held = "another process holds that port (another broker?): stop it, or " if held else ""
+        raise BindError(
+            f"cannot bind {what} {endpoint}: {zmq.strerror(e.errno)}; {held}{fix}"
+        ) from e
+
+
 class Broker(Membership, Clients, Routing, Recovery, Views):
     """The ROUTER loop. `run()` blocks; `stop()` may be called from a signal handler.
 
@@ -60,14 +77,23 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, 100_000)
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
-        self.socket.bind(config.bind)
+        bind(self.socket, config.bind, "the broker (--bind)", "pass --bind with a free port")
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.feed: zmq.Socket | None = None
         if config.feed:
             self.feed = self.context.socket(zmq.PUB)
             self.feed.setsockopt(zmq.LINGER, 0)
             self.feed.setsockopt(zmq.SNDHWM, 10_000)
-            self.feed.bind(config.feed)
+            try:
+                bind(
+                    self.feed,
+                    config.feed,
+                    "the monitor feed (--feed; by default the --bind port + 1)",
+                    "pass --feed with a free endpoint, or --feed none to run without a feed",
+                )
+            except BindError:
+                self.socket.close(linger=0)
+                raise
         self.next_feed = 0.0
 
         wb = checkpoint.weight_bytes(P.DTYPE_SIZES[config.dtype])

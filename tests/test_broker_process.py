@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -90,3 +91,65 @@ def test_the_stage_and_the_broker_read_the_same_checkpoint(checkpoints, arch):
     assert meta.num_layers == full.num_layers == full.config.num_hidden_layers
     assert meta.weight_bytes(4) == full.weight_bytes(4)
     assert meta.context_length == full.context_length == full.config.max_position_embeddings
+
+
+def _held_pair() -> tuple[int, socket.socket]:
+    """A port P, free a moment ago, and a listening socket that holds P + 1."""
+    for _ in range(20):
+        port = free_port()
+        holder = socket.socket()
+        try:
+            holder.bind(("127.0.0.1", port + 1))
+        except OSError:
+            holder.close()
+            continue
+        holder.listen()
+        return port, holder
+    raise RuntimeError("no free pair of ports")
+
+
+def _broker_refusal(checkpoint: Path, *args: str) -> str:
+    """What `python -m broker` prints to stderr as it exits with code 2."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, "-m", "broker", "--model", str(checkpoint), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2, run.stderr
+    return run.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_taken_feed_port_is_named_as_the_feed(checkpoints):
+    """Issue 19: the feed port (--bind port + 1 by default) held by another socket is reported
+    as the feed's, with the option that moves it; the --bind port is free and not blamed."""
+    port, holder = _held_pair()
+    with holder:
+        err = _broker_refusal(checkpoints["llama"], "--bind", f"tcp://127.0.0.1:{port}")
+    feed = f"tcp://127.0.0.1:{port + 1}"
+    assert (
+        f"cannot bind the monitor feed (--feed; by default the --bind port + 1) {feed}: "
+        "Address already in use; another process holds that port (another broker?): stop it, "
+        "or pass --feed with a free endpoint, or --feed none to run without a feed"
+    ) in err
+    assert f":{port}:" not in err and "(--bind)" not in err
+
+
+@pytest.mark.timeout(120)
+def test_a_taken_bind_port_is_named_as_the_brokers(checkpoints):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = _broker_refusal(
+            checkpoints["llama"], "--bind", f"tcp://127.0.0.1:{port}", "--feed", "none"
+        )
+    assert (
+        f"cannot bind the broker (--bind) tcp://127.0.0.1:{port}: Address already in use; "
+        "another process holds that port (another broker?): stop it, or pass --bind with a "
+        "free port"
+    ) in err
+    assert "feed" not in err
