@@ -212,7 +212,7 @@ def check_memory(layer_map: LayerMap, stages: Sequence[StageCapacity], cost: Lay
     where = "" if len(short) == 1 else f" across {len(short)} stages"
     raise InsufficientMemory(
         f"{_stage_need(*short[0], layer_map.num_layers, cost)}; "
-        f"{_fmt_bytes(missing)} missing in total{where}; add memory or a stage"
+        f"{fmt_bytes(missing)} missing in total{where}; add memory or a stage"
     )
 
 
@@ -223,21 +223,46 @@ def plan(
     cost: LayerCost | None = None,
     epoch: int = 0,
 ) -> LayerMap:
-    """Make a layer map with the named strategy; memory-checked whenever `cost` is given."""
-    if strategy == "balanced":
-        head = cost.last_extra_bytes / cost.layer_bytes if cost and cost.layer_bytes else 0.0
-        layer_map = assign_balanced([s.name for s in stages], num_layers, head, epoch)
-        if cost is not None:
-            check_memory(layer_map, stages, cost)
-        return layer_map
-    if strategy == "uniform":
-        layer_map = assign_uniform([s.name for s in stages], num_layers, epoch)
-        if cost is not None:
-            check_memory(layer_map, stages, cost)
-        return layer_map
+    """Make a layer map with the named strategy, within every stage's memory if `cost` is given.
+
+    Whenever some stages can hold the model, a map forms: a stage that cannot hold its share
+    is given less, or left out (it stands by); InsufficientMemory only when no subset fits.
+    """
     if strategy == "capacity":
         return assign_capacity(stages, num_layers, cost, epoch)
-    raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    head = cost.last_extra_bytes / cost.layer_bytes if cost and cost.layer_bytes else 0.0
+
+    def split(chosen: Sequence[StageCapacity]) -> LayerMap:
+        names = [s.name for s in chosen]
+        if strategy == "balanced":
+            return assign_balanced(names, num_layers, head, epoch)
+        return assign_uniform(names, num_layers, epoch)
+
+    layer_map = split(stages)
+    if cost is None:
+        return layer_map
+    short = _shortfalls(layer_map, stages, cost)
+    if not short:
+        return layer_map
+    # One stage in a bad place (a small one given the head) must not take the cluster down:
+    # keep the stages that can hold a share, and split among them as evenly as memory allows.
+    chosen = _best_subset(stages, num_layers, cost)
+    if chosen is None:
+        used = [s for s in stages if layer_map.range_of(s.name) is not None]
+        raise InsufficientMemory(_capacity_shortfall(short[0], used, num_layers, cost))
+    layer_map = split(chosen)
+    if not _shortfalls(layer_map, chosen, cost):
+        return layer_map
+    offsets = [0.0] * (len(chosen) - 1) + [head if strategy == "balanced" else 0.0]
+    counts = _even_fit(_caps(chosen, num_layers, cost), num_layers, offsets)
+    return _layer_map([s.name for s in chosen], counts, num_layers, epoch)
+
+
+def one_layer_anywhere(cost: LayerCost) -> int:
+    """Bytes that hold one layer in any place of a pipeline, the first and the last included."""
+    return cost.layer_bytes + max(cost.first_extra_bytes, cost.last_extra_bytes) + cost.fixed_bytes
 
 
 def parallel_lanes(caps: Sequence[M.Caps]) -> int:
@@ -356,6 +381,19 @@ def _fit(chosen: Sequence[StageCapacity], num_layers: int, cost: LayerCost) -> l
     return _apportion([s.memory_bytes for s in chosen], num_layers, [1] * len(chosen), caps)
 
 
+def _even_fit(caps: Sequence[int], num_layers: int, offsets: Sequence[float]) -> list[int]:
+    """Counts within [1, cap] summing to `num_layers`, each share (count + offset) as even as
+    it can be: the largest share smallest, then the sum of squares; ties give layers early."""
+    # Adding each layer where the share it makes is smallest is optimal for both: the shares
+    # are increasing and convex in the counts (greedy allocation of a separable convex cost).
+    counts = [1] * len(caps)
+    for _ in range(num_layers - len(caps)):
+        room = [i for i in range(len(caps)) if counts[i] < caps[i]]
+        i = min(room, key=lambda i: (counts[i] + 1 + offsets[i], i))
+        counts[i] += 1
+    return counts
+
+
 def _caps_fit(caps: Sequence[int], num_layers: int) -> bool:
     """Whether stages with these layer capacities can each take one layer and cover them all."""
     return len(caps) <= num_layers and min(caps) >= 1 and sum(caps) >= num_layers
@@ -419,13 +457,13 @@ def _capacity_shortfall(
     who = "1 stage offers" if len(chosen) == 1 else f"{len(chosen)} stages offer"
     if total > offered:
         overall = (
-            f"{who} {_fmt_bytes(offered)} but the model needs "
-            f"{_fmt_bytes(total)} ({_fmt_bytes(total - offered)} missing)"
+            f"{who} {fmt_bytes(offered)} but the model needs "
+            f"{fmt_bytes(total)} ({fmt_bytes(total - offered)} missing)"
         )
     else:
         overall = (
-            f"{who} {_fmt_bytes(offered)} in total, enough for "
-            f"{_fmt_bytes(total)}, but no contiguous split in this stage order fits"
+            f"{who} {fmt_bytes(offered)} in total, enough for "
+            f"{fmt_bytes(total)}, but no contiguous split in this stage order fits"
         )
     stage = _stage_need(*first_short, num_layers, cost)
     return f"{stage}; {overall}; add memory or a stage"
@@ -438,13 +476,13 @@ def _stage_need(r: StageRange, needed: int, offered: int, num_layers: int, cost:
         what = f"the embeddings and {what}"
     if r.end == num_layers and cost.last_extra_bytes:
         what = f"{what} plus norm and head"
-    need, have = _fmt_bytes(needed), _fmt_bytes(offered)
+    need, have = fmt_bytes(needed), fmt_bytes(offered)
     if need == have:  # rounding would hide the difference
         need, have = f"{needed} bytes", f"{offered} bytes"
     return f"stage {r.name} needs {need} for {what} but offers {have}"
 
 
-def _fmt_bytes(n: int) -> str:
+def fmt_bytes(n: int) -> str:
     """Bytes in the largest binary unit that keeps the number >= 1."""
     for unit, size in _UNITS:
         if n >= size:

@@ -150,6 +150,7 @@ class Membership:
             self.reshard(cause=cause, lost=stage.name)
         else:
             self.finish_drains()
+            self.retry_map(cause)
 
     def purge_stages(self, now: float) -> None:
         for stage in list(self.stages.values()):

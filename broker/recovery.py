@@ -11,7 +11,15 @@ import time
 
 from broker import messages as M
 from broker import protocol as P
-from broker.layermap import SchedulerError, StageCapacity, parallel_lanes, plan
+from broker.layermap import (
+    InsufficientMemory,
+    SchedulerError,
+    StageCapacity,
+    fmt_bytes,
+    one_layer_anywhere,
+    parallel_lanes,
+    plan,
+)
 from broker.protocol import Code
 from broker.records import StageRecord
 
@@ -30,6 +38,14 @@ class Recovery:
         self.remove_stage(stage)
         if had_layers:
             self.reshard(cause=cause, lost=stage.name)
+        else:
+            self.retry_map(cause)
+
+    def retry_map(self, cause: str) -> None:
+        """Membership changed while no map stands: try again, and refresh the not-ready reason
+        (it may name the stage that just went)."""
+        if self.map_formed and self.layer_map is None:
+            self.reshard(cause=cause)
 
     def remove_stage(self, stage: StageRecord) -> None:
         stage.state = "dead"
@@ -58,9 +74,23 @@ class Recovery:
             self.not_ready_reason = "waiting for stages to load their layers"
         except SchedulerError as e:
             new = None
-            self.not_ready_reason = f"the live stages cannot hold the model: {e}"
+            how = " (give stages more --memory-mb, or start another stage)"
+            self.not_ready_reason = (
+                f"the live stages cannot hold the model: {e}"
+                f"{how if isinstance(e, InsufficientMemory) else ''}"
+            )
             self.log.warning("not_ready", reason=self.not_ready_reason)
             self.publish("not_ready", reason=self.not_ready_reason)
+        useful = one_layer_anywhere(self.cost)
+        for c in caps:
+            if c.memory_bytes < useful and (new is None or new.range_of(c.name) is None):
+                self.log.warning(
+                    "stage_too_small",
+                    stage=c.name,
+                    advice=f"stage {c.name} offers {fmt_bytes(c.memory_bytes)}, too little for "
+                    f"its share; restart it with --memory-mb {-(-useful // (1 << 20))} or more "
+                    "(one layer with the embeddings or the head)",
+                )
         self.layer_map = new
         self.lanes = parallel_lanes([self.stages[r.name].caps for r in new.ranges]) if new else 1
         for stage in order:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from broker import messages as M
 from broker.layermap import (
+    STRATEGIES,
     InsufficientMemory,
     LayerCost,
     LayerMap,
@@ -302,6 +303,109 @@ def test_memory_aware_capacity_fits_whenever_any_split_fits(stages, num_layers, 
             assert layer_map == proportional
 
 
+# --- every strategy, small stages ----------------------------------------------------------
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    stages=capacities(max_stages=5, max_memory=1500, min_memory=0),
+    num_layers=st.integers(1, 10),
+    cost=small_cost_st,
+    strategy=st.sampled_from(STRATEGIES),
+)
+@example(  # issue 19: a 1-byte stage joins three healthy ones and gets the head
+    stages=[StageCapacity(n, 1200) for n in ("s0", "s1", "s2")] + [StageCapacity("s3", 1)],
+    num_layers=9,
+    cost=LayerCost(layer_bytes=100, first_extra_bytes=150, last_extra_bytes=300),
+    strategy="balanced",
+)
+@example(  # the small stage first: it cannot take the embeddings
+    stages=[StageCapacity("tiny", 1)] + [StageCapacity(n, 1200) for n in ("a", "b")],
+    num_layers=9,
+    cost=LayerCost(layer_bytes=100, first_extra_bytes=150, last_extra_bytes=300),
+    strategy="uniform",
+)
+def test_every_strategy_forms_a_map_whenever_some_stages_hold_the_model(
+    stages, num_layers, cost, strategy
+):
+    """If some stages, in pipeline order, can hold the model with a layer or more each, every
+    strategy makes a map within every stage's memory; else it raises InsufficientMemory
+    naming a stage. Where the strategy's own split fits, memory changes nothing."""
+    n = len(stages)
+    fits_any = any(split_fits(stages, c, num_layers, cost) for c in compositions(num_layers, n, 0))
+    if not fits_any:
+        with pytest.raises(InsufficientMemory) as err:
+            plan(stages, num_layers, strategy, cost)
+        assert any(re.search(rf"stage {s.name}\b", str(err.value)) for s in stages)
+        assert "add memory or a stage" in str(err.value)
+        return
+    layer_map = plan(stages, num_layers, strategy, cost, epoch=4)
+    assert_valid(layer_map, [s.name for s in stages], num_layers)
+    assert layer_map.epoch == 4
+    check_memory(layer_map, stages, cost)
+    assert plan(stages, num_layers, strategy, cost, epoch=4) == layer_map
+    names = [s.name for s in stages]
+    own = {  # the strategy's split when memory does not bind
+        "uniform": lambda: assign_uniform(names, num_layers, 4),
+        "balanced": lambda: assign_balanced(
+            names, num_layers, cost.last_extra_bytes / cost.layer_bytes, 4
+        ),
+        "capacity": lambda: assign_capacity(stages, num_layers, epoch=4),
+    }[strategy]()
+    try:
+        check_memory(own, stages, cost)
+    except InsufficientMemory:
+        return
+    assert layer_map == own
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stages=capacities(max_stages=4, max_memory=1500, min_memory=0),
+    num_layers=st.integers(1, 10),
+    cost=small_cost_st,
+    strategy=st.sampled_from(["balanced", "uniform"]),
+)
+def test_a_memory_bound_split_is_as_even_as_memory_allows(stages, num_layers, cost, strategy):
+    """Where memory binds, no other split of the chosen stages within their memory has a
+    smaller largest share (the head counted under balanced), nor, with the same largest
+    share, a smaller sum of squared shares."""
+    try:
+        layer_map = plan(stages, num_layers, strategy, cost)
+    except InsufficientMemory:
+        return
+    chosen = [s for s in stages if layer_map.range_of(s.name) is not None]
+    head = cost.last_extra_bytes / cost.layer_bytes if strategy == "balanced" else 0.0
+
+    def shares(split):
+        return [*split[:-1], split[-1] + head]
+
+    mine = shares([r.end - r.start for r in layer_map.ranges])
+    for split in compositions(num_layers, len(chosen), 1):
+        if not split_fits(chosen, split, num_layers, cost):
+            continue
+        other = shares(split)
+        assert max(mine) <= max(other) + 1e-9, (mine, other)
+        if abs(max(mine) - max(other)) < 1e-9:
+            assert sum(c * c for c in mine) <= sum(c * c for c in other) + 1e-6, (mine, other)
+
+
+def test_a_stage_too_small_for_a_layer_stands_by_under_every_strategy():
+    """Issue 19: a stage started with --memory-mb 1 joins three healthy ones (SmolLM2-like
+    sizes); the three keep the map they had, under every strategy."""
+    cost = LayerCost(layer_bytes=14 * MiB, first_extra_bytes=113 * MiB, last_extra_bytes=113 * MiB)
+    healthy = [StageCapacity(n, 2 * GiB) for n in ("s0", "s1", "s2")]
+    for strategy in STRATEGIES:
+        alone = plan(healthy, 30, strategy, cost)
+        for tiny_first in (False, True):
+            tiny = [StageCapacity("s3", MiB)]
+            stages = tiny + healthy if tiny_first else healthy + tiny
+            assert plan(stages, 30, strategy, cost) == alone, strategy
+    # No stage big enough for the head: the reason names a stage and what is missing.
+    with pytest.raises(InsufficientMemory, match=r"stage s\d needs .* missing\); add memory"):
+        plan([StageCapacity(n, 100 * MiB) for n in ("s0", "s1")], 30, "balanced", cost)
+
+
 # --- maps on the wire ----------------------------------------------------------------------
 
 
@@ -355,8 +459,10 @@ def test_memory_aware_moves_layers_away_from_embeddings_and_head():
     layer_map = assign_capacity(stages, 10, cost)
     check_memory(layer_map, stages, cost)
     assert layer_map.describe() == "s0[0,3) s1[3,7) s2[7,10)"
+    # Uniform's 4/4/4 does not fit either: the ends get what they hold, the middle the rest.
+    assert plan(stages, 12, "uniform", cost).describe() == "s0[0,3) s1[3,9) s2[9,12)"
     with pytest.raises(InsufficientMemory, match="stage s0 needs"):
-        plan(stages, 12, "uniform", cost)
+        plan(stages, 17, "uniform", cost)
 
 
 def test_memory_aware_leaves_out_a_stage_that_cannot_help():
