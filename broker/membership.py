@@ -9,6 +9,11 @@ from broker import protocol as P
 from broker.protocol import Code
 from broker.records import StageRecord
 
+# A stage keeps its name against a READY from another identity while the gaps between what
+# it sends stay under this many heartbeat intervals: a stage that missed a beat (dead, frozen,
+# cut off) may be replaced under its name without waiting for its dead-after time.
+NAME_HOLD_BEATS = 2
+
 
 class Membership:
     """The `Broker`'s handlers of what stages say about themselves, and its liveness checks."""
@@ -38,6 +43,8 @@ class Membership:
             )
         now = time.monotonic()
         old = self.stages.get(name)
+        if old is not None and old.ident != ident and self.holds_name(old, now):
+            return self.refuse_name(ident, body, old)
         stage = StageRecord(
             name=name,
             ident=ident,
@@ -90,6 +97,44 @@ class Membership:
         self.send_assign(stage)
         for rid in lost:
             self.replay(rid, event="replay", reason=f"stage {stage.name} restarted")
+
+    def holds_name(self, stage: StageRecord, now: float) -> bool:
+        """Whether `stage` keeps its name against a READY for it from another identity."""
+        # Names are not authenticated (until keys exist), so a stage that beats is never
+        # displaced: it keeps its name while its connection is open and it has missed no beat.
+        # A stage replaced under its name is dead, frozen or cut off, so one of the two fails;
+        # one that lost us closes its old socket before it registers again, so the probe fails.
+        if now - stage.last_seen > NAME_HOLD_BEATS * self.config.heartbeat_s:
+            return False
+        self.send(stage.ident, P.encode(P.STAGE_TAG, M.BrokerHeartbeat(epoch=self.epoch)))
+        return stage.ident not in self.unreachable
+
+    def refuse_name(self, ident: bytes, body: M.Ready, old: StageRecord) -> None:
+        """A READY for the name of a live stage: the same process retries, another exits."""
+        name, caps = body.name, body.caps
+        if old.caps.pid and (caps.host, caps.pid) == (old.caps.host, old.caps.pid):
+            # The stage itself on a new socket (it lost us and reconnected) before we see its
+            # old connection close: asked to retry, it gets in once that one is gone. What a
+            # READY claims picks only the answer: neither answer displaces the live stage.
+            self.log.info("stage_refused", stage=name, reason="previous_connection_open")
+            error = P.error(
+                Code.BUSY,
+                f"stage {name}'s previous connection to the broker is still open; "
+                "registering again once it closes",
+                retry_after_s=self.config.heartbeat_s,
+            )
+            self.send(ident, P.encode(P.STAGE_TAG, error))
+            return
+        self.log.warning(
+            "stage_refused", stage=name, reason="name_in_use", host=caps.host, pid=caps.pid
+        )
+        self.refuse_stage(
+            ident,
+            Code.NAME_IN_USE,
+            f"stage name {name} is in use by a live stage (host {old.caps.host or '?'}, "
+            f"pid {old.caps.pid}); start this one with a different --name, or stop the other "
+            "one first",
+        )
 
     def refuse_stage(self, ident: bytes, code: Code, reason: str) -> None:
         """A stage that must not join this cluster (`code` says why): it exits with the reason."""

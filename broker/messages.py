@@ -60,6 +60,7 @@ class Code(enum.StrEnum):
     STALE_EPOCH = "stale_epoch"  # message from an older layer map
     FINGERPRINT = "fingerprint"  # stage sees a different checkpoint than the broker
     DTYPE_MISMATCH = "dtype_mismatch"  # stage computes in another dtype than the cluster
+    NAME_IN_USE = "name_in_use"  # a live stage of another process holds the stage name
     REPLAY_LIMIT = "replay_limit"  # the request was replayed too often
     UNAUTHORIZED = "unauthorized"
     INTERNAL = "internal"

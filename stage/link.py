@@ -45,6 +45,7 @@ FATAL_REGISTRATION_CODES = MISMATCH_CODES | frozenset(
         Code.MALFORMED,
         Code.UNKNOWN_COMMAND,
         Code.HEADER_TOO_LARGE,
+        Code.NAME_IN_USE,
     }
 )
 
@@ -270,6 +271,10 @@ class Link:
         reason = msg.body.reason
         if reason == "drained":
             self.stop(EXIT_OK, "drained")
+            return
+        if session.retry:
+            # Our READY was refused for now (it answers the heartbeats that followed): the
+            # retry goes on a new socket, not on this one, which is about to close.
             return
         # "unknown": the broker forgot us (it restarted, or counted us dead). What we held
         # for it is void; register again on this socket.

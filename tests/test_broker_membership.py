@@ -198,3 +198,93 @@ def test_a_message_that_does_not_decode_is_answered_in_its_senders_role(cluster)
         assert P.decode(stranger_error).body.code == Code.BAD_VERSION
     finally:
         stranger.close(linger=0)
+
+
+@pytest.fixture
+def lone_broker(checkpoints):
+    """`start(heartbeat_s)`: a broker driven by hand, and a factory of raw DEALERs."""
+    ctx = zmq.Context()
+    checkpoint = open_checkpoint(checkpoints["llama"])
+    made: list = []
+
+    def start(heartbeat_s: float):
+        config = BrokerConfig(
+            bind="tcp://127.0.0.1:*",
+            feed=None,
+            heartbeat_s=heartbeat_s,
+            dead_after_s=4 * heartbeat_s,
+        )
+        broker = Broker(config, checkpoint, context=ctx)
+        made.append(broker.socket)
+
+        def dealer(identity: bytes) -> zmq.Socket:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IDENTITY, identity)
+            sock.connect(broker.endpoint)
+            made.append(sock)
+            return sock
+
+        return broker, dealer
+
+    yield start
+    for sock in made:
+        sock.close(linger=0)
+    ctx.term()
+
+
+def _register(broker: Broker, sock: zmq.Socket, name: str, host: str, pid: int) -> P.Message:
+    """Send READY for `name` as process `pid` on `host`; the broker's first answer."""
+    ready = M.Ready(
+        name=name,
+        fingerprint=broker.checkpoint.fingerprint,
+        caps=M.Caps(memory_bytes=1 << 30, host=host, pid=pid),
+        credits=4,
+    )
+    sock.send_multipart(P.encode(P.STAGE_TAG, ready))
+    deadline = time.monotonic() + 10
+    while not sock.poll(0):
+        assert time.monotonic() < deadline, f"no answer to READY {name}"
+        broker.socket.poll(100)
+        broker.read_burst()
+    return P.decode(sock.recv_multipart(copy=False), P.DEFAULT_LIMITS)
+
+
+def test_a_live_stage_keeps_its_name(lone_broker):
+    """Issue 19: a READY for a live stage's name from another identity does not displace it.
+    Another process is told the name is in use (it exits); the same process (a reconnect whose
+    old connection the broker has not seen close) is told to retry, and gets in once it has."""
+    broker, dealer = lone_broker(heartbeat_s=30.0)  # the raw "stage" misses no beat here
+    old = dealer(b"old-s0")
+    assert _register(broker, old, "s0", "a", 11).cmd == Cmd.HEARTBEAT
+
+    other = _register(broker, dealer(b"other"), "s0", "b", 22)
+    assert other.cmd == Cmd.ERROR and other.body.code == Code.NAME_IN_USE
+    assert other.body.message == (
+        "stage name s0 is in use by a live stage (host a, pid 11); start this one with a "
+        "different --name, or stop the other one first"
+    )
+    same = dealer(b"new-s0")
+    again = _register(broker, same, "s0", "a", 11)
+    assert again.cmd == Cmd.ERROR and again.body.code == Code.BUSY
+    assert again.body.retry_after_s == broker.config.heartbeat_s
+    assert broker.stages["s0"].ident == b"old-s0"
+
+    _disconnect(broker, "s0", old)
+    assert _register(broker, same, "s0", "a", 11).cmd == Cmd.HEARTBEAT
+    assert broker.stages["s0"].ident == b"new-s0"
+    assert broker.by_ident == {b"new-s0": "s0"}
+
+
+def test_a_silent_stage_gives_up_its_name(lone_broker):
+    """A stage that missed a beat (silent for two heartbeat intervals, its connection still
+    open: frozen, or cut off) may be replaced under its name by another process, without
+    waiting for its dead-after time."""
+    broker, dealer = lone_broker(heartbeat_s=0.1)
+    assert _register(broker, dealer(b"old-s0"), "s0", "a", 11).cmd == Cmd.HEARTBEAT
+    deadline = time.monotonic() + 10
+    while time.monotonic() - broker.stages["s0"].last_seen <= 2 * broker.config.heartbeat_s:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)  # the raw DEALER stays silent; the clock is what we wait for
+    assert _register(broker, dealer(b"restarted"), "s0", "a", 33).cmd == Cmd.HEARTBEAT
+    assert broker.stages["s0"].ident == b"restarted" and broker.stages["s0"].caps.pid == 33
