@@ -330,8 +330,13 @@ def test_a_stalled_stream_survives_a_reshard(demo):
         clean = client.generate("Once upon", max_new_tokens=12, ignore_eos=True).token_ids
         stream = client.stream("Once upon", max_new_tokens=12, ignore_eos=True)
         head = [next(stream)["token_id"] for _ in range(2)]
-        client.generate("Hi", max_new_tokens=6)  # pumps the socket: the unread stream stalls
         [rid] = active(cluster)
+        # Other requests pump the socket until the unread stream stalls: two tokens read, one
+        # waiting, one computed while it waited, and no step in flight.
+        while active(cluster)[rid]["tokens"] < 4:
+            client.generate("Hi", max_new_tokens=2)
+        client.generate("Hi", max_new_tokens=2)
+        assert active(cluster)[rid]["tokens"] == 4
         cluster.kill_stage("s1")
         # Pumps until after the reshard, whose event reaches the stalled stream too.
         client.generate("Hi", max_new_tokens=4, wait_ready=60)
