@@ -1,54 +1,72 @@
 """Command line: generate text, or show the cluster's status and recent jobs.
 
     python -m client --prompt "Once upon a time" [--max-new-tokens 64] [--json] ...
-    python -m client status [--broker URL] [--json]
-    python -m client jobs [--broker URL] [--json]
+    python -m client [--broker URL] status [--broker URL] [--json]
+    python -m client [--broker URL] jobs [--broker URL] [--json]
 
-The broker defaults to $LAYERLINE_BROKER or tcp://127.0.0.1:5555. Failures exit 1 with one
-line on stderr.
+The common options (--broker, --connect-timeout, --json, --verbose) go before or after the
+subcommand. The broker defaults to $LAYERLINE_BROKER or tcp://127.0.0.1:5555. Failures exit 1
+with one line on stderr, never a traceback; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from broker import messages as M
-from client.core import Client, query_broker
-from client.session import ClientError
+from client.errors import ClientError
 from common.defaults import CLIENT_CONNECT_TIMEOUT_S, default_broker
 from common.logs import configure_logging
 
 SUBCOMMANDS = ("status", "jobs")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """The options every command takes. A subcommand's copies default to SUPPRESS, so that
+    they do not overwrite what was given before the subcommand."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
     parser.add_argument(
-        "--broker", default=default_broker(), help="broker URL (default: %(default)s)"
+        "--broker",
+        default=default(default_broker()),
+        help=f"broker URL (default: {default_broker()})",
     )
     parser.add_argument(
         "--connect-timeout",
         type=float,
-        default=CLIENT_CONNECT_TIMEOUT_S,
+        default=default(CLIENT_CONNECT_TIMEOUT_S),
         metavar="S",
-        help="seconds to wait for the broker's first answer (default: %(default)s)",
+        help=f"seconds to wait for the broker's first answer (default: {CLIENT_CONNECT_TIMEOUT_S})",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
-        "--verbose", action="store_true", help="log reconnects and replays to stderr"
+        "--json", action="store_true", default=default(False), help="print one JSON object"
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=default(False),
+        help="log reconnects and replays to stderr",
     )
 
 
-def _generate_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m client",
-        description="Generate text with a layerline cluster (subcommands: status, jobs).",
+        description="Generate text with a layerline cluster, or show its status or jobs.",
     )
     _common(parser)
-    parser.add_argument("--prompt", required=True, help="prompt text")
+    commands = parser.add_subparsers(dest="command", metavar="{status,jobs}")
+    summaries = ("the cluster's readiness, layer map and caches", "recent and active requests")
+    for name, summary in zip(SUBCOMMANDS, summaries, strict=True):
+        _common(commands.add_parser(name, help=summary, description=summary), suppress=True)
+    parser.add_argument("--prompt", help="prompt text (required to generate)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     parser.add_argument("--top-k", type=int, default=None)
@@ -65,17 +83,19 @@ def _generate_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=float, default=None, help="seconds for the whole request")
     parser.add_argument(
+        "--wait-ready",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds to wait for a cluster that is not ready, showing why on stderr "
+        "(default: fail at once)",
+    )
+    parser.add_argument(
         "--tokenizer",
         default=None,
         metavar="PATH",
         help="local tokenizer: a directory, or a GGUF file (default: the broker's checkpoint)",
     )
-    return parser
-
-
-def _admin_parser(command: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m client {command}")
-    _common(parser)
     return parser
 
 
@@ -88,12 +108,15 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 
 
 def _status(args: argparse.Namespace) -> None:
+    from client.core import query_broker  # deferred: torch loads in seconds; Ctrl-C is handled
+
     status = query_broker(args.broker, M.StatusQuery(), args.connect_timeout)
     if args.json:
         print(json.dumps(status))
         return
     state = "ready" if status["ready"] else f"not ready: {status['reason'] or 'unknown reason'}"
     print(f"{state}  epoch {status['epoch']}  model {status['model']}")
+    print(f"requests active: {status.get('requests', 0)}")
     stages = {s["name"]: s for s in status["stages"]}
     rows = []
     for item in status["map"]:
@@ -106,18 +129,31 @@ def _status(args: argparse.Namespace) -> None:
                 info.get("device"),
                 info.get("state"),
                 info.get("tokens_per_s"),
+                info.get("kv_requests"),
+                _mib(info.get("kv_bytes")),
             ]
         )
     if rows:
-        print(_table(rows, ["stage", "layers", "host", "device", "state", "tok/s"]))
+        header = ["stage", "layers", "host", "device", "state", "tok/s", "caches", "kv MiB"]
+        print(_table(rows, header))
     else:
         print("no layer map")
     standby = [name for name in stages if name not in {i["stage"] for i in status["map"]}]
     if standby:
         print("standby: " + ", ".join(str(s) for s in standby))
+    active = status.get("active") or []
+    if active:
+        columns = ["rid", "tokens", "steps", "replays", "age_s", "tokens_per_s"]
+        print(_table([[r.get(c) for c in columns] for r in active], columns))
+
+
+def _mib(size: int | None) -> str | None:
+    return None if size is None else f"{size / 2**20:.1f}"
 
 
 def _jobs(args: argparse.Namespace) -> None:
+    from client.core import query_broker
+
     jobs = query_broker(args.broker, M.JobsQuery(), args.connect_timeout).get("jobs", [])
     if args.json:
         print(json.dumps(jobs))
@@ -134,6 +170,9 @@ def _jobs(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from client.core import Client
+
+    progress = _Progress(sys.stderr)
     with Client(
         args.broker, tokenizer=args.tokenizer, connect_timeout=args.connect_timeout
     ) as client:
@@ -149,10 +188,18 @@ def _generate(args: argparse.Namespace) -> None:
             chat=args.chat,
             timeout=args.timeout,
             ignore_eos=args.ignore_eos,
+            wait_ready=args.wait_ready,
         )
         result = None
         for event in events:
             kind = event["type"]
+            if kind == "waiting":
+                progress.show(
+                    f"waiting for the cluster ({event['waited_s']:.0f} of "
+                    f"{event['wait_ready_s']:g} s): {event['reason']}"
+                )
+                continue
+            progress.end()
             if kind == "done":
                 result = event["result"]
                 if not args.json:
@@ -193,27 +240,61 @@ def _generate(args: argparse.Namespace) -> None:
         sys.stdout.write("\n")
 
 
+class _Progress:
+    """One line on stderr that a terminal rewrites in place; elsewhere one line per update."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.shown = False
+
+    def show(self, line: str) -> None:
+        if self.tty:
+            self.stream.write(f"\r{line}\x1b[K")
+        else:
+            self.stream.write(f"{line}\n")
+        self.stream.flush()
+        self.shown = True
+
+    def end(self) -> None:
+        if self.shown and self.tty:
+            self.stream.write("\n")
+        self.shown = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        command = argv.pop(0)
-        args = _admin_parser(command).parse_args(argv)
-        run = _status if command == "status" else _jobs
-    else:
-        args = _generate_parser().parse_args(argv)
-        run = _generate
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None and args.prompt is None:
+        parser.error("--prompt is required to generate (or give a subcommand: status, jobs)")
+    run = {"status": _status, "jobs": _jobs, None: _generate}[args.command]
     # Logs go to stderr, and only errors unless --verbose: stdout carries the answer.
     configure_logging("info" if args.verbose else "error", stream=sys.stderr)
     try:
         run(args)
     except KeyboardInterrupt:
-        print("interrupted; the request was cancelled", file=sys.stderr)
+        cancelled = "; the request was cancelled" if run is _generate else ""
+        print(f"\ninterrupted{cancelled}", file=sys.stderr)
         return 130
-    except (ClientError, ValueError, TimeoutError, OSError) as e:
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
+    except BrokenPipeError:
+        # The reader of stdout left (`| head`): nothing more to say, and nowhere to say it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (ClientError, TimeoutError, OSError, ValueError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # the command line never shows a traceback
+        print(
+            f"error: unexpected {type(e).__name__}: {_one_line(e)}; please report it",
+            file=sys.stderr,
+        )
         return 1
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

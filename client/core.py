@@ -20,16 +20,10 @@ from typing import Any
 
 from broker import messages as M
 from broker.protocol import Cmd
+from client import checks
+from client.errors import ClientError, InvalidArgument, RequestTimeout
 from client.sampling import Sampler, check_sampling_args
-from client.session import (
-    ClientError,
-    GenerationResult,
-    Request,
-    RequestTimeout,
-    as_json,
-    check_prompt,
-    encode_prompt,
-)
+from client.session import GenerationResult, Request, as_json, check_prompt, encode_prompt
 from client.transport import AsyncLink, SyncLink
 from common.defaults import (
     CLIENT_BROKER_TIMEOUT_S,
@@ -41,6 +35,17 @@ from common.defaults import (
 )
 from common.text import DETOKENIZE_CONTEXT, TextAssembler, tokenizer_source
 
+# `wait_ready=True`: as long as a broker holds the step of a request for a cluster that is
+# not ready (its default --ready-wait), so True waits as the broker itself would.
+WAIT_READY_S = 30.0
+# A stream whose consumer leaves a token unread this long is ended, freeing the caches it
+# holds on every stage. A consumer that keeps up reads each token within milliseconds, and a
+# slow cluster does not count (the clock runs only while a token waits unread), so ten seconds
+# is a thousand token times: long enough for a slow reader (a gateway writing to a slow HTTP
+# client), short enough that an abandoned stream's caches go back well before the broker's own
+# 30 s bound on a silent client. `idle_timeout=None` keeps streams forever.
+STREAM_IDLE_TIMEOUT_S = 10.0
+
 
 def query_broker(
     broker: str | None,
@@ -50,8 +55,9 @@ def query_broker(
     """The reply to one STATUS (the default) or JOBS, as JSON, without a tokenizer: for the CLI,
     tools and the cluster launcher. BrokerUnreachable when the broker does not answer in time."""
     query = query or M.StatusQuery()
+    timeout = checks.seconds(timeout, "timeout")
     link = SyncLink(
-        broker or default_broker(),
+        checks.broker_url(broker or default_broker()),
         client_id=secrets.token_hex(4),
         heartbeat=HEARTBEAT_S,
         broker_timeout=timeout,
@@ -146,13 +152,20 @@ def _load_tokenizer(tokenizer: Any, status: M.Status) -> tuple[Any, Path | None]
 class _Frontend:
     """Validation and request building shared by Client and AsyncClient."""
 
-    def __init__(self, max_replays: int, prefill_chunk: int | None):
-        if prefill_chunk is not None and (
-            isinstance(prefill_chunk, bool)
-            or not isinstance(prefill_chunk, int)
-            or prefill_chunk < 1
-        ):
-            raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+    def __init__(
+        self,
+        broker: str | None,
+        max_replays: int,
+        prefill_chunk: int | None,
+        timeouts: dict[str, Any],
+    ):
+        if prefill_chunk is not None:
+            checks.integer(prefill_chunk, "prefill_chunk", 1)
+        checks.integer(max_replays, "max_replays", 0)
+        for name, value in timeouts.items():
+            if value is not None or name != "idle_timeout":
+                checks.seconds(value, name)
+        self.broker = checks.broker_url(broker or default_broker())
         self.client_id = secrets.token_hex(4)
         self._counter = itertools.count(1)
         self._max_replays = max_replays
@@ -179,22 +192,21 @@ class _Frontend:
         chat: bool,
         timeout: float | None,
         ignore_eos: bool,
+        wait_ready: float | bool,
     ) -> Request:
         """Validate everything and build the request; nothing is sent yet."""
-        if (
-            isinstance(max_new_tokens, bool)
-            or not isinstance(max_new_tokens, int)
-            or max_new_tokens < 1
-        ):
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        check_sampling_args(temperature, top_k, top_p, repetition_penalty)
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        if not all(isinstance(s, str) and s for s in stops):
-            raise ValueError("stop strings must be non-empty strings")
+        max_new_tokens = checks.integer(max_new_tokens, "max_new_tokens", 1)
+        check_sampling_args(temperature, top_k, top_p, repetition_penalty, seed)
+        if timeout is not None:
+            checks.seconds(timeout, "timeout")
+        checks.flag(chat, "chat")
+        checks.flag(ignore_eos, "ignore_eos")
+        wait_ready_s = _wait_ready_s(wait_ready)
+        stops = _stop_strings(stop)
         if stops and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and the served checkpoint has none")
+            raise InvalidArgument(
+                "stop strings need a tokenizer, and the served checkpoint has none"
+            )
         ids = encode_prompt(self.tokenizer, prompt, chat)
         check_prompt(ids, self.model.vocab_size, self.model.context, max_new_tokens)
         return Request(
@@ -206,7 +218,33 @@ class _Frontend:
             eos_ids=frozenset() if ignore_eos else self.model.eos_ids,
             max_replays=self._max_replays,
             prefill_chunk=self.prefill_chunk,
+            wait_ready_s=wait_ready_s,
         )
+
+
+def _wait_ready_s(wait_ready: Any) -> float:
+    """Seconds a request waits for a cluster that is not ready: False 0, True WAIT_READY_S."""
+    if isinstance(wait_ready, bool):
+        return WAIT_READY_S if wait_ready else 0.0
+    if wait_ready is None:
+        return 0.0
+    return checks.real(wait_ready, "wait_ready", "of seconds >= 0, or a bool", lambda s: s >= 0)
+
+
+def _stop_strings(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    elif not isinstance(stop, list | tuple):
+        raise InvalidArgument(
+            f"stop must be a string or a list of strings, got {type(stop).__name__}"
+        )
+    for s in stop:
+        if not isinstance(s, str) or not s:
+            raise InvalidArgument(f"stop strings must be non-empty strings, got {s!r}")
+        checks.text(s, "a stop string")
+    return tuple(stop)
 
 
 def _timeout_error(req: Request, timeout: float) -> RequestTimeout:
@@ -220,6 +258,9 @@ class Client(_Frontend):
     """Synchronous client. Connects (PING, STATUS, tokenizer) when constructed.
 
     One thread at a time: for concurrent requests from one process use AsyncClient.
+    `idle_timeout`: seconds a stream may leave a token unread before its request is ended
+    (StreamAbandoned; None: never). Without a helper thread, a sync client notices it on its
+    next call; a client left unused is ended by the broker's own --client-timeout.
     """
 
     def __init__(
@@ -233,9 +274,16 @@ class Client(_Frontend):
         reconnect_timeout: float = CLIENT_RECONNECT_TIMEOUT_S,
         max_replays: int = MAX_REPLAYS,
         prefill_chunk: int | None = None,
+        idle_timeout: float | None = STREAM_IDLE_TIMEOUT_S,
     ):
-        super().__init__(max_replays, prefill_chunk)
-        self.broker = broker or default_broker()
+        timeouts = dict(
+            connect_timeout=connect_timeout,
+            broker_timeout=broker_timeout,
+            heartbeat=heartbeat,
+            reconnect_timeout=reconnect_timeout,
+            idle_timeout=idle_timeout,
+        )
+        super().__init__(broker, max_replays, prefill_chunk, timeouts)
         self.connect_timeout = connect_timeout
         self._link = SyncLink(
             self.broker,
@@ -243,6 +291,7 @@ class Client(_Frontend):
             heartbeat=heartbeat,
             broker_timeout=broker_timeout,
             reconnect_timeout=reconnect_timeout,
+            idle_timeout=idle_timeout,
         )
         try:
             self._link.connect(connect_timeout)
@@ -275,8 +324,9 @@ class Client(_Frontend):
         chat: bool = False,
         timeout: float | None = None,
         ignore_eos: bool = False,
+        wait_ready: float | bool = False,
     ) -> GenerationResult:
-        """Generate to the end and return the result."""
+        """Generate to the end and return the result (arguments as `stream`)."""
         events = self.stream(
             prompt,
             max_new_tokens,
@@ -289,6 +339,7 @@ class Client(_Frontend):
             chat,
             timeout,
             ignore_eos,
+            wait_ready,
         )
         # A stream ends right after its one done event: this reads it to the end.
         (done,) = [e for e in events if e["type"] == "done"]
@@ -307,8 +358,18 @@ class Client(_Frontend):
         chat: bool = False,
         timeout: float | None = None,
         ignore_eos: bool = False,
+        wait_ready: float | bool = False,
     ) -> Iterator[dict]:
-        """Events as they arrive: token, reshard/replay, then done. Closing it cancels."""
+        """Events as they arrive: token, reshard/replay, waiting, then done.
+
+        `wait_ready`: what to do when the broker says the cluster is not ready. False (the
+        default) raises NotReadyError at once, with the broker's reason; a number waits up to
+        that many seconds (True: WAIT_READY_S), yielding a `waiting` event with the reason
+        when it changes and once a second, then NotReadyError. `timeout` bounds the wait too.
+        The request runs at most one token ahead of the reader: a stream not read on stalls,
+        is ended (StreamAbandoned) after the client's `idle_timeout`, and is cancelled at once
+        when closed or garbage-collected.
+        """
         if self._link.closed:
             raise ClientError("client is closed")
         req = self._request(
@@ -323,6 +384,7 @@ class Client(_Frontend):
             chat,
             timeout,
             ignore_eos,
+            wait_ready,
         )
         return self._events(req, timeout)
 
@@ -339,6 +401,7 @@ class Client(_Frontend):
                 item = box.popleft()
                 if isinstance(item, BaseException):
                     raise item
+                link.read(req.rid, item, time.perf_counter())
                 yield item
                 if item["type"] == "done":
                     return
@@ -360,7 +423,7 @@ class Client(_Frontend):
 class AsyncClient(_Frontend):
     """asyncio client: many concurrent requests over one DEALER socket.
 
-    Connects on first use (or `await connect()`, or `async with`).
+    Connects on first use (or `await connect()`, or `async with`). `idle_timeout` as Client's.
     """
 
     def __init__(
@@ -374,9 +437,16 @@ class AsyncClient(_Frontend):
         reconnect_timeout: float = CLIENT_RECONNECT_TIMEOUT_S,
         max_replays: int = MAX_REPLAYS,
         prefill_chunk: int | None = None,
+        idle_timeout: float | None = STREAM_IDLE_TIMEOUT_S,
     ):
-        super().__init__(max_replays, prefill_chunk)
-        self.broker = broker or default_broker()
+        timeouts = dict(
+            connect_timeout=connect_timeout,
+            broker_timeout=broker_timeout,
+            heartbeat=heartbeat,
+            reconnect_timeout=reconnect_timeout,
+            idle_timeout=idle_timeout,
+        )
+        super().__init__(broker, max_replays, prefill_chunk, timeouts)
         self.connect_timeout = connect_timeout
         self._tokenizer_arg = tokenizer
         self._link_args = dict(
@@ -384,6 +454,7 @@ class AsyncClient(_Frontend):
             heartbeat=heartbeat,
             broker_timeout=broker_timeout,
             reconnect_timeout=reconnect_timeout,
+            idle_timeout=idle_timeout,
         )
         self._link: AsyncLink | None = None
         self._connecting: asyncio.Lock | None = None
@@ -433,8 +504,10 @@ class AsyncClient(_Frontend):
         chat: bool = False,
         timeout: float | None = None,
         ignore_eos: bool = False,
+        wait_ready: float | bool = False,
     ) -> GenerationResult:
-        """Generate to the end and return the result; cancelling the task cancels the request."""
+        """Generate to the end and return the result (arguments as `Client.stream`);
+        cancelling the task cancels the request."""
         events = self.stream(
             prompt,
             max_new_tokens,
@@ -447,6 +520,7 @@ class AsyncClient(_Frontend):
             chat,
             timeout,
             ignore_eos,
+            wait_ready,
         )
         try:
             (done,) = [e async for e in events if e["type"] == "done"]
@@ -467,8 +541,10 @@ class AsyncClient(_Frontend):
         chat: bool = False,
         timeout: float | None = None,
         ignore_eos: bool = False,
+        wait_ready: float | bool = False,
     ) -> AsyncIterator[dict]:
-        """Events as they arrive: token, reshard/replay, then done. Closing it cancels."""
+        """Events as they arrive, as `Client.stream` (`wait_ready`, back-pressure, idle end);
+        closing it, or dropping it unread, cancels the request."""
         await self.connect()
         req = self._request(
             prompt,
@@ -482,6 +558,7 @@ class AsyncClient(_Frontend):
             chat,
             timeout,
             ignore_eos,
+            wait_ready,
         )
         link = self._link
         link.add(req, time.perf_counter())
@@ -497,6 +574,7 @@ class AsyncClient(_Frontend):
                     raise _timeout_error(req, timeout)
                 if isinstance(item, BaseException):
                     raise item
+                link.read(req.rid, item, time.perf_counter())
                 yield item
                 if item["type"] == "done":
                     return

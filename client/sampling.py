@@ -7,6 +7,7 @@ was, and a seeded request gives the same tokens with or without failures.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -18,22 +19,32 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from client import checks
+from client.errors import SamplingError
+
+# torch.Generator.manual_seed takes any 64-bit pattern; one range keeps seeds portable.
+MAX_SEED = 2**64 - 1
+
 
 def check_sampling_args(
     temperature: float | None,
     top_k: int | None,
     top_p: float | None,
     repetition_penalty: float | None,
+    seed: int | None = None,
 ) -> None:
-    """Raise ValueError for a sampling setting that transformers would reject or misread."""
-    if temperature is not None and not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty is not None and not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    """Raise InvalidArgument (a ValueError) for a sampling setting that is not a finite
+    number in its range, before transformers or torch would reject or misread it."""
+    if temperature is not None:
+        checks.real(temperature, "temperature", ">= 0 (0 means greedy)", lambda t: t >= 0)
+    if top_k is not None:
+        checks.integer(top_k, "top_k", 1)
+    if top_p is not None:
+        checks.real(top_p, "top_p", "in (0, 1]", lambda p: 0 < p <= 1)
+    if repetition_penalty is not None:
+        checks.real(repetition_penalty, "repetition_penalty", "> 0", lambda r: r > 0)
+    if seed is not None:
+        checks.integer(seed, "seed", 0, MAX_SEED)
 
 
 class Sampler:
@@ -53,8 +64,15 @@ class Sampler:
         repetition_penalty: float | None = None,
         seed: int | None = None,
     ):
-        check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+        check_sampling_args(temperature, top_k, top_p, repetition_penalty, seed)
+        # transformers' processors take floats only (an int temperature is refused there).
+        temperature = float(temperature or 0.0)
+        top_k = None if top_k is None else int(top_k)
+        top_p = None if top_p is None else float(top_p)
+        if repetition_penalty is not None:
+            repetition_penalty = float(repetition_penalty)
         self.greedy = not temperature
+        self.settings = f"temperature={temperature:g}, repetition_penalty={repetition_penalty}"
         # Built and ordered as GenerationMixin._get_logits_processor does: processors first,
         # then the warpers that only apply when sampling; neutral values add nothing.
         processors = LogitsProcessorList()
@@ -75,7 +93,7 @@ class Sampler:
             if seed is None:
                 self.generator.seed()  # non-deterministic; the default seed is a constant
             else:
-                self.generator.manual_seed(seed)
+                self.generator.manual_seed(int(seed))
 
     def process(
         self, logits: torch.Tensor, input_ids: torch.Tensor | Sequence[int]
@@ -94,9 +112,35 @@ class Sampler:
         """The next token id, given the logits `[1, V]` (any float dtype) and the ids so far."""
         if self.greedy and not self.processors:
             # The hot path: argmax on the received buffer itself, without a copy.
-            return int(logits.reshape(-1).argmax())
+            token = int(logits.reshape(-1).argmax())
+            # argmax takes nan for the largest value: checking the winner alone finds nan,
+            # +inf and a row of -inf, at O(1) per token.
+            if not math.isfinite(float(logits.reshape(-1)[token])):
+                raise self._non_finite(logits)
+            return token
         scores = self.process(logits, input_ids)
         if self.greedy:
-            return int(scores.argmax(dim=-1))
+            token = int(scores.argmax(dim=-1))
+            if not math.isfinite(float(scores[0, token])):
+                raise self._non_finite(logits)
+            return token
         probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, num_samples=1, generator=self.generator))
+        try:
+            return int(torch.multinomial(probs, num_samples=1, generator=self.generator))
+        except RuntimeError:  # torch refuses a distribution with nan, inf or negative values
+            raise self._non_finite(logits) from None
+
+    def _non_finite(self, logits: torch.Tensor) -> SamplingError:
+        nan = int(torch.isnan(logits).sum())
+        inf = int(torch.isinf(logits).sum())
+        if nan or inf:
+            return SamplingError(
+                f"the model's logits hold {nan} nan and {inf} infinite values of "
+                f"{logits.numel()}, so no token can be chosen; the checkpoint's weights are "
+                "broken or the stages' dtype overflows (serve it with --dtype float32)"
+            )
+        return SamplingError(
+            f"the sampling settings ({self.settings}) turn the model's finite logits into nan "
+            "or inf, so no token can be chosen; a temperature this close to 0 overflows "
+            "(use temperature=0 for greedy), as does an extreme repetition_penalty"
+        )

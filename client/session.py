@@ -18,6 +18,13 @@ import torch
 
 from broker import messages as M
 from broker.protocol import EMPTY_PREFIX_HASH, REPLAY_CODES, Cmd, Code, Message, prefix_hash
+from client import checks
+from client.errors import (
+    BusyError,
+    InvalidArgument,
+    NotReadyError,
+    RequestFailed,
+)
 from client.sampling import Sampler
 from common.defaults import MAX_REPLAYS
 from common.text import TextAssembler
@@ -31,42 +38,6 @@ def as_json(value: Any) -> Any:
     """A message struct (or part of one) as the JSON it travels as: dicts and lists, with the
     fields at their defaults left out. What the client hands its callers."""
     return msgspec.json.decode(msgspec.json.encode(value))
-
-
-class ClientError(Exception):
-    """Base of every error the client raises on purpose."""
-
-
-class BrokerUnreachable(ClientError):
-    """The broker did not answer in time (first contact, or after a reconnect)."""
-
-
-class RequestFailed(ClientError):
-    """The broker or a stage refused the request; `code` is the protocol error code."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-class BusyError(RequestFailed):
-    """A bounded queue of the broker is full; try again after `retry_after_s`."""
-
-    def __init__(self, message: str, retry_after_s: float | None):
-        super().__init__(str(Code.BUSY), message)
-        self.retry_after_s = retry_after_s
-
-
-class NotReadyError(RequestFailed):
-    """The live stages cannot cover the model; the message says what is missing."""
-
-    def __init__(self, message: str):
-        super().__init__(str(Code.NOT_READY), message)
-
-
-class RequestTimeout(ClientError, TimeoutError):
-    """The request's `timeout=` ran out; it was cancelled on the broker."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +66,7 @@ class Request:
         eos_ids: frozenset[int],
         prefill_chunk: int,
         max_replays: int = MAX_REPLAYS,
+        wait_ready_s: float = 0.0,
     ):
         self.rid = rid
         self.prefill_chunk = prefill_chunk
@@ -122,6 +94,16 @@ class Request:
         self.sent_at = self.started  # when the step of the awaited token was first sent
         self.ttft_s = 0.0
         self.result: GenerationResult | None = None
+        # Readiness: "probe" until the broker's first answer after the start says it can run
+        # the request, "held" while the caller waits for a cluster that is not ready.
+        self.wait_ready_s = wait_ready_s
+        self.gate: Literal["probe", "held"] | None = "probe"
+        self.told: tuple[str, float] = ("", 0.0)  # the last waiting event: reason, time
+        # Back-pressure: tokens delivered that the consumer has not read, since when, and
+        # whether the next step waits for the consumer (see `read`).
+        self.unread = 0
+        self.unread_since = self.started
+        self.stalled = False
         # The repetition penalty reads every id so far; a preallocated buffer saves building
         # a tensor from the whole list at each token.
         self.ids_buffer: torch.Tensor | None = None
@@ -179,9 +161,11 @@ class Request:
                 )
         self.events.append(event)
         first = self.seq + 1
-        last = len(self.steps) - 1
+        # A stalled request has sampled from its last step already: the replay only rebuilds
+        # the caches, and the next step leaves when the consumer reads on.
+        last = len(self.steps) - 1 if not self.stalled else -1
         out = [self._step(p, n, logits=i == last) for i, (p, n) in enumerate(self.steps)]
-        self.oldest_live, self.awaited = first, self.seq
+        self.oldest_live, self.awaited = first, self.seq if not self.stalled else 0
         return out
 
     def end(self, reason: Literal["done", "cancelled", "failed"]) -> Outgoing:
@@ -201,7 +185,7 @@ class Request:
         if msg.cmd == Cmd.EVENT:
             return self._on_event(msg.body)
         if msg.cmd == Cmd.ERROR:
-            return self._on_error(msg.body)
+            return self._on_error(msg.body, now)
         return [], []
 
     def _on_result(self, msg: Message, now: float) -> tuple[list[Outgoing], list[dict]]:
@@ -210,6 +194,7 @@ class Request:
         logits = msg.tensor(0) if msg.frames else None
         if logits is None or logits.numel() == 0:
             raise RequestFailed(str(Code.INTERNAL), f"step {body.seq} returned no logits")
+        self.gate = None  # computed: the cluster was ready
         t0 = time.perf_counter()
         history = None
         if self.ids_buffer is not None:
@@ -235,17 +220,20 @@ class Request:
             }
             self.generated.append(token)
             self.trace.append(trace)
+            if not self.unread:
+                self.unread_since = now
+            self.unread += 1
             reason = "length" if len(self.generated) >= self.max_new_tokens else None
             if reason is None:
                 self._append(token)
                 if not self.assembler.stop:
                     # No stop string to look for: the next step leaves before detokenizing.
-                    out.append(self._next_step(len(self.tokens) - 1, 1))
+                    out.extend(self._advance())
             text = self.assembler.push(token)
             if self.assembler.stopped:
                 reason = "stop"
             elif reason is None and self.assembler.stop:
-                out.append(self._next_step(len(self.tokens) - 1, 1))
+                out.extend(self._advance())
             events.append(
                 {"type": "token", "index": index, "token_id": token, "text": text, "trace": trace}
             )
@@ -256,6 +244,56 @@ class Request:
             tail = self.assembler.flush()
             events.append({"type": "done", "text": tail, "result": self._finish(reason)})
         return out, events
+
+    def _advance(self) -> list[Outgoing]:
+        """The next decode step, unless the consumer has not read the token before this one:
+        then the request stalls until `read` (one token waiting, one step in flight at most)."""
+        if self.unread > 1:
+            self.stalled = True
+            return []
+        return [self._next_step(len(self.tokens) - 1, 1)]
+
+    def read(self, event: dict, now: float) -> list[Outgoing]:
+        """The consumer took `event` from the stream: the stalled next step may leave."""
+        if event.get("type") != "token":
+            return []
+        self.unread -= 1
+        self.unread_since = now
+        if self.stalled and self.unread <= 1 and self.result is None:
+            self.stalled = False
+            return [self._next_step(len(self.tokens) - 1, 1)]
+        return []
+
+    def admitted(self) -> None:
+        """The broker said it is ready: the request runs."""
+        self.gate = None
+
+    def not_ready(self, reason: str, now: float) -> list[dict]:
+        """The broker says it cannot run the request yet: a waiting event while `wait_ready_s`
+        lasts (one per new reason, or per second), then NotReadyError."""
+        waited = now - self.started
+        if waited >= self.wait_ready_s:
+            if self.wait_ready_s:
+                raise NotReadyError(
+                    f"cluster still not ready after waiting {waited:.1f} s: {reason}"
+                )
+            raise NotReadyError(
+                f"cluster not ready: {reason}; nothing was computed. Wait for it with "
+                "wait_ready=SECONDS (command line: --wait-ready SECONDS)"
+            )
+        self.gate = "held"
+        told_reason, told_at = self.told
+        if reason == told_reason and now - told_at < 1.0:
+            return []
+        self.told = (reason, now)
+        event = {
+            "type": "waiting",
+            "reason": reason,
+            "waited_s": round(waited, 3),
+            "wait_ready_s": self.wait_ready_s,
+            "index": len(self.generated),
+        }
+        return [event]
 
     def _append(self, token: int) -> None:
         if self.ids_buffer is not None:
@@ -282,7 +320,7 @@ class Request:
         event = {"type": fields.pop("event"), **fields, "index": len(self.generated)}
         return self.replay(event), [event]
 
-    def _on_error(self, body: M.Error) -> tuple[list[Outgoing], list[dict]]:
+    def _on_error(self, body: M.Error, now: float) -> tuple[list[Outgoing], list[dict]]:
         if body.seq is not None and body.seq < self.oldest_live:
             return [], []  # about a step that a replay has already superseded
         code, message = str(body.code), body.message
@@ -298,6 +336,17 @@ class Request:
         if body.code == Code.BUSY:
             raise BusyError(message, body.retry_after_s)
         if body.code == Code.NOT_READY:
+            if now - self.started < self.wait_ready_s:
+                # The broker's own wait (--ready-wait) ended first; the caller's goes on.
+                self.gate = "held"
+                event = {
+                    "type": "replay",
+                    "rid": self.rid,
+                    "reason": code,
+                    "message": message,
+                    "index": len(self.generated),
+                }
+                return self.replay(event, counted=False), [event]
             raise NotReadyError(message)
         raise RequestFailed(code, message)
 
@@ -313,43 +362,102 @@ class Request:
         return self.replay(event, counted=False), [event]
 
 
+# The roles of OpenAI-style chat messages that chat templates know.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+# Token ids travel as int64 tensors.
+MAX_TOKEN_ID = 2**63 - 1
+
+
 def encode_prompt(tokenizer: Any, prompt: Any, chat: bool) -> list[int]:
     """Token ids of a prompt: a string, a list of ids, or chat messages."""
     is_chat = (
-        isinstance(prompt, Sequence) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+        isinstance(prompt, Sequence)
+        and not isinstance(prompt, str)
+        and bool(prompt)
+        and all(isinstance(m, dict) for m in prompt)
     )
     if tokenizer is None and (isinstance(prompt, str) or is_chat):
-        raise ValueError(
+        raise InvalidArgument(
             "the served checkpoint has no tokenizer: pass the prompt as token ids, "
             "or a tokenizer directory (tokenizer=DIR, --tokenizer DIR)"
         )
     if isinstance(prompt, str):
         if not prompt:
-            raise ValueError("prompt is empty")
+            raise InvalidArgument("prompt is empty")
+        checks.text(prompt, "the prompt")
         if not chat:
             return list(tokenizer(prompt)["input_ids"])
         prompt, is_chat = [{"role": "user", "content": prompt}], True
     if is_chat:
-        for m in prompt:
-            if "role" not in m or "content" not in m:
-                raise ValueError("chat messages need a 'role' and a 'content' each")
+        messages = chat_messages(prompt)
         if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("this tokenizer has no chat template; pass a plain prompt")
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            raise InvalidArgument("this tokenizer has no chat template; pass a plain prompt")
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as e:  # the template is the checkpoint's own Jinja code
+            raise InvalidArgument(f"the chat template refused the messages: {e}") from None
         # The template writes the special tokens (BOS included) itself.
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if isinstance(prompt, Sequence) and not isinstance(prompt, bytes | bytearray):
         ids = list(prompt)
         if not ids:
-            raise ValueError("prompt is empty")
+            raise InvalidArgument("prompt is empty")
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise ValueError(
+            raise InvalidArgument(
                 "a prompt given as a list must hold token ids (int) or chat messages (dict)"
             )
         return ids
-    raise ValueError(
+    raise InvalidArgument(
         f"prompt must be a string, a list of token ids or chat messages, not {type(prompt).__name__}"
     )
+
+
+def chat_messages(messages: Sequence[dict]) -> list[dict]:
+    """The messages with every content as one string: text parts (OpenAI style) are joined;
+    a role outside CHAT_ROLES, and any content but text, are refused."""
+    out = []
+    for i, message in enumerate(messages):
+        if "role" not in message or "content" not in message:
+            raise InvalidArgument(
+                f"chat messages need a 'role' and a 'content' each; message {i} has "
+                f"{sorted(map(str, message))}"
+            )
+        role = message["role"]
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            raise InvalidArgument(
+                f"message {i}: role must be one of {', '.join(CHAT_ROLES)}, got {role!r}"
+            )
+        for key, value in message.items():
+            if isinstance(value, str):
+                checks.text(value, f"message {i}'s {key!r}")
+        out.append({**message, "content": _content_text(message["content"], i)})
+    return out
+
+
+def _content_text(content: Any, i: int) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list | tuple):
+        raise InvalidArgument(
+            f"message {i}: content must be a string or a list of text parts "
+            f"[{{'type': 'text', 'text': '...'}}], got {type(content).__name__}"
+        )
+    texts = []
+    for j, part in enumerate(content):
+        if not (
+            isinstance(part, dict)
+            and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
+        ):
+            kind = repr(part.get("type")) if isinstance(part, dict) else type(part).__name__
+            raise InvalidArgument(
+                f"message {i}: content part {j} is {kind}; only text parts "
+                "{'type': 'text', 'text': '...'} are supported (the model reads text only)"
+            )
+        texts.append(checks.text(part["text"], f"message {i}'s content part {j}"))
+    return "".join(texts)
 
 
 def check_prompt(
@@ -357,15 +465,15 @@ def check_prompt(
 ) -> None:
     ids = list(ids)
     if not ids:
-        raise ValueError("prompt is empty (it encodes to no tokens)")
-    if vocab_size:
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+        raise InvalidArgument("prompt is empty (it encodes to no tokens)")
+    top = vocab_size or MAX_TOKEN_ID + 1
+    bad = [t for t in ids if not 0 <= t < top]
+    if bad:
+        raise InvalidArgument(f"token ids {bad[:5]} are outside the vocabulary [0, {top})")
     # The last sampled token is never sent to the cluster: it takes no position.
     needed = len(ids) + max_new_tokens - 1
     if needed > context:
-        raise ValueError(
+        raise InvalidArgument(
             f"prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} needs {needed} "
             f"positions, more than the model's context of {context}; shorten the prompt or "
             "lower max_new_tokens"

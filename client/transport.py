@@ -26,7 +26,16 @@ from zmq.utils.monitor import parse_monitor_message
 from broker import messages as M
 from broker import protocol as P
 from broker.protocol import Cmd, Message
-from client.session import BrokerUnreachable, ClientError, Outgoing, Request, RequestFailed
+from client.checks import URL_FORMS
+from client.errors import (
+    BrokerUnreachable,
+    ClientError,
+    InvalidArgument,
+    NotReadyError,
+    RequestFailed,
+    StreamAbandoned,
+)
+from client.session import Outgoing, Request
 
 log = structlog.get_logger("client")
 
@@ -44,12 +53,14 @@ class Link:
         heartbeat: float,
         broker_timeout: float,
         reconnect_timeout: float,
+        idle_timeout: float | None = None,
     ):
         self.url = url
         self.client_id = client_id
         self.heartbeat = heartbeat
         self.broker_timeout = broker_timeout
         self.reconnect_timeout = reconnect_timeout
+        self.idle_timeout = idle_timeout  # a stream unread this long is ended; None: never
         self.requests: dict[str, Request] = {}
         self.incarnation = 0
         self.identity = b""
@@ -80,18 +91,25 @@ class Link:
         self.close_socket()
         self.incarnation += 1
         self.identity = f"{self.client_id}.{self.incarnation}.{secrets.token_hex(2)}".encode()
-        sock = self._socket()
+        # Held at once, so that close_socket closes them whatever fails below: a socket left
+        # open would block Context.term() in close() forever.
+        self.sock = sock = self._socket()
         sock.setsockopt(zmq.IDENTITY, self.identity)
         sock.setsockopt(zmq.LINGER, 0)
         # A broker restarted within broker_timeout answers PINGs at once, so silence never
         # shows that it lost our in-flight steps; the TCP disconnect does.
         address = f"inproc://layerline-client-{self.identity.decode()}"
         sock.monitor(address, zmq.EVENT_DISCONNECTED)
-        monitor = zmq.Context.shadow(sock.context.underlying).socket(zmq.PAIR)
+        self.monitor = monitor = zmq.Context.shadow(sock.context.underlying).socket(zmq.PAIR)
         monitor.setsockopt(zmq.LINGER, 0)
         monitor.connect(address)
-        sock.connect(self.url)
-        self.sock, self.monitor = sock, monitor
+        try:
+            sock.connect(self.url)
+        except zmq.ZMQError as e:
+            self.close_socket()
+            raise InvalidArgument(
+                f"cannot connect to broker URL {self.url!r}: {e.strerror}; give it as {URL_FORMS}"
+            ) from None
 
     def close_socket(self) -> None:
         if self.monitor is not None:
@@ -134,8 +152,10 @@ class Link:
                 self.send(P.encode(P.CLIENT_TAG, body, tensors))
 
     def ping(self, now: float) -> None:
+        """A PING; a STATUS instead while a request waits for readiness (it says why not)."""
         self.pinged_at = now
-        self.send(P.encode(P.CLIENT_TAG, M.Ping()))
+        held = any(req.gate == "held" for req in self.requests.values())
+        self.send(P.encode(P.CLIENT_TAG, M.StatusQuery() if held else M.Ping()))
 
     # --- requests --------------------------------------------------------------------------
 
@@ -144,6 +164,14 @@ class Link:
             self.quiet_since = now
         self.requests[req.rid] = req
         self.post(req.start())
+        # Its PONG, sent after the broker took the steps, says whether it can run them now.
+        self.ping(now)
+
+    def read(self, rid: str, item: Any, now: float) -> None:
+        """The consumer took `item` from the request's stream: send what that lets go."""
+        req = self.requests.get(rid)
+        if req is not None and isinstance(item, dict):
+            self.post(req.read(item, now))
 
     def cancel(self, rid: str) -> None:
         """Forget a request and tell the broker, so every stage frees its cache."""
@@ -172,6 +200,7 @@ class Link:
         """Hand one message to its request; what the request answers goes into `out`."""
         rid = msg.body.rid if msg.cmd in _ROUTED else None
         if rid is None:
+            self._readiness(msg, now, out)
             self._reply(msg)
             return
         req = self.requests.get(rid)
@@ -190,6 +219,45 @@ class Link:
         if events:
             self._deliver(rid, events)
 
+    def _readiness(self, msg: Message, now: float, out: list[Outgoing]) -> None:
+        """A PONG or STATUS says whether the broker can run the requests that wait to hear it."""
+        gated = [req for req in self.requests.values() if req.gate is not None]
+        if msg.cmd not in (Cmd.PONG, Cmd.STATUS) or not gated:
+            return
+        if msg.body.ready:
+            for req in gated:
+                req.admitted()
+        elif msg.cmd == Cmd.PONG:
+            out.append((M.StatusQuery(), []))  # not ready: STATUS says why
+        else:
+            reason = msg.body.reason or "no reason given"
+            for req in gated:
+                try:
+                    events = req.not_ready(reason, now)
+                except NotReadyError as e:
+                    self.requests.pop(req.rid, None)
+                    out.append(req.end("failed"))
+                    self._deliver(req.rid, [e])
+                    continue
+                if events:
+                    self._deliver(req.rid, events)
+
+    def _reap_idle(self, now: float) -> None:
+        """End the requests whose consumer left a token unread for idle_timeout."""
+        if self.idle_timeout is None:
+            return
+        for rid, req in list(self.requests.items()):
+            if req.unread and now - req.unread_since > self.idle_timeout:
+                log.info("client_stream_abandoned", rid=rid, unread=req.unread)
+                self.requests.pop(rid)
+                self.post([req.end("cancelled")])
+                error = StreamAbandoned(
+                    f"request {rid} was ended: its stream was not read for "
+                    f"{self.idle_timeout:g} s (idle_timeout); read a stream to its end or "
+                    "close it, or give the client a longer idle_timeout"
+                )
+                self._deliver(rid, [error])
+
     def _recovered(self, now: float) -> None:
         """The broker answers through the fresh socket: rebuild every request there."""
         log.info("client_reconnected", broker=self.url, after_s=round(now - self.lost_at, 3))
@@ -206,6 +274,7 @@ class Link:
     def tick(self, now: float) -> float:
         """Ping, detect a lost broker, give up on one gone too long; return when to tick next."""
         dropped = self.disconnected()
+        self._reap_idle(now)
         if not self.requests:
             return now + self.heartbeat
         if self.lost_at is not None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from client import InvalidArgument, SamplingError
 from client.sampling import Sampler
 
 VOCAB = 160
@@ -92,6 +93,51 @@ def test_invalid_settings_raise():
     ):
         with pytest.raises(ValueError):
             Sampler(**kwargs)
+
+
+@pytest.mark.timeout(60)
+def test_non_finite_and_mistyped_settings_are_refused_with_their_range():
+    cases = [
+        ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+        ({"temperature": "0.7"}, "temperature must be a finite number >= 0"),
+        ({"top_k": 2.5}, "top_k must be an integer >= 1"),
+        ({"top_p": float("nan")}, r"top_p must be a finite number in \(0, 1\]"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty must be a finite number > 0"),
+        ({"seed": "abc"}, r"seed must be an integer in \[0, 18446744073709551615\], got 'abc'"),
+        ({"seed": 2**70}, r"seed must be an integer in \[0, "),
+        ({"seed": -1}, r"seed must be an integer in \[0, "),
+        ({"seed": True}, r"seed must be an integer"),
+    ]
+    for kwargs, message in cases:
+        for temperature in (0.0, 0.8):  # refused under greedy too, where a seed is unused
+            with pytest.raises(InvalidArgument, match=message):
+                Sampler(**{"temperature": temperature, **kwargs})
+
+
+@pytest.mark.timeout(60)
+def test_integer_settings_sample_as_their_floats():
+    logits = _logits(3)
+    ints = Sampler(temperature=2, top_k=50, repetition_penalty=2, seed=2**64 - 1)
+    floats = Sampler(temperature=2.0, top_k=50, repetition_penalty=2.0, seed=2**64 - 1)
+    history = torch.tensor([[1, 2, 3]])
+    drawn = [(ints.next_token(logits, history), floats.next_token(logits, history))]
+    assert all(a == b for a, b in drawn)
+
+
+@pytest.mark.timeout(60)
+def test_non_finite_logits_raise_a_sampling_error():
+    for bad in (float("nan"), float("inf")):
+        logits = _logits(4)
+        logits[0, 5] = bad
+        for sampler in (Sampler(), Sampler(repetition_penalty=1.3), Sampler(0.8, seed=1)):
+            with pytest.raises(SamplingError, match="--dtype float32"):
+                sampler.next_token(logits, [1, 2])
+    with pytest.raises(SamplingError, match="logits hold 0 nan and 160 infinite"):
+        Sampler().next_token(torch.full((1, VOCAB), float("-inf")))
+    # Finite logits that the settings themselves overflow: the message names the settings.
+    with pytest.raises(SamplingError, match=r"temperature=1e-300.*use temperature=0"):
+        Sampler(temperature=1e-300, seed=0).next_token(_logits(5))
 
 
 SETTINGS = [
