@@ -24,6 +24,7 @@ from broker import messages as M
 from broker import protocol as P
 from broker.messages import Cmd, Code
 from broker.protocol import Message, prefix_hash
+from common.checkpoint import read_checkpoint
 from stage.checkpoint import open_checkpoint
 from stage.kvcache import KVStore
 from stage.loading import load_shard
@@ -297,6 +298,9 @@ def test_ready_and_loaded(llama_stage, checkpoints):
     assert 100 * 2**20 < caps.runtime_bytes < rss_now
     assert (loaded.epoch, loaded.start, loaded.end) == (EPOCH, 0, 5)
     assert loaded.weight_bytes > 0 and loaded.load_s >= 0
+    # The digest of every tensor it read: all of them, each the broker's.
+    meta = read_checkpoint(checkpoints["llama"])
+    assert meta.unpack_digests(loaded.digests) == meta.digest_table.digests
 
 
 @pytest.mark.timeout(60)
