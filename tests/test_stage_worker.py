@@ -28,6 +28,7 @@ from common.checkpoint import read_checkpoint
 from stage.checkpoint import open_checkpoint
 from stage.kvcache import KVStore
 from stage.loading import load_shard
+from tests.cluster import Cluster
 from tests.tiny_models import CONFIGS, VOCAB
 
 REPO = Path(__file__).resolve().parents[1]
@@ -618,6 +619,36 @@ def test_a_non_finite_output_fails_its_request_alone(tmp_path, procs, broker):
     # The refused request's cache is gone: its next step is a cache miss.
     bad.advance(bad_ids)
     assert refusal_code(broker.forward([bad.item([5])], [ids_tensor([5])])) == "cache_miss"
+
+
+@pytest.mark.timeout(150)
+def test_the_client_of_a_non_finite_request_gets_an_error_and_the_other_its_logits(tmp_path):
+    """Through a real broker: the request that overflows ends with ERROR `non_finite` naming
+    the stage and its layers; the other one, sent with it, gets its logits."""
+    model = _overflowing_llama(tmp_path / "overflowing-llama")
+    client = zmq.Context.instance().socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    with Cluster(model, 1, log_dir=tmp_path / "logs") as cluster:
+        client.connect(cluster.url)
+        prompts = {"bad": [11, 12, OVERFLOW_TOKEN, 13, 14], "good": [11, 12, 15, 13, 14]}
+        for seq, (rid, ids) in enumerate(prompts.items()):
+            step = M.Step(rid=rid, seq=seq, pos=0, n=5, prev=0, hash=prefix_hash(0, ids))
+            client.send_multipart(P.encode(P.CLIENT_TAG, step, [ids_tensor(ids)]))
+        answers = {}
+        while len(answers) < 2:
+            assert client.poll(60_000), f"no answer for {set(prompts) - set(answers)}"
+            msg = P.decode(client.recv_multipart(copy=False), expect=P.CLIENT_TAG)
+            if msg.cmd in (Cmd.RESULT, Cmd.ERROR):
+                answers[msg.body.rid] = msg
+    client.close(linger=0)
+    bad, good = answers["bad"], answers["good"]
+    assert bad.cmd == Cmd.ERROR and bad.body.code == Code.NON_FINITE, bad.body
+    assert bad.body.message.startswith(
+        f"stage s0: layers [0,5) of {model} computed non-finite logits (NaN or infinity) "
+        "for request bad at positions [0,5)"
+    )
+    assert good.cmd == Cmd.RESULT, good.body
+    assert torch.isfinite(good.tensor(0)).all()
 
 
 def test_kvstore_evicts_least_recently_used_others(reference):
