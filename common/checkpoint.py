@@ -70,7 +70,8 @@ DIGEST_BYTES = 16
 DIGEST_FILE = "layerline-digests.json"
 DIGEST_FILE_VERSION = 1
 # Bytes read per call while hashing, and tensors hashed at once: the hash and the reads release
-# the GIL, so threads use every core where the page cache holds the file.
+# the GIL, so a host with idle cores hashes on several (not measured: the 2-core VM of the
+# figures had no idle core, and two threads hashed there as fast as one).
 HASH_CHUNK = 8 << 20
 HASH_THREADS = max(1, min(8, os.cpu_count() or 1))
 # A LOADED's digests: per tensor, its index in the checkpoint's sorted tensor names, then its
