@@ -40,10 +40,11 @@ class FakePeers:
     """Fake stages and one fake client on DEALER sockets, served by one thread."""
 
     def __init__(
-        self, url: str, fingerprint: str, dtype: str, stages: int, inflight: int, credits: int = 4
+        self, url: str, checkpoint, dtype: str, stages: int, inflight: int, credits: int = 4
     ):
         self.url = url
-        self.fingerprint = fingerprint
+        self.checkpoint = checkpoint
+        self.fingerprint = checkpoint.fingerprint
         self.dtype = dtype
         self.n_stages = stages
         self.inflight = inflight
@@ -144,7 +145,19 @@ class FakePeers:
         sock = st["sock"]
         if msg.cmd == Cmd.ASSIGN:
             st["first"] = body.start == 0 and body.end > 0
-            loaded = M.Loaded(epoch=body.epoch, start=body.start, end=body.end)
+            # The digests of its layers' tensors, as a stage that read them reports.
+            ckpt = self.checkpoint
+            digests = {
+                key: digest
+                for key, digest in ckpt.digest_table.digests.items()
+                if ckpt.layer_of(key) in range(body.start, body.end)
+            }
+            loaded = M.Loaded(
+                epoch=body.epoch,
+                start=body.start,
+                end=body.end,
+                digests=ckpt.pack_digests(digests),
+            )
             sock.send_multipart(P.encode(P.STAGE_TAG, loaded))
         elif msg.cmd == Cmd.FORWARD:
             if st["first"]:
@@ -260,7 +273,7 @@ def measure_hop(
     url = f"tcp://127.0.0.1:{free_port()}"
     out = open(log_dir / "broker-hop.log" if log_dir else os.devnull, "ab")  # noqa: SIM115
     broker = _start_broker(url, model_dir, dtype, stages, 64, out)
-    peers = FakePeers(url, open_checkpoint(model_dir).fingerprint, dtype, stages, inflight=1)
+    peers = FakePeers(url, open_checkpoint(model_dir), dtype, stages, inflight=1)
     peers.payload = payload
     try:
         peers.start()
@@ -301,12 +314,12 @@ def measure(
     """Run the broker with fake peers at each payload size; CPU per forwarded message."""
     from stage.checkpoint import open_checkpoint
 
-    fingerprint = open_checkpoint(model_dir).fingerprint
+    checkpoint = open_checkpoint(model_dir)
     url = f"tcp://127.0.0.1:{free_port()}"
     max_mb = max(64, 4 * max(payloads) >> 20)
     out = open(log_dir / "broker-cpu.log" if log_dir else os.devnull, "ab")  # noqa: SIM115
     broker = _start_broker(url, model_dir, dtype, stages, max_mb, out)
-    peers = FakePeers(url, fingerprint, dtype, stages, inflight)
+    peers = FakePeers(url, checkpoint, dtype, stages, inflight)
     try:
         proc = psutil.Process(broker.pid)
         peers.start()

@@ -8,6 +8,7 @@ import dataclasses
 import signal
 import subprocess
 import sys
+import time
 
 import structlog
 
@@ -159,9 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     log = structlog.get_logger("broker")
     try:
         checkpoint = open_model(args.model)
+        # Every tensor's digest, which each LOADED is checked against: hashed now, once per
+        # checkpoint, or read from its digest file.
+        started = time.perf_counter()
+        table = checkpoint.digest_table
     except CheckpointError as e:
         print(f"broker: {e}", file=sys.stderr)
         return 2
+    log.info(
+        "tensor_digests",
+        tensors=len(table.digests),
+        hashed_mb=table.hashed_bytes >> 20,
+        seconds=round(time.perf_counter() - started, 3),
+        file=str(table.file),
+    )
     feed = args.feed
     if feed is None:
         with contextlib.suppress(ValueError):  # an endpoint with no port to add one to: no feed

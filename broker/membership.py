@@ -146,6 +146,24 @@ class Membership:
         if body.epoch != self.epoch:
             self.metrics.stale.inc()
             return
+        # The fingerprint of READY samples the weight files; the digests cover every byte the
+        # stage read. A stage that read other bytes never serves: it is refused and its layers
+        # go to the others.
+        problem = (
+            self.checkpoint.digest_problem(body.digests, body.start, body.end)
+            if body.end > body.start
+            else None
+        )
+        if problem is not None:
+            self.log.warning("stage_refused", stage=stage.name, reason="tensors", problem=problem)
+            self.refuse_stage(
+                ident,
+                Code.FINGERPRINT,
+                f"stage {stage.name} {problem}; give every stage the same checkpoint file as "
+                "the broker",
+            )
+            self.stage_dead(stage, cause="refused")
+            return
         stage.loaded_epoch = body.epoch
         stage.load_s = body.load_s
         if stage.state in ("loading", "joining"):

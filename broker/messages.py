@@ -62,6 +62,7 @@ class Code(enum.StrEnum):
     DTYPE_MISMATCH = "dtype_mismatch"  # stage computes in another dtype than the cluster
     NAME_IN_USE = "name_in_use"  # a live stage of another process holds the stage name
     REPLAY_LIMIT = "replay_limit"  # the request was replayed too often
+    NON_FINITE = "non_finite"  # a stage computed NaN or infinity for this request
     UNAUTHORIZED = "unauthorized"
     INTERNAL = "internal"
 
@@ -174,12 +175,17 @@ class Ready(Body, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class Loaded(Body, frozen=True, kw_only=True, omit_defaults=True):
+    """Layers `[start, end)` are loaded; `digests` says which bytes: per tensor read, its index
+    in the checkpoint's sorted tensor names (u32 little-endian) and its 16-byte digest
+    (`common.checkpoint.CheckpointMeta.pack_digests`)."""
+
     cmd = Cmd.LOADED
     epoch: int
     start: Count
     end: Count
     weight_bytes: Count = 0
     load_s: Seconds = 0.0
+    digests: bytes = b""
 
 
 class Refusal(msgspec.Struct, frozen=True):

@@ -1,5 +1,6 @@
-"""A GGUF file read without torch or transformers: its metadata, where each tensor lives, its
-fingerprint, and the config values the broker plans with.
+"""A GGUF file read without torch or transformers: its metadata, where each tensor lives (and
+so what its tensor digests cover: the quantized blocks), its fingerprint, and the config values
+the broker plans with.
 
 The header is parsed here, value by value, instead of with `gguf.GGUFReader`: the reader turns
 every vocabulary entry into a numpy array (seconds, and tens of megabytes, for a 49k-token
@@ -298,7 +299,10 @@ def read_gguf_checkpoint(path: Path) -> GGUFMeta:
 
     tensors = {
         name: TensorInfo(
-            file=path.name, dtype=GGMLQuantizationType(t.ggml_type).name, shape=t.shape
+            file=path.name,
+            dtype=GGMLQuantizationType(t.ggml_type).name,
+            shape=t.shape,
+            span=(t.offset, t.offset + t.nbytes),
         )
         for name, t in gguf.tensors.items()
     }

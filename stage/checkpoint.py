@@ -1,5 +1,6 @@
 """A checkpoint as a stage opens it: the ground floor's metadata plus transformers' config, and
-the one way to read named tensors from it (`Checkpoint.read_tensors`)."""
+the one way to read named tensors from it (`Checkpoint.read_tensors`), which digests the bytes
+it reads and refuses weights that are not finite."""
 
 from __future__ import annotations
 
@@ -11,7 +12,17 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
-from common.checkpoint import CONFIG_FILE, CheckpointError, CheckpointMeta, read_checkpoint
+from common.checkpoint import (
+    CONFIG_FILE,
+    DIGEST_BYTES,
+    CheckpointError,
+    CheckpointMeta,
+    new_digest,
+    read_checkpoint,
+)
+
+# Elements summed at a time by the check for NaN and infinity (`_all_finite`).
+FINITE_CHUNK = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -29,9 +40,14 @@ class Checkpoint(CheckpointMeta):
         return bare if bare in self.tensors else None
 
     def read_tensors(
-        self, wanted: dict[str, str], dtype: torch.dtype, device: torch.device
+        self,
+        wanted: dict[str, str],
+        dtype: torch.dtype,
+        device: torch.device,
+        digests: dict[str, bytes] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Read exactly the named tensors (local name -> checkpoint key), grouped by file."""
+        """Read exactly the named tensors (local name -> checkpoint key), grouped by file, and
+        put the digest of each one's stored bytes in `digests`, by key."""
         by_file: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for local, key in wanted.items():
             by_file[self.tensors[key].file].append((local, key))
@@ -41,13 +57,53 @@ class Checkpoint(CheckpointMeta):
             try:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
                     for local, key in items:
-                        t = f.get_tensor(key)
-                        if t.is_floating_point():
-                            t = t.to(dtype)
+                        stored = f.get_tensor(key)
+                        if digests is not None:
+                            digests[key] = tensor_digest(stored)
+                        t = stored.to(dtype) if stored.is_floating_point() else stored
+                        check_finite(self.path, key, stored, t)
                         out[local] = t.to(device)
+            except CheckpointError:
+                raise
             except (OSError, RuntimeError, ValueError) as e:
                 raise CheckpointError(f"cannot read tensors from {path}: {e}") from e
         return out
+
+
+def tensor_digest(stored: torch.Tensor) -> bytes:
+    """The digest of a tensor's bytes as the file stores them (safetensors: little-endian, in
+    the file's dtype), the broker's `DigestTable` entry for it."""
+    h = new_digest()
+    h.update(stored.reshape(-1).view(torch.uint8).numpy())
+    return h.digest()[:DIGEST_BYTES]
+
+
+def check_finite(path: Path, key: str, stored: torch.Tensor, loaded: torch.Tensor) -> None:
+    """Refuse a weight that holds NaN or infinity (`loaded`, in the compute dtype): one such
+    value makes every output of the model NaN. `stored` (as read) tells a damaged file from a
+    value that overflows the compute dtype."""
+    if not loaded.is_floating_point() or _all_finite(loaded):
+        return
+    bad = int((~torch.isfinite(loaded)).sum())
+    if stored.is_floating_point() and _all_finite(stored):
+        raise CheckpointError(
+            f"{path}: tensor {key} does not fit {loaded.dtype}: {bad} of its values become "
+            "infinite; run the cluster in bfloat16 or float32 (--dtype)"
+        )
+    raise CheckpointError(
+        f"{path}: tensor {key} holds {bad} non-finite values (NaN or infinity); the checkpoint "
+        "is damaged: download or convert it again, and give every stage and the broker that file"
+    )
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite. A NaN or an infinity makes a sum non-finite, so a
+    finite sum clears a part in one pass (9.6 GiB/s on one core, where `isfinite(x).all()`
+    writes a bool per element and does 0.44); a sum that overflows is checked exactly."""
+    for part in t.reshape(-1).split(FINITE_CHUNK):
+        if not torch.isfinite(part.sum(dtype=torch.float32)) and not torch.isfinite(part).all():
+            return False
+    return True
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

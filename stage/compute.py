@@ -449,17 +449,23 @@ class Compute:
         shard, store = self._shard, self.store
         done = time.perf_counter()
         tensors = []
+        refused = [entry for entry in plan if isinstance(entry, M.Refusal)]
         for i, entry in enumerate(plan):
             if isinstance(entry, M.Refusal):
                 continue
             item = entry.item
             out = outputs[(j, i)]
+            self.stats.tokens += item.n
+            self.stats.progress += 1
+            if not bool(torch.isfinite(out).all()):
+                # Never sent on as a token or a hidden state; the cache it left is void.
+                store.release([item.rid])
+                refused.append(self._non_finite(i, item, shard))
+                continue
             if shard.last and not item.logits:
                 out = out[:, :0]
             store.commit(item.rid, item.hash)
             tensors.append(out)
-            self.stats.tokens += item.n
-            self.stats.progress += 1
         forward: M.Forward = job.msg.body
         result = M.ForwardResult(
             fid=forward.fid,
@@ -467,9 +473,40 @@ class Compute:
             compute_s=done - started,
             queue_s=started - job.received,
             batch=width,
-            refused=tuple(entry for entry in plan if isinstance(entry, M.Refusal)),
+            refused=tuple(sorted(refused, key=lambda r: r.i)),
         )
         return P.encode(P.STAGE_TAG, result, tensors)
+
+    def _non_finite(self, i: int, item: M.Item, shard: Shard) -> M.Refusal:
+        """The refusal of an item whose output holds NaN or infinity."""
+        what = "logits" if shard.last else "hidden states"
+        if shard.dtype == torch.float16:
+            advice = (
+                "float16 overflowed on this input: run the cluster in bfloat16 or float32 (--dtype)"
+            )
+        else:
+            advice = (
+                "the weights overflow on this input, which a sound checkpoint does not do: "
+                "check the checkpoint against its original, or download it again"
+            )
+        self.log.warning(
+            "non-finite output",
+            rid=item.rid,
+            pos=item.pos,
+            n=item.n,
+            start=shard.start,
+            end=shard.end,
+        )
+        return M.Refusal(
+            i=i,
+            rid=item.rid,
+            code=Code.NON_FINITE,
+            message=(
+                f"layers [{shard.start},{shard.end}) of {shard.checkpoint.path} computed "
+                f"non-finite {what} (NaN or infinity) for request {item.rid} at positions "
+                f"[{item.pos},{item.pos + item.n}); {advice}"
+            ),
+        )
 
     def _internal_error(self, job: Job, e: Exception) -> list | None:
         self.log.exception("job failed", job=type(job).__name__)
@@ -556,6 +593,7 @@ class Compute:
             end=job.end,
             weight_bytes=weight_bytes,
             load_s=load_s,
+            digests=self.checkpoint.pack_digests(self._shard.digests) if self._shard else b"",
         )
         return P.encode(P.STAGE_TAG, loaded)
 

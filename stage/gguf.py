@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from transformers import PretrainedConfig
 
-from common.checkpoint import CheckpointError
+from common.checkpoint import DIGEST_BYTES, CheckpointError, new_digest
 from common.gguf import GGUFFile, GGUFMeta, GGUFTensor
-from stage.checkpoint import Checkpoint
+from stage.checkpoint import Checkpoint, check_finite
 
 
 @dataclass(frozen=True)
@@ -46,23 +46,32 @@ class GGUFCheckpoint(Checkpoint):
         return kind(config=self.config.to_dict())
 
     def read_tensors(
-        self, wanted: dict[str, str], dtype: torch.dtype, device: torch.device
+        self,
+        wanted: dict[str, str],
+        dtype: torch.dtype,
+        device: torch.device,
+        digests: dict[str, bytes] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Dequantize exactly the named tensors (local name -> GGUF name), one at a time."""
+        """Dequantize exactly the named tensors (local name -> GGUF name), one at a time, and
+        put the digest of each one's quantized blocks in `digests`, by GGUF name."""
         from gguf import GGMLQuantizationType, dequantize
 
         out: dict[str, torch.Tensor] = {}
         with open(self.path, "rb") as f:
             for local, key in wanted.items():
                 info = self.gguf.tensors[key]
+                blocks = new_digest()
                 try:
-                    weights = _dequantize(f, info, GGMLQuantizationType(info.ggml_type), dequantize)
+                    kind = GGMLQuantizationType(info.ggml_type)
+                    weights = _dequantize(f, info, kind, dequantize, blocks)
                 except (NotImplementedError, ValueError) as e:
                     kind = GGMLQuantizationType(info.ggml_type).name
                     raise CheckpointError(
                         f"{self.path}: cannot dequantize {key} ({kind}): {e}; "
                         "convert the file to a common quant type (Q8_0, Q4_K_M, ...)"
                     ) from None
+                if digests is not None:
+                    digests[key] = blocks.digest()[:DIGEST_BYTES]
                 out[local] = self._to_torch(key, weights, dtype, device)
         return out
 
@@ -90,9 +99,9 @@ class GGUFCheckpoint(Checkpoint):
                 f"metadata's model needs {list(self._shapes[key])}; the file is corrupt "
                 "or was converted wrongly"
             )
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        return tensor.to(device)
+        loaded = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        check_finite(self.path, key, tensor, loaded)
+        return loaded.to(device)
 
     @cached_property
     def _mapping(self) -> dict[str, str]:
@@ -234,18 +243,19 @@ _LAYER_INDEX = re.compile(r"(\.(?:layers|h)\.)0\.")
 DEQUANTIZE_BYTES = 4 << 20
 
 
-def _dequantize(f: BinaryIO, info: GGUFTensor, kind, dequantize) -> np.ndarray:
+def _dequantize(f: BinaryIO, info: GGUFTensor, kind, dequantize, blocks) -> np.ndarray:
     """`dequantize(blocks, kind)` of one tensor, read and dequantized a block of rows at a time
-    into one array of its own (blocks are independent, so the values are those of one call)."""
+    into one array of its own (blocks are independent, so the values are those of one call).
+    Every byte read goes through the hash object `blocks` too, in file order."""
     if len(info.shape) < 2:
-        return np.array(dequantize(_read(f, info, 0, info.nbytes), kind))
+        return np.array(dequantize(_read(f, info, 0, info.nbytes, blocks), kind))
     slices = info.shape[0]
     slice_bytes = info.nbytes // slices
     step = max(1, DEQUANTIZE_BYTES // (4 * math.prod(info.shape[1:])))
     out: np.ndarray | None = None
     for at in range(0, slices, step):
         count = min(step, slices - at)
-        raw = _read(f, info, at * slice_bytes, count * slice_bytes)
+        raw = _read(f, info, at * slice_bytes, count * slice_bytes, blocks)
         values = dequantize(raw.reshape(count, *info.shape[1:-1], -1), kind)
         if out is None:
             out = np.empty((slices, *values.shape[1:]), dtype=values.dtype)
@@ -254,7 +264,7 @@ def _dequantize(f: BinaryIO, info: GGUFTensor, kind, dequantize) -> np.ndarray:
     return out
 
 
-def _read(f: BinaryIO, info: GGUFTensor, start: int, size: int) -> np.ndarray:
+def _read(f: BinaryIO, info: GGUFTensor, start: int, size: int, blocks) -> np.ndarray:
     f.seek(info.offset + start)
     data = f.read(size)
     if len(data) != size:
@@ -262,4 +272,5 @@ def _read(f: BinaryIO, info: GGUFTensor, start: int, size: int) -> np.ndarray:
             f"{f.name}: tensor {info.name} ends past the end of the file; the file is "
             "truncated: download or convert it again"
         )
+    blocks.update(data)
     return np.frombuffer(data, dtype=np.uint8)

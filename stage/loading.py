@@ -2,7 +2,8 @@
 
 The shard is built on the meta device from transformers' own model class and filled only with
 its own tensors, read straight from the checkpoint's files (safetensors, or GGUF dequantized
-tensor by tensor: `Checkpoint.read_tensors`).
+tensor by tensor: `Checkpoint.read_tensors`). It keeps the digest of every tensor it read
+(`Shard.digests`), which the stage reports in LOADED for the broker to compare with its own.
 """
 
 from __future__ import annotations
@@ -81,14 +82,18 @@ def load_shard(
         load_row_kernel()  # compiled or loaded now, not at the first decode step
     if reuse is not None and reuse.row_kernel != row_kernel:
         reuse = None
+    # The digest of every tensor the shard holds, by checkpoint key: read now, or kept from the
+    # shard that `reuse` had read them into.
+    digests: dict[str, bytes] = {}
     rebuilt = nn.ModuleList()
     for i in range(end - start):
         g = start + i
         if reuse is not None and reuse.start <= g < reuse.end:
             layer = reuse.layers[g - reuse.start]
+            _keep_digests(layer, f"{adapter.layers}.{g}", ckpt, reuse, digests)
         else:
             layer = build_layer(layer_cls, full_config, g)
-            _fill(layer, f"layers.{i}", f"{adapter.layers}.{g}", ckpt, torch_dtype, dev)
+            _fill(layer, f"layers.{i}", f"{adapter.layers}.{g}", ckpt, torch_dtype, dev, digests)
             if skinny:
                 skinny_linears(layer, row_kernel)
         rebuilt.append(layer)
@@ -104,21 +109,24 @@ def load_shard(
             module = adapter.module(skeleton, role)
             if reuse is not None and reuse.first and getattr(reuse, role) is not None:
                 parts[role] = getattr(reuse, role)
+                _keep_digests(parts[role], getattr(adapter, role), ckpt, reuse, digests)
             elif module is not None:
-                _fill(module, role, getattr(adapter, role), ckpt, torch_dtype, dev)
+                _fill(module, role, getattr(adapter, role), ckpt, torch_dtype, dev, digests)
                 parts[role] = module
+    tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
+    fallback = {"weight": ckpt.key_for(f"{adapter.embed}.weight")} if tied else None
     if end == num_layers and reuse is not None and reuse.last:
         parts["norm"], parts["head"] = reuse.norm, reuse.head
+        _keep_digests(reuse.norm, adapter.norm, ckpt, reuse, digests)
+        _keep_digests(reuse.head, adapter.head, ckpt, reuse, digests, fallback)
     elif end == num_layers:
         parts["norm"] = adapter.module(skeleton, "norm")
-        _fill(parts["norm"], "norm", adapter.norm, ckpt, torch_dtype, dev)
+        _fill(parts["norm"], "norm", adapter.norm, ckpt, torch_dtype, dev, digests)
         head = adapter.module(skeleton, "head")
-        tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
         if tied and parts["embed"] is not None and ckpt.key_for(f"{adapter.head}.weight") is None:
             head.weight = parts["embed"].weight  # one matrix, as in the monolithic model
         else:
-            fallback = {"weight": ckpt.key_for(f"{adapter.embed}.weight")} if tied else None
-            _fill(head, "head", adapter.head, ckpt, torch_dtype, dev, fallback)
+            _fill(head, "head", adapter.head, ckpt, torch_dtype, dev, digests, fallback)
         parts["head"] = head
 
     # Cache slots are renumbered only now: a load that failed above leaves `reuse` intact.
@@ -144,6 +152,7 @@ def load_shard(
         max_positions=ckpt.context_length,
         vocab_size=int(ckpt.config.vocab_size),
         row_kernel=row_kernel,
+        digests=digests,
         **parts,
     )
     for module in shard.modules():
@@ -161,15 +170,14 @@ def _shard_config(config, start: int, end: int):
     return shard_config
 
 
-def _fill(
+def _wanted(
     module: nn.Module,
     local_prefix: str,
     ckpt_prefix: str,
     checkpoint: Checkpoint,
-    dtype: torch.dtype,
-    device: torch.device,
     fallback: dict[str, str] | None = None,
-) -> None:
+) -> dict[str, str]:
+    """The checkpoint key of each of the module's tensors, by its name in the module."""
     wanted: dict[str, str] = {}
     for name in module.state_dict():
         key = checkpoint.key_for(f"{ckpt_prefix}.{name}")
@@ -181,7 +189,34 @@ def _fill(
                 "the checkpoint is incomplete or of another architecture"
             )
         wanted[name] = key
-    tensors = checkpoint.read_tensors(wanted, dtype, device)
+    return wanted
+
+
+def _keep_digests(
+    module: nn.Module,
+    ckpt_prefix: str,
+    checkpoint: Checkpoint,
+    reuse: Shard,
+    digests: dict[str, bytes],
+    fallback: dict[str, str] | None = None,
+) -> None:
+    """The digests of a module moved over from `reuse`, which read its tensors."""
+    for key in _wanted(module, ckpt_prefix, ckpt_prefix, checkpoint, fallback).values():
+        digests[key] = reuse.digests[key]
+
+
+def _fill(
+    module: nn.Module,
+    local_prefix: str,
+    ckpt_prefix: str,
+    checkpoint: Checkpoint,
+    dtype: torch.dtype,
+    device: torch.device,
+    digests: dict[str, bytes],
+    fallback: dict[str, str] | None = None,
+) -> None:
+    wanted = _wanted(module, local_prefix, ckpt_prefix, checkpoint, fallback)
+    tensors = checkpoint.read_tensors(wanted, dtype, device, digests)
     try:
         module.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:

@@ -87,6 +87,9 @@ class Shard:
     vocab_size: int = 0
     # A decode group's products take stage.kernels' row kernel (see RowKernelLinear).
     row_kernel: bool = False
+    # The digest of each checkpoint tensor the shard holds, of its bytes as the file stores
+    # them (`stage.checkpoint.tensor_digest`): what LOADED reports.
+    digests: dict[str, bytes] = field(default_factory=dict, repr=False)
     # Decode batches whose tensors stay from one step to the next (see `BatchCache`), most
     # recently used last: a pipeline keeps several groups of requests in flight, and each
     # group comes back to every stage once per token.

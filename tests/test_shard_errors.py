@@ -6,13 +6,15 @@ import hashlib
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
-from common.checkpoint import CheckpointError
+from common.checkpoint import CheckpointError, read_checkpoint
 from stage.adapters import UnsupportedArchitecture
 from stage.loading import load_shard
 from stage.shard import ShardError
+from tests.tiny_gguf import make_gguf
 
 
 def _digest(directory) -> dict[str, str]:
@@ -158,3 +160,51 @@ def test_cuda_unavailable(checkpoints):
 def test_dtype_the_device_cannot_run(checkpoints):
     with pytest.raises(ShardError, match="cannot run"):
         load_shard(checkpoints["llama"], 0, 1, dtype=torch.complex32)
+
+
+def _set_values(directory, key: str, values: list[float]) -> None:
+    """Overwrite the first float32 values of tensor `key` in its file (same size)."""
+    meta = read_checkpoint(directory)
+    info = meta.tensors[key]
+    assert info.dtype == "F32"
+    with (directory / info.file).open("r+b") as f:
+        f.seek(info.span[0])
+        f.write(np.array(values, dtype=np.float32).tobytes())
+
+
+def test_nan_weights_are_refused_naming_the_tensor(llama):
+    key = "model.layers.1.mlp.down_proj.weight"
+    _set_values(llama, key, [float("nan")] * 15 + [float("inf")])
+    load_shard(llama, 0, 1)  # a stage without that layer loads
+    with pytest.raises(CheckpointError) as info:
+        load_shard(llama, 1, 3)
+    assert str(info.value) == (
+        f"{llama}: tensor {key} holds 16 non-finite values (NaN or infinity); the checkpoint "
+        "is damaged: download or convert it again, and give every stage and the broker that file"
+    )
+
+
+def test_a_weight_beyond_float16_is_refused_in_float16(llama):
+    key = "model.layers.0.mlp.up_proj.weight"
+    _set_values(llama, key, [1e5, -7e4])
+    load_shard(llama, 0, 1, dtype="bfloat16")
+    with pytest.raises(CheckpointError) as info:
+        load_shard(llama, 0, 1, dtype="float16")
+    assert str(info.value) == (
+        f"{llama}: tensor {key} does not fit torch.float16: 2 of its values become infinite; "
+        "run the cluster in bfloat16 or float32 (--dtype)"
+    )
+
+
+def test_nan_weights_of_a_gguf_file_are_refused_naming_the_tensor(tmp_path):
+    path = make_gguf("llama", tmp_path / "tiny.gguf", "F32")
+    info = read_checkpoint(path).tensors["blk.3.ffn_down.weight"]
+    with path.open("r+b") as f:
+        f.seek(info.span[0] + 64)
+        f.write(np.full(8, np.nan, dtype=np.float32).tobytes())
+    load_shard(path, 0, 3)
+    with pytest.raises(CheckpointError) as error:
+        load_shard(path, 3, 5)
+    assert str(error.value).startswith(
+        f"{path}: tensor blk.3.ffn_down.weight holds 8 non-finite values (NaN or infinity)"
+    )

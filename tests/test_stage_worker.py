@@ -24,10 +24,12 @@ from broker import messages as M
 from broker import protocol as P
 from broker.messages import Cmd, Code
 from broker.protocol import Message, prefix_hash
+from common.checkpoint import read_checkpoint
 from stage.checkpoint import open_checkpoint
 from stage.kvcache import KVStore
 from stage.loading import load_shard
-from tests.tiny_models import VOCAB
+from tests.cluster import Cluster
+from tests.tiny_models import CONFIGS, VOCAB
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH = 1
@@ -297,6 +299,9 @@ def test_ready_and_loaded(llama_stage, checkpoints):
     assert 100 * 2**20 < caps.runtime_bytes < rss_now
     assert (loaded.epoch, loaded.start, loaded.end) == (EPOCH, 0, 5)
     assert loaded.weight_bytes > 0 and loaded.load_s >= 0
+    # The digest of every tensor it read: all of them, each the broker's.
+    meta = read_checkpoint(checkpoints["llama"])
+    assert meta.unpack_digests(loaded.digests) == meta.digest_table.digests
 
 
 @pytest.mark.timeout(60)
@@ -512,6 +517,138 @@ def test_an_assign_the_stage_cannot_load_is_refused(llama_stage, reference):
     ids = prompt(14)
     reply = b.forward([seq.item(ids)], [ids_tensor(ids)])
     assert torch.equal(reply.tensor(0), run_reference(reference, reference.new_cache(), ids))
+
+
+# --- weights and outputs that are not finite ------------------------------------------------
+
+
+def _nan_llama(directory: Path) -> Path:
+    """The tiny Llama with 1,024 NaNs in every layer's down_proj."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS["llama"]())
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.view(-1)[:1024] = float("nan")
+    model.save_pretrained(directory)
+    return directory
+
+
+# The token on which `_overflowing_llama` overflows.
+OVERFLOW_TOKEN = 7
+
+
+def _overflowing_llama(directory: Path) -> Path:
+    """A tiny Llama whose weights are all finite but whose first layer overflows float32 on
+    OVERFLOW_TOKEN, and on no other token.
+
+    Layer 0's attention adds nothing (o_proj is 0), so its MLP sees the normalized embedding.
+    Channel 0 of that is +8 for OVERFLOW_TOKEN (its embedding is e_0) and about -7.6 for every
+    other token (-0.5 against values of about 0.02). MLP channel 0 is silu(100 x_0) * 100 x_0:
+    640,000 for OVERFLOW_TOKEN, exactly 0 for the others (exp(760) overflows, silu is -0.0);
+    down_proj's column 0 of 1e33 turns 640,000 into 6.4e38, beyond float32's 3.4e38.
+    """
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS["llama"]())
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight
+        embed[:, 0] = -0.5
+        embed[OVERFLOW_TOKEN] = 0.0
+        embed[OVERFLOW_TOKEN, 0] = 1.0
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+            proj.weight[0] = 0.0
+            proj.weight[0, 0] = 100.0
+        layer.mlp.down_proj.weight[:, 0] = 1e33
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.timeout(90)
+def test_nan_weights_are_refused_at_load_naming_the_tensor(tmp_path, procs, broker):
+    model = _nan_llama(tmp_path / "nan-llama")
+    procs.start(broker.url, model, "--name", "s0", "--dead-after", "60")
+    broker.expect(Cmd.READY, timeout=60)
+    broker.send(M.Assign(epoch=EPOCH, start=0, end=5, num_layers=5, dtype="float32"))
+    error = broker.expect(Cmd.ERROR, Cmd.LOADED, timeout=30, keepalive=0.25)
+    assert error.cmd == Cmd.ERROR, error.body
+    assert error.body.code == Code.INTERNAL and error.body.epoch == EPOCH
+    assert (
+        f"cannot load layers [0,5): {model}: tensor model.layers.0.mlp.down_proj.weight "
+        "holds 1024 non-finite values (NaN or infinity); the checkpoint is damaged"
+    ) in error.body.message
+    # It stays, on standby: nothing to compute with.
+    seq = Seq("after-nan")
+    reply = broker.forward([seq.item([5, 6])], [ids_tensor([5, 6])], epoch=EPOCH)
+    assert reply.cmd == Cmd.ERROR and reply.body.code == Code.STALE_EPOCH
+
+
+@pytest.mark.timeout(90)
+def test_a_non_finite_output_fails_its_request_alone(tmp_path, procs, broker):
+    """Two prompts in one FORWARD, computed as one batch: the one that overflows is refused
+    with `non_finite` and its cache dropped; the other is answered and goes on decoding."""
+    model = _overflowing_llama(tmp_path / "overflowing-llama")
+    procs.start(broker.url, model, "--name", "s0", "--dead-after", "60")
+    broker.expect(Cmd.READY, timeout=60)
+    broker.assign(0, 5)
+    bad, good = Seq("bad"), Seq("good")
+    bad_ids, good_ids = [11, 12, OVERFLOW_TOKEN, 13, 14], [11, 12, 15, 13, 14]
+    reply = broker.forward(
+        [bad.item(bad_ids), good.item(good_ids)], [ids_tensor(bad_ids), ids_tensor(good_ids)]
+    )
+    assert reply.cmd == Cmd.RESULT, reply.body
+    assert reply.body.batch == 2  # one batched forward
+    [refusal] = reply.body.refused
+    assert (refusal.i, refusal.rid, refusal.code) == (0, "bad", Code.NON_FINITE)
+    assert refusal.message.startswith(
+        f"layers [0,5) of {model} computed non-finite logits (NaN or infinity) for request bad "
+        "at positions [0,5); the weights overflow on this input"
+    )
+    assert len(reply.frames) == 1
+    logits = reply.tensor(0)
+    assert torch.isfinite(logits).all()
+    shard = load_shard(model, 0, 5)
+    state = shard.new_cache()
+    expected = run_reference(shard, state, good_ids)
+    torch.testing.assert_close(logits, expected)
+    good.advance(good_ids)
+    nxt = [int(expected[0, -1].argmax())]
+    reply = broker.forward([good.item(nxt)], [ids_tensor(nxt)])
+    assert reply.cmd == Cmd.RESULT and reply.body.refused == ()
+    torch.testing.assert_close(reply.tensor(0), run_reference(shard, state, nxt))
+    # The refused request's cache is gone: its next step is a cache miss.
+    bad.advance(bad_ids)
+    assert refusal_code(broker.forward([bad.item([5])], [ids_tensor([5])])) == "cache_miss"
+
+
+@pytest.mark.timeout(150)
+def test_the_client_of_a_non_finite_request_gets_an_error_and_the_other_its_logits(tmp_path):
+    """Through a real broker: the request that overflows ends with ERROR `non_finite` naming
+    the stage and its layers; the other one, sent with it, gets its logits."""
+    model = _overflowing_llama(tmp_path / "overflowing-llama")
+    client = zmq.Context.instance().socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    with Cluster(model, 1, log_dir=tmp_path / "logs") as cluster:
+        client.connect(cluster.url)
+        prompts = {"bad": [11, 12, OVERFLOW_TOKEN, 13, 14], "good": [11, 12, 15, 13, 14]}
+        for seq, (rid, ids) in enumerate(prompts.items()):
+            step = M.Step(rid=rid, seq=seq, pos=0, n=5, prev=0, hash=prefix_hash(0, ids))
+            client.send_multipart(P.encode(P.CLIENT_TAG, step, [ids_tensor(ids)]))
+        answers = {}
+        while len(answers) < 2:
+            assert client.poll(60_000), f"no answer for {set(prompts) - set(answers)}"
+            msg = P.decode(client.recv_multipart(copy=False), expect=P.CLIENT_TAG)
+            if msg.cmd in (Cmd.RESULT, Cmd.ERROR):
+                answers[msg.body.rid] = msg
+    client.close(linger=0)
+    bad, good = answers["bad"], answers["good"]
+    assert bad.cmd == Cmd.ERROR and bad.body.code == Code.NON_FINITE, bad.body
+    assert bad.body.message.startswith(
+        f"stage s0: layers [0,5) of {model} computed non-finite logits (NaN or infinity) "
+        "for request bad at positions [0,5)"
+    )
+    assert good.cmd == Cmd.RESULT, good.body
+    assert torch.isfinite(good.tensor(0)).all()
 
 
 def test_kvstore_evicts_least_recently_used_others(reference):

@@ -69,7 +69,20 @@ class FakeStage:
                 msg = P.decode(self.sock.recv_multipart())
                 if msg.cmd == Cmd.ASSIGN:
                     self.epoch = msg.body.epoch
-                    self.send(M.Loaded(epoch=self.epoch, start=msg.body.start, end=msg.body.end))
+                    start, end = msg.body.start, msg.body.end
+                    # The digests of its layers' tensors, as a stage that read them reports.
+                    digests = {
+                        key: digest
+                        for key, digest in self.ckpt.digest_table.digests.items()
+                        if self.ckpt.layer_of(key) in range(start, end)
+                    }
+                    loaded = M.Loaded(
+                        epoch=self.epoch,
+                        start=start,
+                        end=end,
+                        digests=self.ckpt.pack_digests(digests),
+                    )
+                    self.send(loaded)
                 elif msg.cmd == Cmd.FORWARD and answer_after is not None:
                     pending.append((time.monotonic() + answer_after, msg))
 
