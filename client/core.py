@@ -12,13 +12,13 @@ import asyncio
 import itertools
 import json
 import os
-import secrets
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from broker import messages as M
+from broker import protocol as P
 from broker.protocol import Cmd
 from client.sampling import Sampler, check_sampling_args
 from client.session import (
@@ -52,7 +52,7 @@ def query_broker(
     query = query or M.StatusQuery()
     link = SyncLink(
         broker or default_broker(),
-        client_id=secrets.token_hex(4),
+        secret=P.new_client_secret(),
         heartbeat=HEARTBEAT_S,
         broker_timeout=timeout,
         reconnect_timeout=timeout,
@@ -153,7 +153,10 @@ class _Frontend:
             or prefill_chunk < 1
         ):
             raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
-        self.client_id = secrets.token_hex(4)
+        # The secret goes only into this client's routing identities, where the broker reads
+        # who owns a request; request ids carry the public id derived from it.
+        self._secret = P.new_client_secret()
+        self.client_id = P.public_id(self._secret)
         self._counter = itertools.count(1)
         self._max_replays = max_replays
         self._prefill_chunk = prefill_chunk
@@ -239,7 +242,7 @@ class Client(_Frontend):
         self.connect_timeout = connect_timeout
         self._link = SyncLink(
             self.broker,
-            client_id=self.client_id,
+            secret=self._secret,
             heartbeat=heartbeat,
             broker_timeout=broker_timeout,
             reconnect_timeout=reconnect_timeout,
@@ -380,7 +383,7 @@ class AsyncClient(_Frontend):
         self.connect_timeout = connect_timeout
         self._tokenizer_arg = tokenizer
         self._link_args = dict(
-            client_id=self.client_id,
+            secret=self._secret,
             heartbeat=heartbeat,
             broker_timeout=broker_timeout,
             reconnect_timeout=reconnect_timeout,
