@@ -243,8 +243,8 @@ class Clients:
                     client,
                     "client_vanished",
                     f"its client sent nothing for {silent:.1f} s "
-                    f"(--client-timeout {self.config.client_timeout_s:g}); the client library "
-                    "PINGs while requests run, so its process was stopped or hung",
+                    f"(--client-timeout {self.config.client_timeout_s:g}); a client PINGs "
+                    "while it waits for a stream, so it was stopped or read nothing that long",
                 )
             else:
                 continue
