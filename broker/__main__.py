@@ -66,11 +66,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--stall-floor", type=float, default=D.stall_floor_s)
     p.add_argument("--ready-wait", type=float, default=D.ready_wait_s)
-    p.add_argument("--client-timeout", type=float, default=D.client_timeout_s)
+    p.add_argument(
+        "--client-timeout",
+        type=float,
+        default=D.client_timeout_s,
+        help="seconds without a message from a client (it PINGs while it waits for a request) "
+        "after which its requests end (`abandoned`); a client still there is told so in a "
+        "replay EVENT and rebuilds them (default %(default)s)",
+    )
+    p.add_argument(
+        "--client-gone-after",
+        type=float,
+        default=D.client_gone_after_s,
+        help="seconds after a client's last connection closed (its process died) at which its "
+        "requests end and their caches are freed (default %(default)s)",
+    )
     p.add_argument("--rebalance-cooldown", type=float, default=D.rebalance_cooldown_s)
-    p.add_argument("--max-queue", type=int, default=D.max_queue)
-    p.add_argument("--max-requests", type=int, default=D.max_requests)
-    p.add_argument("--max-client-requests", type=int, default=D.max_client_requests)
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=D.max_queue,
+        help="admission: new requests are refused `busy` while this many steps wait in the "
+        "broker (all stages' queues together); the steps of admitted requests are always "
+        "taken (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-requests",
+        type=int,
+        default=D.max_requests,
+        help="active requests; a new one beyond it is refused `busy` (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-client-requests",
+        type=int,
+        default=D.max_client_requests,
+        help="active requests of one client; a new one beyond it is refused `busy` "
+        "(default %(default)s)",
+    )
     p.add_argument("--max-replays", type=int, default=D.max_replays)
     p.add_argument(
         "--stage-window",
@@ -188,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         stall_floor_s=args.stall_floor,
         ready_wait_s=args.ready_wait,
         client_timeout_s=args.client_timeout,
+        client_gone_after_s=args.client_gone_after,
         max_queue=args.max_queue,
         max_requests=args.max_requests,
         max_client_requests=args.max_client_requests,

@@ -19,6 +19,7 @@ import time
 
 import structlog
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from broker import messages as M
 from broker import protocol as P
@@ -27,7 +28,7 @@ from broker.layermap import LayerCost, LayerMap
 from broker.membership import Membership
 from broker.metrics import Metrics
 from broker.protocol import Cmd
-from broker.records import BrokerConfig, QueuedStep, Request, StageRecord
+from broker.records import BrokerConfig, ClientRecord, QueuedStep, Request, StageRecord
 from broker.recovery import Recovery
 from broker.routing import Routing
 from broker.views import Views
@@ -113,7 +114,12 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
         self.last_reshard = 0.0
         self.rebalance_at: float | None = None
         self.requests: dict[str, Request] = {}
-        self.clients_seen: dict[bytes, float] = {}
+        self.clients: dict[bytes, ClientRecord] = {}  # by owner
+        self.client_fds: dict[int, bytes] = {}  # a client socket's identity by its connection
+        # Owner by request id, of new requests refused (clients.REFUSED_RIDS).
+        self.refused: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        # Connection events of the ROUTER, opened by run(): a client's closed connections.
+        self.monitor: zmq.Socket | None = None
         self.waiting: collections.deque[QueuedStep] = collections.deque()
         self.next_step_id = 1
         self.next_fid = 1  # the id of the next FORWARD
@@ -157,16 +163,21 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
             layers=self.num_layers,
             fingerprint=self.checkpoint.fingerprint,
         )
+        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         try:
             while self._running:
                 timeout = max(0.0, self.next_timer() - time.monotonic())
                 if poller.poll(timeout * 1000):
+                    self.read_monitor()
                     self.read_burst()
                 self.run_timers()
                 self.bury_unreachable()
         finally:
+            self.socket.disable_monitor()
+            self.monitor.close(linger=0)
             self.socket.close(linger=0)
             if self.feed is not None:
                 self.feed.close(linger=0)
@@ -218,12 +229,25 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
                 # A stage we do not know (we restarted, or declared it dead): make it register.
                 self.send(ident, P.encode(P.STAGE_TAG, M.Bye(reason="unknown")))
                 return
-        else:
-            self.clients_seen[ident] = time.monotonic()
+        elif msg.role == "client":
+            self.client_heard(ident, frames[1], time.monotonic())
         try:
             self.handlers[msg.cmd](ident, msg)
         except P.ProtocolError as e:
             self.refuse(ident, msg.tag, e, about=msg.body)
+
+    def read_monitor(self) -> None:
+        """Handle the connection events waiting on the ROUTER's monitor: closed connections."""
+        if self.monitor is None:
+            return
+        now = time.monotonic()
+        while True:
+            try:
+                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.connection_closed(int(event["value"]), now)
 
     def refuse(
         self, ident: bytes, tag: bytes, e: P.ProtocolError, about: M.Body | None = None

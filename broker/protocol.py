@@ -14,6 +14,7 @@ delimiter. The monitor feed (PUB) has a layout of its own: `[topic][header][tens
 from __future__ import annotations
 
 import hashlib
+import secrets
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -414,6 +415,53 @@ def encode_bundled(
 def error(code: Code, message: str, about: Any = None, **extra: Any) -> M.Error:
     """An ERROR body; `about` is the message it answers, whose ids it echoes."""
     return M.Error(code=code, message=message, **{**ids_of(about), **extra})
+
+
+# --- client identities and who owns a request -----------------------------------------------
+# A client's routing identity is `<secret>.<socket>.<random>`. The secret is the same on every
+# socket the client opens (a reconnect, its heartbeat socket) and only the broker sees routing
+# identities, so the broker binds each request to it at its first step: only sockets with the
+# same secret may step, end or read that request. The owner is taken from the connection, not
+# from a header, as a CURVE public key will be. Request ids are `<public id>-<n>`: the public
+# id is a hash of the secret, so JOBS and logs may show it, and a request id that starts with
+# one is reserved for the owner it belongs to (no one can take a client's next id first).
+SECRET_BYTES = 16  # 128 random bits: not guessable
+PUBLIC_ID_BYTES = 8  # 64 bits: no secret hashes to another client's public id by search
+_PUBLIC_ID_HEX = 2 * PUBLIC_ID_BYTES
+
+
+def new_client_secret() -> str:
+    return secrets.token_hex(SECRET_BYTES)
+
+
+def client_identity(secret: str, socket: str) -> bytes:
+    """The routing identity of one client socket (`socket` tells its incarnations apart)."""
+    return f"{secret}.{socket}.{secrets.token_hex(2)}".encode()
+
+
+def owner_of(identity: bytes) -> bytes:
+    """Whose requests a socket may touch: its identity's secret. An identity without one (a
+    libzmq default starts with a zero byte) owns only what it starts itself."""
+    secret, dot, _ = identity.partition(b".")
+    return secret if dot and secret and identity[:1] != b"\x00" else identity
+
+
+def public_id(owner: bytes | str) -> str:
+    """The owner's public id, the prefix of its request ids."""
+    if isinstance(owner, str):
+        owner = owner.encode()
+    return hashlib.blake2b(owner, digest_size=PUBLIC_ID_BYTES).hexdigest()
+
+
+def reserved_by_another(rid: str, owner: bytes) -> bool:
+    """Whether `rid` starts with a public id (`<16 hex digits>-`) that is not `owner`'s."""
+    prefix, dash, _ = rid.partition("-")
+    return (
+        bool(dash)
+        and len(prefix) == _PUBLIC_ID_HEX
+        and all(c in "0123456789abcdef" for c in prefix)
+        and prefix != public_id(owner)
+    )
 
 
 # --- the monitor feed (PUB) ---------------------------------------------------------------

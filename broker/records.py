@@ -1,4 +1,4 @@
-"""What the broker keeps: its configuration, and one record per step, stage and request."""
+"""What the broker keeps: its configuration, and one record per step, stage, client and request."""
 
 from __future__ import annotations
 
@@ -29,7 +29,19 @@ class BrokerConfig:
     stall_factor: float = 20.0
     stall_first_s: float = 60.0  # before any measurement
     ready_wait_s: float = 30.0
+    # A client silent this long (no message from any of its sockets) has its requests ended.
+    # Its connection may still be open: a stopped process, or a consumer that reads nothing
+    # (a client PINGs only while it waits). Should it come back, it rebuilds them (replay).
     client_timeout_s: float = 30.0
+    # A client whose every connection has closed (its process died: the kernel closed its
+    # sockets) has its requests ended this long after, so that their caches do not wait out
+    # client_timeout_s. A client that replaces its socket (a reconnect) sends on the new one
+    # within a heartbeat: four heartbeats.
+    client_gone_after_s: float = 4 * HEARTBEAT_S
+    # Admission: a new request (its first step) is refused `busy` while this many steps wait
+    # in the broker (every stage's queue and the not-ready wait together). An admitted
+    # request's steps are never refused for it: its outstanding steps are bounded by its
+    # context (they cover at most max_positions positions) and requests by max_requests.
     max_queue: int = 1024
     # Batching: the steps queued for a stage travel as one FORWARD, and the stage runs their
     # decode steps as one batched forward. A stage holds stage_window FORWARDs at once; what
@@ -122,16 +134,34 @@ class StageRecord:
 
 
 @dataclass
+class ClientRecord:
+    """One client, by owner (the secret of its routing identities): when it was last heard,
+    its open connections and its requests."""
+
+    owner: bytes
+    last_seen: float
+    # Its sockets heard from, by identity: the file descriptor of each one's connection
+    # (-1 where the transport has none, as inproc); a closed connection leaves.
+    sockets: dict[bytes, int] = field(default_factory=dict)
+    gone_since: float | None = None  # when its last connection closed
+    rids: set[str] = field(default_factory=set)
+
+
+@dataclass
 class Request:
     """One request of a client, from its first step until it ends, fails or is abandoned."""
 
     rid: str
-    client: bytes
+    client: bytes  # the socket its latest step came from, where its answers go
+    owner: bytes  # the client's secret: only sockets of this owner may touch the request
     created: float
-    last_seen: float
     replays: int = 0
     replay_pending: bool = False
     steps: int = 0
     tokens: int = 0
     events: list[M.Event] = field(default_factory=list)
     first_result_at: float | None = None
+    # Its steps in the broker's hands (queued, in flight, or dead but not yet dropped), by
+    # step id, and the positions they cover: bounded by the context (Clients.hold).
+    held: dict[int, QueuedStep] = field(default_factory=dict)
+    held_positions: int = 0

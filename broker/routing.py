@@ -196,6 +196,7 @@ class Routing:
             self.fail_step(step, code, f"stage {stage.name}: {message}")
 
     def fail_step(self, step: QueuedStep, code: Code, message: str) -> None:
+        self.let_go(step)
         step.dead = True
         error = P.error(code, message, rid=step.rid, seq=step.seq)
         self.send(step.client, P.encode(P.CLIENT_TAG, error))
@@ -205,6 +206,7 @@ class Routing:
         the client answers them together and their next steps arrive together."""
         entries = []
         for step in steps:
+            self.let_go(step)
             request = self.requests.get(step.rid)
             if request is not None and step.item.logits:
                 self.answering[step.rid] = now

@@ -12,13 +12,13 @@ import asyncio
 import itertools
 import json
 import os
-import secrets
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from broker import messages as M
+from broker import protocol as P
 from broker.protocol import Cmd
 from client import checks
 from client.errors import ClientError, InvalidArgument, RequestTimeout
@@ -58,7 +58,7 @@ def query_broker(
     timeout = checks.seconds(timeout, "timeout")
     link = SyncLink(
         checks.broker_url(broker or default_broker()),
-        client_id=secrets.token_hex(4),
+        secret=P.new_client_secret(),
         heartbeat=HEARTBEAT_S,
         broker_timeout=timeout,
         reconnect_timeout=timeout,
@@ -166,7 +166,10 @@ class _Frontend:
             if value is not None or name != "idle_timeout":
                 checks.seconds(value, name)
         self.broker = checks.broker_url(broker or default_broker())
-        self.client_id = secrets.token_hex(4)
+        # The secret goes only into this client's routing identities, where the broker reads
+        # who owns a request; request ids carry the public id derived from it.
+        self._secret = P.new_client_secret()
+        self.client_id = P.public_id(self._secret)
         self._counter = itertools.count(1)
         self._max_replays = max_replays
         self._prefill_chunk = prefill_chunk
@@ -287,7 +290,7 @@ class Client(_Frontend):
         self.connect_timeout = connect_timeout
         self._link = SyncLink(
             self.broker,
-            client_id=self.client_id,
+            secret=self._secret,
             heartbeat=heartbeat,
             broker_timeout=broker_timeout,
             reconnect_timeout=reconnect_timeout,
@@ -450,7 +453,7 @@ class AsyncClient(_Frontend):
         self.connect_timeout = connect_timeout
         self._tokenizer_arg = tokenizer
         self._link_args = dict(
-            client_id=self.client_id,
+            secret=self._secret,
             heartbeat=heartbeat,
             broker_timeout=broker_timeout,
             reconnect_timeout=reconnect_timeout,

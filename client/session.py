@@ -141,10 +141,11 @@ class Request:
         n, chunk = len(self.tokens), self.prefill_chunk
         cuts = [(pos, min(chunk, n - pos)) for pos in range(0, n, chunk)]
         out = []
+        # The first chunk's seq: a refusal of it (busy, at admission) ends the request.
+        first = self.seq + 1
         for pos, size in cuts[:-1]:
             self.steps.append((pos, size))
             out.append(self._step(pos, size, logits=False))
-        first = self.seq + 1
         out.append(self._next_step(*cuts[-1]))
         self.oldest_live = first
         return out

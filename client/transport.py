@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import secrets
 import time
 from typing import Any
 
@@ -49,14 +48,14 @@ class Link:
         self,
         url: str,
         *,
-        client_id: str,
+        secret: str,
         heartbeat: float,
         broker_timeout: float,
         reconnect_timeout: float,
         idle_timeout: float | None = None,
     ):
         self.url = url
-        self.client_id = client_id
+        self.secret = secret  # owns this client's requests at the broker (protocol.owner_of)
         self.heartbeat = heartbeat
         self.broker_timeout = broker_timeout
         self.reconnect_timeout = reconnect_timeout
@@ -87,10 +86,11 @@ class Link:
     # --- socket ----------------------------------------------------------------------------
 
     def open_socket(self) -> None:
-        """A fresh DEALER with a new routing identity; the old one, if any, is dropped unsent."""
+        """A fresh DEALER with a new routing identity; the old one, if any, is dropped unsent.
+        Every identity carries the client's secret, so the requests stay this client's."""
         self.close_socket()
         self.incarnation += 1
-        self.identity = f"{self.client_id}.{self.incarnation}.{secrets.token_hex(2)}".encode()
+        self.identity = P.client_identity(self.secret, str(self.incarnation))
         # Held at once, so that close_socket closes them whatever fails below: a socket left
         # open would block Context.term() in close() forever.
         self.sock = sock = self._socket()

@@ -28,7 +28,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from broker import messages as M
 from broker import protocol as P
-from broker.protocol import EMPTY_PREFIX_HASH, Cmd, Code, Message, prefix_hash
+from broker.protocol import (
+    EMPTY_PREFIX_HASH,
+    Cmd,
+    Code,
+    Message,
+    owner_of,
+    prefix_hash,
+    public_id,
+)
 from client import (
     AsyncClient,
     BrokerUnreachable,
@@ -386,8 +394,12 @@ def test_greedy_equals_generate_and_headers_are_exact(broker, tokenizer, referen
         assert h.seq == k + 1
         assert h.prev == prefix_hash(EMPTY_PREFIX_HASH, sequence[: h.pos])
         assert h.hash == prefix_hash(EMPTY_PREFIX_HASH, sequence[: h.pos + h.n])
+    # The request id is the client's public id and a counter; the public id is derived from
+    # the secret that opens the client's routing identity, which names the owner.
     rid_client, counter = result.rid.rsplit("-", 1)
-    assert len(rid_client) == 8 and int(rid_client, 16) >= 0 and counter == "1"
+    assert len(rid_client) == 16 and int(rid_client, 16) >= 0 and counter == "1"
+    ident = steps[0][0]
+    assert len(owner_of(ident)) == 32 and rid_client == public_id(owner_of(ident))
     wait_until(lambda: M.End(rid=result.rid, reason="done") in broker.ends(), what="END done")
 
 
