@@ -174,6 +174,13 @@ class Routing:
             self.log.warning(
                 "stage_error", stage=stage.name, code=str(error.code), reason=error.message
             )
+            if error.fid is None and error.epoch == self.epoch and not self.ready:
+                # A load of this epoch's layers failed: the map cannot become ready, and the
+                # reason a client is told says why, not "waiting for stages to load".
+                self.not_ready_reason = (
+                    f"stage {stage.name} could not load its layers: {error.message}"
+                )
+                self.publish("not_ready", reason=self.not_ready_reason)
             return
         if error.epoch == self.epoch:
             for step in steps:
