@@ -19,6 +19,7 @@ from broker.protocol import Cmd, Code
 from client import AsyncClient, BusyError, Client, query_broker
 from tests.cluster import Cluster
 from tests.test_e2e import prompt_ids, reference_greedy, stage_caches
+from tests.wire import step
 
 CONTEXT = 256  # the tiny checkpoints' max_position_embeddings
 
@@ -161,18 +162,6 @@ def test_a_prompt_sent_one_token_per_step_is_never_refused_by_its_own_length(che
         assert cluster.status()["counters"]["busy"] == 0
 
 
-def _step(rid: str, seq: int, tokens: list[int], pos: int, n: int) -> list:
-    body = M.Step(
-        rid=rid,
-        seq=seq,
-        pos=pos,
-        n=n,
-        prev=P.prefix_hash(P.EMPTY_PREFIX_HASH, tokens[:pos]),
-        hash=P.prefix_hash(P.EMPTY_PREFIX_HASH, tokens[: pos + n]),
-    )
-    return P.encode(P.CLIENT_TAG, body, [torch.tensor([tokens[pos : pos + n]])])
-
-
 def _replies(sock: zmq.Socket, count: int, timeout_s: float = 20.0) -> list[P.Message]:
     out = []
     deadline = time.monotonic() + timeout_s
@@ -202,24 +191,24 @@ def test_an_admitted_request_holds_at_most_its_context_and_new_ones_wait_for_the
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(cluster.url)
         tokens = [5, 6, 7]
-        flooder.send_multipart(_step("flood-1", 0, tokens, 0, 1))
+        flooder.send_multipart(step("flood-1", 0, tokens, 0, 1))
         extra = 300
         for seq in range(1, extra + 1):  # the same position again and again
-            flooder.send_multipart(_step("flood-1", seq, tokens, 1, 1))
+            flooder.send_multipart(step("flood-1", seq, tokens, 1, 1))
         over = 1 + extra - CONTEXT
         refused = _replies(flooder, over)
         assert all(m.cmd == Cmd.ERROR and m.body.code == Code.CONTEXT_OVERFLOW for m in refused)
         assert [m.body.seq for m in refused] == list(range(extra - over + 1, extra + 1))
         assert "wait for their answers" in refused[0].body.message
         # 256 steps wait (no stage): a new request is refused, with the limit that did it.
-        newcomer.send_multipart(_step("new-1", 0, tokens, 0, 2))
+        newcomer.send_multipart(step("new-1", 0, tokens, 0, 2))
         [busy] = _replies(newcomer, 1)
         assert busy.cmd == Cmd.ERROR and busy.body.code == Code.BUSY
         assert busy.body.retry_after_s == 0.5
         assert "256 steps queued for the stages (limit 100, --max-queue)" in busy.body.message
         # The rest of its prompt is dropped quietly (it was told once): the next reply is the
         # PING's, where a request unknown to the broker would have been told to replay first.
-        newcomer.send_multipart(_step("new-1", 1, tokens, 2, 1))
+        newcomer.send_multipart(step("new-1", 1, tokens, 2, 1))
         newcomer.send_multipart(P.encode(P.CLIENT_TAG, M.Ping()))
         [pong] = _replies(newcomer, 1)
         assert pong.cmd == Cmd.PONG

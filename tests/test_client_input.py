@@ -34,6 +34,7 @@ from client import (
 )
 from stage.demo_model import ensure_demo_model
 from tests.cluster import Cluster
+from tests.test_client_protocol import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 BAD_URLS = [
@@ -58,18 +59,6 @@ def demo(tmp_path_factory) -> Path:
 def cluster(demo):
     with Cluster(demo, 2) as c:
         yield c
-
-
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "client", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=REPO,
-    )
 
 
 def one_error_line(out: subprocess.CompletedProcess) -> str:

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import structlog
-import torch
 import zmq
 
 from broker import messages as M
@@ -21,6 +20,7 @@ from client import Client, query_broker
 from tests.cluster import Cluster
 from tests.test_e2e import prompt_ids, reference_greedy, stage_caches
 from tests.test_failover import FAST, run_stream
+from tests.wire import step
 
 TOKENS = 40
 
@@ -54,19 +54,6 @@ class Peer:
 
     def close(self) -> None:
         self.sock.close(linger=0)
-
-
-def step(rid: str, seq: int, tokens: list[int], pos: int, n: int) -> list:
-    """A well-formed STEP for positions [pos, pos+n) of `tokens`."""
-    body = M.Step(
-        rid=rid,
-        seq=seq,
-        pos=pos,
-        n=n,
-        prev=P.prefix_hash(P.EMPTY_PREFIX_HASH, tokens[:pos]),
-        hash=P.prefix_hash(P.EMPTY_PREFIX_HASH, tokens[: pos + n]),
-    )
-    return P.encode(P.CLIENT_TAG, body, [torch.tensor([tokens[pos : pos + n]])])
 
 
 def refused(peer: Peer, frames: list) -> M.Error:
