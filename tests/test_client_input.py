@@ -227,6 +227,9 @@ def test_ctrl_c_cancels_the_request_and_exits_130(cluster):
         text=True,
         env=env,
         cwd=REPO,
+        # As a terminal starts it: a suite run in the background (`make test &`) has SIGINT
+        # ignored, and a child would inherit that and never see the Ctrl-C.
+        preexec_fn=_default_sigint,
     )
     try:
         cluster.wait_for(lambda s: s["requests"] == 1, 60, "the CLI's request")
@@ -237,6 +240,10 @@ def test_ctrl_c_cancels_the_request_and_exits_130(cluster):
     assert proc.returncode == 130 and "Traceback" not in err
     assert err.strip().endswith("interrupted; the request was cancelled")
     cluster.wait_for(lambda s: s["requests"] == 0, 10, "the request ended")
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 # --- 8. abandoned streams ----------------------------------------------------------------------
