@@ -152,9 +152,9 @@ def text(rep: dict) -> str:
                 f"[{r['start']},{r['end']})",
                 f"{r['share_bytes'] / 2**20:.0f}",
                 f"{r.get('runtime_bytes', 0) / 2**20:.0f}",
+                f"{r.get('code_bytes', 0) / 2**20:.0f}",
                 f"{(r['peak_rss_bytes'] or 0) / 2**20:.0f}",
                 f"{r['limit_bytes'] / 2**20:.0f}",
-                f"{(r['rss_file_bytes'] or 0) / 2**20:.0f}",
                 "yes" if r["met"] else "NO",
             ]
             for r in mem["stages"]
@@ -167,9 +167,9 @@ def text(rep: dict) -> str:
                     "layers",
                     "share",
                     "runtime",
+                    "code mapped since",
                     "peak RSS",
                     "limit",
-                    "file-backed now",
                     "met",
                 ],
                 rows,

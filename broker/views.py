@@ -123,6 +123,7 @@ class Views:
             rss_bytes=stats.rss_bytes if stats else None,
             memory_bytes=stage.caps.memory_bytes,
             runtime_bytes=stage.caps.runtime_bytes,
+            runtime_file_bytes=stage.caps.runtime_file_bytes,
             last_seen_s=round(now - stage.last_seen, 3),
             load_s=stage.load_s,
         )

@@ -226,13 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         memory_bytes = torch.cuda.mem_get_info()[0]
     else:
         memory_bytes = psutil.virtual_memory().available
-    runtime_bytes = psutil.Process().memory_info().rss
+    held = psutil.Process().memory_info()
     config = StageConfig(
         broker=args.broker,
         model=Path(model),
         name=args.name or f"{socket.gethostname()}-{os.getpid()}",
         memory_bytes=memory_bytes,
-        runtime_bytes=runtime_bytes,
+        runtime_bytes=held.rss,
+        runtime_file_bytes=held.shared,
         device=args.device,
         dtype=args.dtype,
         threads=args.threads,

@@ -37,6 +37,9 @@ class StageConfig:
     # Resident before any layer is loaded: the interpreter, torch, transformers, the row
     # kernel and the checkpoint's index. A stage's memory is this plus what its layers take.
     runtime_bytes: int = 0
+    # Of it, pages mapped from files (the libraries' code): clean, shared by the stages of a
+    # host, and more of them are mapped as kernels first run, whatever the layers.
+    runtime_file_bytes: int = 0
     device: str = "cpu"
     dtype: str = "float32"
     threads: int = 1

@@ -240,7 +240,7 @@ _LAYER_INDEX = re.compile(r"(\.(?:layers|h)\.)0\.")
 # Float32 bytes dequantized at a time. gguf's dequantizers build temporaries several times the
 # size of their output, and the quantized blocks are read with plain reads, not mapped, so that
 # neither a whole 49k-row embedding's temporaries nor its file pages count in the stage's memory.
-DEQUANTIZE_BYTES = 4 << 20
+DEQUANTIZE_BYTES = 1 << 20
 
 
 def _dequantize(f: BinaryIO, info: GGUFTensor, kind, dequantize, blocks) -> np.ndarray:

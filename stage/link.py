@@ -337,6 +337,7 @@ class Link:
             dtype=cfg.dtype,
             memory_bytes=cfg.memory_bytes,
             runtime_bytes=cfg.runtime_bytes,
+            runtime_file_bytes=cfg.runtime_file_bytes,
             cores=_cores(),
             threads=cfg.threads,
             max_batch=cfg.max_batch,

@@ -30,6 +30,7 @@ from transformers.modeling_gguf_pytorch_utils import (
     get_gguf_hf_weights_map,
 )
 
+from bench.run import stage_memory
 from client import Client
 from common.checkpoint import CheckpointError, read_checkpoint
 from common.gguf import read_gguf
@@ -310,34 +311,21 @@ def test_smollm2_answers_the_demo_question_like_transformers(smollm2, smollm2_co
         result = client.generate(
             DEMO_QUESTION, chat=True, max_new_tokens=SMOL_TOKENS, ignore_eos=True
         )
-        peaks = _stage_peaks(cluster.status(), open_checkpoint(smollm2))
+        memory = stage_memory(cluster, cluster.status(), smollm2, "float32")
     assert result.token_ids == expected
     assert "Paris" in result.text
     assert "Paris" in tokenizer.decode(expected)
-    # Each stage's peak is its runtime (held before its first layer) plus at most 1.15 times
-    # its dequantized share: it never holds another stage's tensors or a whole tensor's
-    # dequantization temporaries.
-    for name, (peak, share, runtime) in peaks.items():
-        assert peak <= 1.15 * share + runtime, (
-            f"{name}: peak RSS {peak / 2**20:.0f} MiB for a share of {share / 2**20:.0f} MiB "
-            f"and a runtime of {runtime / 2**20:.0f} MiB"
+    # Each stage's peak is its fixed part (its runtime, held before its first layer, and the
+    # library code mapped since) plus at most 1.15 times its dequantized share: it never holds
+    # another stage's tensors or a whole tensor's dequantization temporaries.
+    assert len(memory) == 3
+    for row in memory:
+        assert row["met"], (
+            f"{row['stage']}: peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB for a share of "
+            f"{row['share_bytes'] / 2**20:.0f} MiB, a runtime of "
+            f"{row['runtime_bytes'] / 2**20:.0f} MiB and {row['code_bytes'] / 2**20:.0f} MiB "
+            f"of code mapped since (limit {row['limit_bytes'] / 2**20:.0f} MiB)"
         )
-
-
-def _stage_peaks(status: dict, ckpt) -> dict[str, tuple[int, int, int]]:
-    """Per stage of the map: its peak RSS (VmHWM), its float32 weight share, its runtime."""
-    layers, first, last = ckpt.role_bytes(4)
-    stages = {s["name"]: s for s in status["stages"]}
-    out = {}
-    for r in status["map"]:
-        share = sum(layers[i] for i in range(r["start"], r["end"]))
-        share += first if r["start"] == 0 else 0
-        share += last if r["end"] == ckpt.num_layers else 0
-        stage = stages[r["stage"]]
-        with open(f"/proc/{stage['pid']}/status") as f:
-            hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-        out[r["stage"]] = (hwm, share, stage["runtime_bytes"])
-    return out
 
 
 @pytest.mark.timeout(240)

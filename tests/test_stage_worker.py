@@ -297,6 +297,8 @@ def test_ready_and_loaded(llama_stage, checkpoints):
     # the process holds at least as much once its layers are loaded.
     rss_now = psutil.Process(llama_stage.proc.pid).memory_info().rss
     assert 100 * 2**20 < caps.runtime_bytes < rss_now
+    # Of it, the libraries' pages mapped from files: torch's code alone is tens of MiB.
+    assert 10 * 2**20 < caps.runtime_file_bytes < caps.runtime_bytes
     assert (loaded.epoch, loaded.start, loaded.end) == (EPOCH, 0, 5)
     assert loaded.weight_bytes > 0 and loaded.load_s >= 0
     # The digest of every tensor it read: all of them, each the broker's.
