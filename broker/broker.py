@@ -280,6 +280,7 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
         self.form_map_if_due(now)
         self.expire_waiting(now)
         self.purge_clients(now)
+        self.expire_unread(now)
         if now >= self.next_heartbeat:
             self.send_heartbeats()
             self.update_gauges()

@@ -15,6 +15,9 @@ from broker.records import ClientRecord, QueuedStep, Request
 # Request ids whose first step was refused, remembered so that the rest of the prompt (sent
 # with it) is dropped instead of answered one "replay" each; the oldest are forgotten first.
 REFUSED_RIDS = 4096
+# Past the client's idle_timeout, the broker waits this long more before it ends an unread
+# request itself: the answer's trip to the client, whose own check comes first when it runs.
+IDLE_GRACE_S = 1.0
 
 
 class Clients:
@@ -61,6 +64,7 @@ class Clients:
         elif request.owner != owner:
             raise P.ProtocolError(Code.UNAUTHORIZED, _foreign(rid))
         request.client = ident
+        request.idle_s = body.idle_s
         self.answering.pop(rid, None)
         if request.replay_pending:
             if body.pos != 0:
@@ -250,6 +254,23 @@ class Clients:
                 continue
             del self.clients[owner]
 
+    def expire_unread(self, now: float) -> None:
+        """End the requests whose answer waited longer than their client's idle_timeout for
+        the next step: a stream its consumer stopped reading, in a client with no thread that
+        runs meanwhile (a sync Client), frees its caches then, not at --client-timeout."""
+        for rid, answered in list(self.answering.items()):
+            request = self.requests.get(rid)
+            if request is None or request.idle_s is None:
+                continue
+            waited = now - answered
+            if waited > request.idle_s + IDLE_GRACE_S:
+                self.log.info("request_unread", rid=rid, waited_s=round(waited, 3))
+                self.end_abandoned(
+                    request,
+                    f"its answer was not read for {waited:.1f} s (the client's idle_timeout "
+                    f"is {request.idle_s:g} s)",
+                )
+
     def abandon(self, client: ClientRecord, event: str, why: str) -> None:
         """End every request of a client taken for gone. Should it still be there, it is told
         why in a replay EVENT, as for any request the broker does not know: it holds the
@@ -259,10 +280,15 @@ class Clients:
             if request is None:
                 continue
             self.log.info(event, rid=rid)
-            ended = M.Event(rid=rid, event="replay", reason=f"ended by the broker: {why}")
-            self.send(request.client, P.encode(P.CLIENT_TAG, ended))
-            self.finish_request(request, outcome="abandoned")
+            self.end_abandoned(request, why)
         client.rids.clear()
+
+    def end_abandoned(self, request: Request, why: str) -> None:
+        """End a request its client seems to have left, and tell the client why in a replay
+        EVENT: should it still be there, it holds the request's tokens and rebuilds it."""
+        ended = M.Event(rid=request.rid, event="replay", reason=f"ended by the broker: {why}")
+        self.send(request.client, P.encode(P.CLIENT_TAG, ended))
+        self.finish_request(request, outcome="abandoned")
 
     def expire_waiting(self, now: float) -> None:
         while self.waiting and now - self.waiting[0].enqueued > self.config.ready_wait_s:

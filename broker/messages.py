@@ -75,6 +75,8 @@ REPLAY_CODES = frozenset({Code.CACHE_MISS, Code.CACHE_MISMATCH, Code.STALE_EPOCH
 # by default; larger sets travel as several bundles.
 MAX_BUNDLE = 32
 MAX_RID_LENGTH = 64
+# The longest a client may ask the broker to keep a request whose answer it has not taken.
+MAX_IDLE_S = 86400.0
 
 # What a stage may announce: items held at once, items per FORWARD, and its name's length.
 MAX_CREDITS = 1024
@@ -330,6 +332,9 @@ class Step(Body, frozen=True, kw_only=True, omit_defaults=True):
     prev: PrefixHash
     hash: PrefixHash
     logits: bool = True
+    # The client's idle_timeout: the broker ends the request when one of its answers waits this
+    # long for the request's next step or END (a stream its consumer left unread).
+    idle_s: Annotated[float, Meta(gt=0, le=MAX_IDLE_S)] | None = None
 
     def item(self) -> Item:
         return Item(

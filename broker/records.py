@@ -157,6 +157,7 @@ class Request:
     created: float
     replays: int = 0
     replay_pending: bool = False
+    idle_s: float | None = None  # its client's idle_timeout (STEP `idle_s`)
     steps: int = 0
     tokens: int = 0
     events: list[M.Event] = field(default_factory=list)

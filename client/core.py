@@ -173,6 +173,7 @@ class _Frontend:
         self._counter = itertools.count(1)
         self._max_replays = max_replays
         self._prefill_chunk = prefill_chunk
+        self._idle_timeout = timeouts.get("idle_timeout")
         self.tokenizer: Any = None
         self.model: ModelInfo | None = None
 
@@ -222,6 +223,7 @@ class _Frontend:
             max_replays=self._max_replays,
             prefill_chunk=self.prefill_chunk,
             wait_ready_s=wait_ready_s,
+            idle_s=self._idle_timeout,
         )
 
 

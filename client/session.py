@@ -67,8 +67,13 @@ class Request:
         prefill_chunk: int,
         max_replays: int = MAX_REPLAYS,
         wait_ready_s: float = 0.0,
+        idle_s: float | None = None,
     ):
         self.rid = rid
+        # The client's idle_timeout, told to the broker in every step: it ends the request
+        # itself when an answer waits that long for its next step (a client whose thread does
+        # not run while its stream is not read cannot end it).
+        self.idle_s = idle_s
         self.prefill_chunk = prefill_chunk
         self.prompt_ids = list(prompt_ids)
         self.max_new_tokens = max_new_tokens
@@ -123,6 +128,7 @@ class Request:
             prev=self.hashes[pos],
             hash=self.hashes[pos + n],
             logits=logits,
+            idle_s=self.idle_s,
         )
         return step, [torch.tensor([self.tokens[pos : pos + n]], dtype=torch.long)]
 
