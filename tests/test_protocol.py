@@ -309,7 +309,6 @@ def test_bool_is_not_an_int():
     assert e.value.code == Code.BAD_REQUEST and "$.pos" in e.value.message
 
 
-
 @pytest.mark.parametrize("idle_s", [0, -1.0, 86400.5, "10"])
 def test_a_step_idle_s_outside_its_range_is_refused(idle_s):
     """A client's idle_timeout told in a STEP is a positive number of seconds up to a day."""
@@ -324,6 +323,7 @@ def test_a_step_carries_its_clients_idle_timeout():
     header = {"rid": "r1", "seq": 0, "pos": 0, "n": 3, "prev": 0, "hash": 5, "idle_s": 10.0}
     frames = raw_message(P.CLIENT_TAG, Cmd.STEP, header, [torch.zeros(1, 3, dtype=torch.int64)])
     assert P.decode(frames, inbound=True).body.idle_s == 10.0
+
 
 def test_prefix_hash_does_not_depend_on_cuts():
     tokens = list(range(100, 140))
