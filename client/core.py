@@ -155,17 +155,35 @@ class _Frontend:
     def __init__(
         self,
         broker: str | None,
+        *,
+        connect_timeout: float,
+        broker_timeout: float,
+        heartbeat: float,
+        reconnect_timeout: float,
         max_replays: int,
         prefill_chunk: int | None,
-        timeouts: dict[str, Any],
+        idle_timeout: float | None,
     ):
         if prefill_chunk is not None:
             checks.integer(prefill_chunk, "prefill_chunk", 1)
         checks.integer(max_replays, "max_replays", 0)
+        timeouts = dict(
+            connect_timeout=connect_timeout,
+            broker_timeout=broker_timeout,
+            heartbeat=heartbeat,
+            reconnect_timeout=reconnect_timeout,
+        )
         for name, value in timeouts.items():
-            if value is not None or name != "idle_timeout":
-                checks.seconds(value, name)
+            checks.seconds(value, name)
+        if idle_timeout is not None:  # told to the broker in every step, which takes up to a day
+            checks.real(
+                idle_timeout,
+                "idle_timeout",
+                f"of seconds in (0, {M.MAX_IDLE_S:g}], or None to keep streams forever",
+                lambda s: 0 < s <= M.MAX_IDLE_S,
+            )
         self.broker = checks.broker_url(broker or default_broker())
+        self.connect_timeout = connect_timeout
         # The secret goes only into this client's routing identities, where the broker reads
         # who owns a request; request ids carry the public id derived from it.
         self._secret = P.new_client_secret()
@@ -173,7 +191,14 @@ class _Frontend:
         self._counter = itertools.count(1)
         self._max_replays = max_replays
         self._prefill_chunk = prefill_chunk
-        self._idle_timeout = timeouts.get("idle_timeout")
+        self._idle_timeout = idle_timeout
+        self._link_args = dict(
+            secret=self._secret,
+            heartbeat=heartbeat,
+            broker_timeout=broker_timeout,
+            reconnect_timeout=reconnect_timeout,
+            idle_timeout=idle_timeout,
+        )
         self.tokenizer: Any = None
         self.model: ModelInfo | None = None
 
@@ -264,8 +289,9 @@ class Client(_Frontend):
 
     One thread at a time: for concurrent requests from one process use AsyncClient.
     `idle_timeout`: seconds a stream may leave a token unread before its request is ended
-    (StreamAbandoned; None: never). Without a helper thread, a sync client notices it on its
-    next call; a client left unused is ended by the broker's own --client-timeout.
+    (StreamAbandoned; None: never). A sync client runs nothing between its calls, so the
+    broker, told the idle_timeout in every step, ends such a request itself 1 s later and
+    frees its caches; read again, the stream rebuilds it.
     """
 
     def __init__(
@@ -281,23 +307,17 @@ class Client(_Frontend):
         prefill_chunk: int | None = None,
         idle_timeout: float | None = STREAM_IDLE_TIMEOUT_S,
     ):
-        timeouts = dict(
+        super().__init__(
+            broker,
             connect_timeout=connect_timeout,
             broker_timeout=broker_timeout,
             heartbeat=heartbeat,
             reconnect_timeout=reconnect_timeout,
+            max_replays=max_replays,
+            prefill_chunk=prefill_chunk,
             idle_timeout=idle_timeout,
         )
-        super().__init__(broker, max_replays, prefill_chunk, timeouts)
-        self.connect_timeout = connect_timeout
-        self._link = SyncLink(
-            self.broker,
-            secret=self._secret,
-            heartbeat=heartbeat,
-            broker_timeout=broker_timeout,
-            reconnect_timeout=reconnect_timeout,
-            idle_timeout=idle_timeout,
-        )
+        self._link = SyncLink(self.broker, **self._link_args)
         try:
             self._link.connect(connect_timeout)
             self._configure(self._query(M.StatusQuery()), tokenizer)
@@ -444,23 +464,17 @@ class AsyncClient(_Frontend):
         prefill_chunk: int | None = None,
         idle_timeout: float | None = STREAM_IDLE_TIMEOUT_S,
     ):
-        timeouts = dict(
+        super().__init__(
+            broker,
             connect_timeout=connect_timeout,
             broker_timeout=broker_timeout,
             heartbeat=heartbeat,
             reconnect_timeout=reconnect_timeout,
+            max_replays=max_replays,
+            prefill_chunk=prefill_chunk,
             idle_timeout=idle_timeout,
         )
-        super().__init__(broker, max_replays, prefill_chunk, timeouts)
-        self.connect_timeout = connect_timeout
         self._tokenizer_arg = tokenizer
-        self._link_args = dict(
-            secret=self._secret,
-            heartbeat=heartbeat,
-            broker_timeout=broker_timeout,
-            reconnect_timeout=reconnect_timeout,
-            idle_timeout=idle_timeout,
-        )
         self._link: AsyncLink | None = None
         self._connecting: asyncio.Lock | None = None
         self._closed = False

@@ -332,13 +332,7 @@ class Request:
             return [], []  # about a step that a replay has already superseded
         code, message = str(body.code), body.message
         if body.code in REPLAY_CODES:
-            event = {
-                "type": "replay",
-                "rid": self.rid,
-                "reason": code,
-                "message": message,
-                "index": len(self.generated),
-            }
+            event = self._replay_event(code, message)
             return self.replay(event), [event]
         if body.code == Code.BUSY:
             raise BusyError(message, body.retry_after_s)
@@ -346,27 +340,27 @@ class Request:
             if now - self.started < self.wait_ready_s:
                 # The broker's own wait (--ready-wait) ended first; the caller's goes on.
                 self.gate = "held"
-                event = {
-                    "type": "replay",
-                    "rid": self.rid,
-                    "reason": code,
-                    "message": message,
-                    "index": len(self.generated),
-                }
+                event = self._replay_event(code, message)
                 return self.replay(event, counted=False), [event]
             raise NotReadyError(message)
         raise RequestFailed(code, message)
 
     def reconnected(self) -> tuple[list[Outgoing], list[dict]]:
         """Steps that rebuild this request through a fresh socket (not counted as a replay)."""
-        event = {
+        event = self._replay_event(
+            "reconnect", "the broker was silent; reconnected on a fresh socket and replayed"
+        )
+        return self.replay(event, counted=False), [event]
+
+    def _replay_event(self, reason: str, message: str) -> dict:
+        """The stream's `replay` event: why the request is rebuilt, at which token."""
+        return {
             "type": "replay",
             "rid": self.rid,
-            "reason": "reconnect",
-            "message": "the broker was silent; reconnected on a fresh socket and replayed",
+            "reason": reason,
+            "message": message,
             "index": len(self.generated),
         }
-        return self.replay(event, counted=False), [event]
 
 
 # The roles of OpenAI-style chat messages that chat templates know.

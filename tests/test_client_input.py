@@ -246,6 +246,15 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.parametrize("client_class", [Client, AsyncClient])
+@pytest.mark.parametrize("idle_timeout", [0, -1, 86401, math.inf, "10"])
+def test_an_idle_timeout_the_broker_cannot_take_is_refused_at_once(client_class, idle_timeout):
+    """Every step tells the broker the client's idle_timeout, which it takes up to a day: a
+    value outside (0, 86400] is refused when the client is made, not at every step."""
+    with pytest.raises(InvalidArgument, match=r"idle_timeout must be .* in \(0, 86400\]"):
+        client_class("tcp://127.0.0.1:9", idle_timeout=idle_timeout)
+
+
 # --- 8. abandoned streams ----------------------------------------------------------------------
 
 
