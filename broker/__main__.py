@@ -9,9 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import structlog
 
+from broker.auth import is_loopback
 from broker.broker import BindError, Broker
 from broker.layermap import STRATEGIES
 from broker.messages import COMPUTE_DTYPES
@@ -19,6 +21,7 @@ from broker.protocol import DEFAULT_LIMITS, feed_endpoint
 from broker.records import BrokerConfig
 from common.checkpoint import CheckpointError, CheckpointMeta, read_checkpoint
 from common.defaults import DEFAULT_DEMO_DIR
+from common.keys import BROKER_NAME, PRIVATE_DIR, ROLE_DIRS, KeyFileError, ServerKeys
 from common.logs import configure_logging
 from common.models import builtin_model
 from common.text import ships_tokenizer
@@ -139,6 +142,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="monitor feed PUB endpoint (default: the --bind port + 1; 'none' disables it)",
     )
+    keys = p.add_argument_group(
+        "keys (CurveZMQ)",
+        "encrypt every connection and admit only known keys, by role; "
+        "make them with `python -m broker.keys DIR`",
+    )
+    keys.add_argument(
+        "--keys",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the layout `python -m broker.keys DIR` wrote: DIR/private/broker.key_secret and "
+        "DIR/stages, DIR/clients, DIR/admins",
+    )
+    keys.add_argument("--cert", type=Path, default=None, help="the broker's NAME.key_secret")
+    for role, folder in ROLE_DIRS.items():
+        keys.add_argument(
+            f"--{role}-keys",
+            type=Path,
+            default=None,
+            metavar="DIR",
+            help=f"the public keys allowed as {folder} (default: --keys DIR/{folder})",
+        )
+    keys.add_argument(
+        "--insecure",
+        action="store_true",
+        help="bind off loopback without keys: anyone who reaches the port can register a "
+        "stage, read hidden states and submit work",
+    )
     p.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
     )
@@ -174,9 +205,41 @@ def open_model(model: str | None) -> CheckpointMeta:
     return read_checkpoint(model)
 
 
+def server_keys(args: argparse.Namespace) -> ServerKeys | None:
+    """The broker's keys from --keys / --cert / --ROLE-keys; None when none are given.
+    KeyFileError when they are incomplete or unreadable, or when the bind address is off
+    loopback without keys or --insecure."""
+    dirs = {role: getattr(args, f"{role}_keys") for role in ROLE_DIRS}
+    cert = args.cert
+    if args.keys is not None:
+        cert = cert or args.keys / PRIVATE_DIR / f"{BROKER_NAME}.key_secret"
+        dirs = {role: d or args.keys / ROLE_DIRS[role] for role, d in dirs.items()}
+    if cert is None and not any(dirs.values()):
+        if not is_loopback(args.bind) and not args.insecure:
+            raise KeyFileError(
+                f"--bind {args.bind} is reachable from other hosts, and without keys anyone "
+                "there could register a stage, read every request's hidden states and submit "
+                "work. Make keys with `python -m broker.keys DIR --stages ... --clients ...` "
+                "and start with --keys DIR; or bind to 127.0.0.1; or pass --insecure on a "
+                "network you trust"
+            )
+        return None
+    if cert is None:
+        raise KeyFileError("role key directories need the broker's certificate: --cert or --keys")
+    missing = [f"--{role}-keys" for role, d in dirs.items() if d is None]
+    if missing:
+        raise KeyFileError(f"with --cert, give {' and '.join(missing)} too (or use --keys DIR)")
+    return ServerKeys.load(cert, dirs)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level)
+    try:
+        keys = server_keys(args)
+    except KeyFileError as e:
+        print(f"broker: {e}", file=sys.stderr)
+        return 2
     if (
         args.stage_window < 1
         or args.forward_tokens < 1
@@ -235,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         limits=dataclasses.replace(DEFAULT_LIMITS, max_frame_bytes=args.max_frame_mb << 20),
         admin_token=args.admin_token,
         feed=None if feed == "none" else feed,
+        keys=keys,
+        insecure=keys is None and not is_loopback(args.bind),
     )
     try:
         broker = Broker(config, checkpoint)
@@ -251,6 +316,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         log.info("metrics_serving", url=f"http://{args.metrics_addr}:{args.metrics_port}/metrics")
+    if config.insecure:
+        log.warning(
+            "insecure",
+            bind=args.bind,
+            reason="no keys off loopback (--insecure): traffic is in clear and anyone who "
+            "reaches the port is trusted",
+        )
+    elif keys is not None:
+        log.info("keys_loaded", **keys.ring.counts())
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     signal.signal(signal.SIGINT, lambda *_: broker.stop())
     broker.run()

@@ -23,6 +23,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from broker import messages as M
 from broker import protocol as P
+from broker.auth import FEED_DOMAIN, HANDSHAKE_EVENTS, HANDSHAKE_FAILURES, Gate
 from broker.clients import Clients
 from broker.layermap import LayerCost, LayerMap
 from broker.membership import Membership
@@ -78,6 +79,11 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, 100_000)
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
+        self.gate = Gate(self.context, config.keys) if config.keys is not None else None
+        # The key and roles of the message being handled (with keys; empty without).
+        self.sender_key = b""
+        if self.gate is not None:
+            self.gate.secure(self.socket)
         bind(self.socket, config.bind, "the broker (--bind)", "pass --bind with a free port")
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.feed: zmq.Socket | None = None
@@ -85,6 +91,8 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
             self.feed = self.context.socket(zmq.PUB)
             self.feed.setsockopt(zmq.LINGER, 0)
             self.feed.setsockopt(zmq.SNDHWM, 10_000)
+            if self.gate is not None:
+                self.gate.secure(self.feed, FEED_DOMAIN)
             try:
                 bind(
                     self.feed,
@@ -94,6 +102,8 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
                 )
             except BindError:
                 self.socket.close(linger=0)
+                if self.gate is not None:
+                    self.gate.stop()
                 raise
         self.next_feed = 0.0
 
@@ -163,7 +173,7 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
             layers=self.num_layers,
             fingerprint=self.checkpoint.fingerprint,
         )
-        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_EVENTS)
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
@@ -181,6 +191,8 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
             self.socket.close(linger=0)
             if self.feed is not None:
                 self.feed.close(linger=0)
+            if self.gate is not None:
+                self.gate.stop()
             self.log.info("broker_stopped")
 
     def stop(self) -> None:
@@ -217,6 +229,14 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
             # Answered in the sender's role where its tag says which; a stranger as a client.
             self.refuse(ident, e.tag or P.CLIENT_TAG, e)
             return
+        if self.gate is not None:
+            try:
+                self.sender_key = self.gate.check(frames[1], msg)
+            except P.ProtocolError as e:
+                self.metrics.role_refusals.labels(msg.cmd.name).inc()
+                self.log.warning("message_refused", cmd=msg.cmd.name, reason=e.message)
+                self.send(ident, P.encode(msg.tag, P.error(e.code, e.message, msg.body)))
+                return
         if msg.role == "stage":
             stage = self.stage_of(ident)
             if stage is not None:
@@ -248,6 +268,14 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
                 return
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 self.connection_closed(int(event["value"]), now)
+            elif event["event"] in HANDSHAKE_FAILURES:
+                # The peer's key is not allowed, or it holds a wrong broker key: it learns
+                # nothing but a closed connection, so the broker says it here (no key logged).
+                reason = HANDSHAKE_FAILURES[event["event"]]
+                self.metrics.handshake_refusals.labels(reason).inc()
+                self.log.warning(
+                    "handshake_refused", reason=reason, endpoint=event["endpoint"].decode()
+                )
 
     def refuse(
         self, ident: bytes, tag: bytes, e: P.ProtocolError, about: M.Body | None = None
@@ -276,6 +304,8 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
             self.next_feed = now + self.config.feed_interval_s
         if now < self.next_heartbeat and (self.rebalance_at is None or now < self.rebalance_at):
             return
+        if self.gate is not None and self.gate.refresh():
+            self.log.info("keys_loaded", **self.gate.keys.ring.counts())
         self.purge_stages(now)
         self.form_map_if_due(now)
         self.expire_waiting(now)

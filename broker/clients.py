@@ -61,7 +61,7 @@ class Clients:
                     self.refused.popitem(last=False)
                 return self.busy(ident, body, refusal)
             request = self.admit(ident, owner, rid, now)
-        elif request.owner != owner:
+        elif request.owner != owner or request.key != self.sender_key:
             raise P.ProtocolError(Code.UNAUTHORIZED, _foreign(rid))
         request.client = ident
         request.idle_s = body.idle_s
@@ -138,7 +138,9 @@ class Clients:
         return sum(len(stage.queue) for stage in self.stages.values()) + len(self.waiting)
 
     def admit(self, ident: bytes, owner: bytes, rid: str, now: float) -> Request:
-        request = self.requests[rid] = Request(rid=rid, client=ident, owner=owner, created=now)
+        request = self.requests[rid] = Request(
+            rid=rid, client=ident, owner=owner, key=self.sender_key, created=now
+        )
         self.client_record(owner, now).rids.add(rid)
         self.refused.pop(rid, None)
         return request
@@ -186,9 +188,14 @@ class Clients:
         request = self.requests.get(msg.body.rid)
         if request is None:
             return
-        if request.owner != P.owner_of(ident):
+        mine = request.owner == P.owner_of(ident) and request.key == self.sender_key
+        if not mine and not self.sent_by_admin():
             raise P.ProtocolError(Code.UNAUTHORIZED, _foreign(request.rid))
         self.finish_request(request, outcome=msg.body.reason)
+
+    def sent_by_admin(self) -> bool:
+        """Whether the message being handled came with an admin's key (keys only)."""
+        return self.gate is not None and "admin" in self.gate.keys.ring.roles(self.sender_key)
 
     def on_ping(self, ident: bytes, msg: P.Message) -> None:
         # Any message from a client counts as its heartbeat (client_heard).

@@ -502,6 +502,9 @@ class Status(Body, frozen=True, kw_only=True, omit_defaults=False):
     vocab_size: int | None = None
     dtype: ComputeDType = "float32"
     prefill_chunk: Positive = CPU_PREFILL_CHUNK
+    # "curve": encrypted, keys checked; "loopback": no keys, reachable from this host only;
+    # "insecure": no keys off loopback (--insecure).
+    security: Literal["curve", "loopback", "insecure"] = "loopback"
     requests: Count = 0
     counters: dict[str, int] = {}
     uptime_s: float = 0.0

@@ -83,6 +83,18 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+        self.handshake_refusals = Counter(
+            "layerline_handshake_refusals_total",
+            "CURVE handshakes the broker refused (an unknown key, or a wrong broker key)",
+            ["reason"],
+            registry=r,
+        )
+        self.role_refusals = Counter(
+            "layerline_role_refusals_total",
+            "Messages refused because the sender's key lacks the command's role",
+            ["cmd"],
+            registry=r,
+        )
         self.malformed = Counter(
             "layerline_malformed_messages_total", "Messages refused as malformed", registry=r
         )
@@ -125,6 +137,8 @@ class Metrics:
             "send_failures": self.send_failures,
             "reshards": self.reshards,
             "busy": self.busy,
+            "handshake_refusals": self.handshake_refusals,
+            "role_refusals": self.role_refusals,
         }
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:

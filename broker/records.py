@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from broker import messages as M
 from broker import protocol as P
 from common.defaults import DEAD_AFTER_S, DEFAULT_BROKER, HEARTBEAT_S, MAX_REPLAYS
+from common.keys import ServerKeys
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class BrokerConfig:
     history: int = 256
     limits: P.Limits = P.DEFAULT_LIMITS
     admin_token: str | None = None
+    # CURVE: the broker's certificate and the keys it allows by role (None: no encryption, for
+    # loopback, or off it with `insecure`).
+    keys: ServerKeys | None = None
+    insecure: bool = False
     # The monitor feed (PUB): stats snapshots, cluster events and token progress.
     feed: str | None = None
     feed_interval_s: float = 0.5
@@ -155,6 +160,7 @@ class Request:
     client: bytes  # the socket its latest step came from, where its answers go
     owner: bytes  # the client's secret: only sockets of this owner may touch the request
     created: float
+    key: bytes = b""  # with keys, the CURVE key that started it: only it (or an admin's END)
     replays: int = 0
     replay_pending: bool = False
     idle_s: float | None = None  # its client's idle_timeout (STEP `idle_s`)

@@ -74,6 +74,9 @@ class Views:
             vocab_size=cfg.get("vocab_size"),
             dtype=self.config.dtype,
             prefill_chunk=self.prefill_chunk(),
+            security="curve"
+            if self.gate is not None
+            else ("insecure" if self.config.insecure else "loopback"),
             requests=len(self.requests),
             counters=self.metrics.totals(),
             uptime_s=round(now - self.started, 3),

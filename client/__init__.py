@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from client.errors import (
+    BrokerRefused,
     BrokerUnreachable,
     BusyError,
     ClientError,
@@ -39,6 +40,7 @@ _LAZY = {
 
 __all__ = [
     "AsyncClient",
+    "BrokerRefused",
     "BrokerUnreachable",
     "BusyError",
     "Client",

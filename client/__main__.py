@@ -46,6 +46,18 @@ def _common(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
         help=f"seconds to wait for the broker's first answer (default: {CLIENT_CONNECT_TIMEOUT_S})",
     )
     parser.add_argument(
+        "--cert",
+        default=default(None),
+        metavar="FILE",
+        help="this client's secret certificate (NAME.key_secret), for a broker with keys",
+    )
+    parser.add_argument(
+        "--broker-key",
+        default=default(None),
+        metavar="KEY",
+        help="the broker's public key: its broker.key file, or the 40-character key",
+    )
+    parser.add_argument(
         "--json", action="store_true", default=default(False), help="print one JSON object"
     )
     parser.add_argument(
@@ -110,7 +122,9 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 def _status(args: argparse.Namespace) -> None:
     from client.core import query_broker  # deferred: torch loads in seconds; Ctrl-C is handled
 
-    status = query_broker(args.broker, M.StatusQuery(), args.connect_timeout)
+    status = query_broker(
+        args.broker, M.StatusQuery(), args.connect_timeout, args.cert, args.broker_key
+    )
     if args.json:
         print(json.dumps(status))
         return
@@ -154,7 +168,9 @@ def _mib(size: int | None) -> str | None:
 def _jobs(args: argparse.Namespace) -> None:
     from client.core import query_broker
 
-    jobs = query_broker(args.broker, M.JobsQuery(), args.connect_timeout).get("jobs", [])
+    jobs = query_broker(
+        args.broker, M.JobsQuery(), args.connect_timeout, args.cert, args.broker_key
+    ).get("jobs", [])
     if args.json:
         print(json.dumps(jobs))
         return
@@ -174,7 +190,11 @@ def _generate(args: argparse.Namespace) -> None:
 
     progress = _Progress(sys.stderr)
     with Client(
-        args.broker, tokenizer=args.tokenizer, connect_timeout=args.connect_timeout
+        args.broker,
+        tokenizer=args.tokenizer,
+        connect_timeout=args.connect_timeout,
+        cert=args.cert,
+        broker_key=args.broker_key,
     ) as client:
         events = client.stream(
             args.prompt,

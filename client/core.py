@@ -33,6 +33,7 @@ from common.defaults import (
     MAX_REPLAYS,
     default_broker,
 )
+from common.keys import KeyFileError, PeerKeys, peer_keys
 from common.text import DETOKENIZE_CONTEXT, TextAssembler, tokenizer_source
 
 # `wait_ready=True`: as long as a broker holds the step of a request for a cluster that is
@@ -51,9 +52,12 @@ def query_broker(
     broker: str | None,
     query: M.StatusQuery | M.JobsQuery | None = None,
     timeout: float = CLIENT_CONNECT_TIMEOUT_S,
+    cert: str | os.PathLike | None = None,
+    broker_key: str | os.PathLike | None = None,
 ) -> dict:
     """The reply to one STATUS (the default) or JOBS, as JSON, without a tokenizer: for the CLI,
-    tools and the cluster launcher. BrokerUnreachable when the broker does not answer in time."""
+    tools and the cluster launcher. BrokerUnreachable when the broker does not answer in time
+    (BrokerRefused when it refused the keys, or their absence)."""
     query = query or M.StatusQuery()
     timeout = checks.seconds(timeout, "timeout")
     link = SyncLink(
@@ -62,6 +66,7 @@ def query_broker(
         heartbeat=HEARTBEAT_S,
         broker_timeout=timeout,
         reconnect_timeout=timeout,
+        keys=_keys(cert, broker_key),
     )
     try:
         link.connect(timeout)
@@ -163,6 +168,8 @@ class _Frontend:
         max_replays: int,
         prefill_chunk: int | None,
         idle_timeout: float | None,
+        cert: Any = None,
+        broker_key: Any = None,
     ):
         if prefill_chunk is not None:
             checks.integer(prefill_chunk, "prefill_chunk", 1)
@@ -198,6 +205,7 @@ class _Frontend:
             broker_timeout=broker_timeout,
             reconnect_timeout=reconnect_timeout,
             idle_timeout=idle_timeout,
+            keys=_keys(cert, broker_key),
         )
         self.tokenizer: Any = None
         self.model: ModelInfo | None = None
@@ -250,6 +258,14 @@ class _Frontend:
             wait_ready_s=wait_ready_s,
             idle_s=self._idle_timeout,
         )
+
+
+def _keys(cert: Any, broker_key: Any) -> PeerKeys | None:
+    """This client's certificate and the broker's public key, for a broker with keys."""
+    try:
+        return peer_keys(cert, broker_key)
+    except KeyFileError as e:
+        raise InvalidArgument(str(e)) from None
 
 
 def _wait_ready_s(wait_ready: Any) -> float:
@@ -306,9 +322,13 @@ class Client(_Frontend):
         max_replays: int = MAX_REPLAYS,
         prefill_chunk: int | None = None,
         idle_timeout: float | None = STREAM_IDLE_TIMEOUT_S,
+        cert: str | os.PathLike | None = None,
+        broker_key: str | os.PathLike | None = None,
     ):
         super().__init__(
             broker,
+            cert=cert,
+            broker_key=broker_key,
             connect_timeout=connect_timeout,
             broker_timeout=broker_timeout,
             heartbeat=heartbeat,
@@ -463,9 +483,13 @@ class AsyncClient(_Frontend):
         max_replays: int = MAX_REPLAYS,
         prefill_chunk: int | None = None,
         idle_timeout: float | None = STREAM_IDLE_TIMEOUT_S,
+        cert: str | os.PathLike | None = None,
+        broker_key: str | os.PathLike | None = None,
     ):
         super().__init__(
             broker,
+            cert=cert,
+            broker_key=broker_key,
             connect_timeout=connect_timeout,
             broker_timeout=broker_timeout,
             heartbeat=heartbeat,

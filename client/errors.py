@@ -18,6 +18,11 @@ class BrokerUnreachable(ClientError):
     """The broker did not answer in time (first contact, or after a reconnect)."""
 
 
+class BrokerRefused(BrokerUnreachable):
+    """The CURVE handshake with the broker failed: this client's key is not allowed there, the
+    broker key given is not that broker's, or one side has keys and the other has none."""
+
+
 class RequestFailed(ClientError):
     """The broker or a stage refused the request; `code` is the protocol error code."""
 

@@ -27,6 +27,7 @@ from broker import protocol as P
 from broker.protocol import Cmd, Message
 from client.checks import URL_FORMS
 from client.errors import (
+    BrokerRefused,
     BrokerUnreachable,
     ClientError,
     InvalidArgument,
@@ -35,8 +36,11 @@ from client.errors import (
     StreamAbandoned,
 )
 from client.session import Outgoing, Request
+from common.keys import HANDSHAKE_FAILED, PeerKeys, handshake_refusal
 
 log = structlog.get_logger("client")
+# How often a wait for the broker's first answer looks for a refused handshake.
+HANDSHAKE_POLL_S = 0.1
 
 _ROUTED = (Cmd.RESULT, Cmd.EVENT, Cmd.ERROR)
 
@@ -53,8 +57,12 @@ class Link:
         broker_timeout: float,
         reconnect_timeout: float,
         idle_timeout: float | None = None,
+        keys: PeerKeys | None = None,
     ):
         self.url = url
+        self.keys = keys  # CURVE: this client's certificate and the broker's public key
+        # Why the broker refused our handshake, once it did (then every wait ends with it).
+        self.refused: str | None = None
         self.secret = secret  # owns this client's requests at the broker (protocol.owner_of)
         self.heartbeat = heartbeat
         self.broker_timeout = broker_timeout
@@ -96,10 +104,13 @@ class Link:
         self.sock = sock = self._socket()
         sock.setsockopt(zmq.IDENTITY, self.identity)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            self.keys.apply(sock)
         # A broker restarted within broker_timeout answers PINGs at once, so silence never
-        # shows that it lost our in-flight steps; the TCP disconnect does.
+        # shows that it lost our in-flight steps; the TCP disconnect does. A refused CURVE
+        # handshake shows only here too: the broker just never answers.
         address = f"inproc://layerline-client-{self.identity.decode()}"
-        sock.monitor(address, zmq.EVENT_DISCONNECTED)
+        sock.monitor(address, zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
         self.monitor = monitor = zmq.Context.shadow(sock.context.underlying).socket(zmq.PAIR)
         monitor.setsockopt(zmq.LINGER, 0)
         monitor.connect(address)
@@ -129,6 +140,9 @@ class Link:
             except zmq.Again:
                 break
             dropped |= event["event"] == zmq.EVENT_DISCONNECTED
+            if event["event"] & HANDSHAKE_FAILED and self.refused is None:
+                self.refused = handshake_refusal(self.url, event["event"], self.keys is not None)
+                log.warning("client_handshake_refused", broker=self.url, reason=self.refused)
         return dropped
 
     def send(self, frames: list) -> bool:
@@ -274,6 +288,9 @@ class Link:
     def tick(self, now: float) -> float:
         """Ping, detect a lost broker, give up on one gone too long; return when to tick next."""
         dropped = self.disconnected()
+        if self.refused is not None:
+            self._give_up(BrokerRefused(self.refused))
+            return now + self.heartbeat
         self._reap_idle(now)
         if not self.requests:
             return now + self.heartbeat
@@ -305,8 +322,8 @@ class Link:
         self.lost_at = now
         self.open_socket()
 
-    def _give_up(self) -> None:
-        error = BrokerUnreachable(
+    def _give_up(self, error: BrokerUnreachable | None = None) -> None:
+        error = error or BrokerUnreachable(
             f"broker at {self.url} went silent and did not come back within "
             f"{self.reconnect_timeout} s; is `python -m broker` running?"
         )
@@ -317,6 +334,9 @@ class Link:
         self.lost_at = None
 
     def unreachable(self, timeout: float) -> BrokerUnreachable:
+        self.disconnected()
+        if self.refused is not None:
+            return BrokerRefused(self.refused)
         return BrokerUnreachable(
             f"broker at {self.url} did not answer within {timeout} s; is `python -m broker` running?"
         )
@@ -410,9 +430,9 @@ class SyncLink(Link):
                     return msg
                 if msg.cmd == Cmd.ERROR:
                     raise _reply_error(msg)
-            if time.perf_counter() >= deadline:
+            if time.perf_counter() >= deadline or self.refused is not None:
                 raise self.unreachable(timeout)
-            self.pump(deadline)
+            self.pump(min(deadline, time.perf_counter() + HANDSHAKE_POLL_S))
 
     def close(self) -> None:
         if self.closed:
@@ -517,10 +537,16 @@ class AsyncLink(Link):
         fut = asyncio.get_running_loop().create_future()
         self.waiters[reply].append(fut)
         self.send(P.encode(P.CLIENT_TAG, query))
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            raise self.unreachable(timeout) from None
+        deadline = time.perf_counter() + timeout
+        while True:
+            left = deadline - time.perf_counter()
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), min(left, HANDSHAKE_POLL_S))
+            except TimeoutError:
+                self.disconnected()
+                if left <= HANDSHAKE_POLL_S or self.refused is not None:
+                    fut.cancel()
+                    raise self.unreachable(timeout) from None
 
     async def close(self) -> None:
         if self.closed:

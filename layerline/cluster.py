@@ -20,9 +20,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
+from broker.keys import make_keys
 from broker.protocol import feed_endpoint
 from client import Client, ClientError, query_broker
 from common.defaults import DEFAULT_DEMO_DIR
+from common.keys import BROKER_NAME, PRIVATE_DIR
 from common.models import DEMO_QUESTION, builtin_model
 from stage.demo_model import ensure_demo_model
 
@@ -38,6 +40,8 @@ RUN_CLUSTER_READY_S = 180.0
 # After SIGTERM a stage drains its in-flight steps and deregisters; this bounds the wait.
 STOP_GRACE_S = 10.0
 RUN_CLUSTER_LOGS = Path(".cache/cluster-logs")
+# The admin key a cluster with keys asks for STATUS with.
+LAUNCHER_KEY = "launcher"
 
 
 def free_port() -> int:
@@ -47,12 +51,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def broker_status(url: str, timeout_s: float = 1.0) -> dict | None:
-    """The broker's STATUS, or None while it does not answer (it is starting, or gone)."""
+def broker_status(url: str, timeout_s: float = 1.0, keys: Path | None = None) -> dict | None:
+    """The broker's STATUS, or None while it does not answer (it is starting, or gone). With
+    `keys` (a `python -m broker.keys` layout), asked with its admin key `launcher`."""
+    cert = broker_key = None
+    if keys is not None:
+        cert, broker_key = peer_cert(keys, LAUNCHER_KEY), keys / f"{BROKER_NAME}.key"
     try:
-        return query_broker(url, timeout=timeout_s)
+        return query_broker(url, timeout=timeout_s, cert=cert, broker_key=broker_key)
     except ClientError:
         return None
+
+
+def peer_cert(keys: Path, name: str) -> Path:
+    """A peer's secret certificate in a `python -m broker.keys` layout."""
+    return keys / PRIVATE_DIR / f"{name}.key_secret"
 
 
 def cluster_env() -> dict[str, str]:
@@ -86,8 +99,14 @@ class Cluster:
         ready_timeout_s: float = READY_TIMEOUT_S,
         stop_grace_s: float = 0.0,
         own_session: bool = False,
+        keys: Path | None = None,
     ):
         self.model = Path(model)
+        # CURVE: a `python -m broker.keys` layout, made here where keys are missing: a key per
+        # stage name, and the admin key `launcher` that asks for STATUS.
+        self.keys = keys
+        if keys is not None:
+            make_keys(keys, {"stage": [f"s{i}" for i in range(stages)], "admin": [LAUNCHER_KEY]})
         self.n = stages
         self.fixed_port = port
         self.feed = feed
@@ -157,12 +176,18 @@ class Cluster:
                 "--expect-stages",
                 str(self.n),
                 *log_level,
+                *(("--keys", str(self.keys)) if self.keys is not None else ()),
                 *self.broker_args,
             ],
         )
         return self.broker
 
     def start_stage(self, name: str, *extra: str) -> subprocess.Popen:
+        keys: tuple[str, ...] = ()
+        if self.keys is not None:
+            make_keys(self.keys, {"stage": [name]})
+            cert, broker_key = peer_cert(self.keys, name), self.keys / f"{BROKER_NAME}.key"
+            keys = ("--cert", str(cert), "--broker-key", str(broker_key))
         dtype = ("--dtype", self.dtype) if self.dtype else ()
         device = ("--device", self.device) if self.device else ()
         log_level = ("--log-level", self.log_level) if self.log_level else ()
@@ -183,6 +208,7 @@ class Cluster:
                 *dtype,
                 *device,
                 *log_level,
+                *keys,
                 *self.stage_args,
                 *extra,
             ],
@@ -269,7 +295,7 @@ class Cluster:
     # --- state -------------------------------------------------------------------------------
 
     def status(self, timeout_s: float = 1.0) -> dict | None:
-        return broker_status(self.url, timeout_s)
+        return broker_status(self.url, timeout_s, self.keys)
 
     def wait_for(
         self, predicate: Callable[[dict], bool], timeout_s: float = 60.0, what: str = "condition"

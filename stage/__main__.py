@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from broker.messages import COMPUTE_DTYPES, MAX_BATCH, MAX_CREDITS, MAX_NAME_LENGTH
 from common.defaults import DEAD_AFTER_S, DEFAULT_DEMO_DIR, HEARTBEAT_S
+from common.keys import KeyFileError, peer_keys
 from common.models import builtin_model
 from stage.config import (
     DEFAULT_CREDITS,
@@ -58,6 +59,18 @@ def _fail(message: str) -> NoReturn:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m stage", description="Run one layerline stage worker.")
     p.add_argument("--broker", required=True, help="broker URL, e.g. tcp://127.0.0.1:5555")
+    p.add_argument(
+        "--cert",
+        type=Path,
+        default=None,
+        help="this stage's secret certificate (NAME.key_secret from `python -m broker.keys`), "
+        "for a broker with keys",
+    )
+    p.add_argument(
+        "--broker-key",
+        default=None,
+        help="the broker's public key: its broker.key file, or the 40-character key",
+    )
     p.add_argument(
         "--model",
         type=Path,
@@ -171,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_numbers(args)
         check_url(args.broker)
-    except UsageError as e:
+        keys = peer_keys(args.cert, args.broker_key)
+    except (UsageError, KeyFileError) as e:
         _fail(str(e))
     if args.model is None:
         try:
@@ -229,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     held = psutil.Process().memory_info()
     config = StageConfig(
         broker=args.broker,
+        keys=keys,
         model=Path(model),
         name=args.name or f"{socket.gethostname()}-{os.getpid()}",
         memory_bytes=memory_bytes,

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.defaults import DEAD_AFTER_S, HEARTBEAT_S
+
+if TYPE_CHECKING:
+    from common.keys import PeerKeys
 
 # Defaults, as in docs/protocol.md ("Limits and timeouts").
 # Credits bound the steps a stage holds; batching needs several of them queued at once, and
@@ -40,6 +44,7 @@ class StageConfig:
     # Of it, pages mapped from files (the libraries' code): clean, shared by the stages of a
     # host, and more of them are mapped as kernels first run, whatever the layers.
     runtime_file_bytes: int = 0
+    keys: PeerKeys | None = None  # CURVE: this stage's certificate and the broker's key
     device: str = "cpu"
     dtype: str = "float32"
     threads: int = 1

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 import psutil
 import structlog
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from broker import messages as M
 from broker import protocol as P
 from broker.messages import Cmd, Code
 from broker.protocol import Message
+from common.keys import HANDSHAKE_FAILED, handshake_refusal
 from stage.checkpoint import Checkpoint
 from stage.compute import Compute, ForwardJob, LoadJob, ReleaseJob
 from stage.config import EXIT_OK, EXIT_REFUSED, StageConfig
@@ -57,6 +59,7 @@ class _Session:
     sock: zmq.Socket
     identity: bytes
     last_rx: float
+    monitor: zmq.Socket | None = None  # refused CURVE handshakes
     registered: bool = False
     leaving_sent: bool = False
     retry: bool = False  # registration refused for now: reconnect after a backoff
@@ -108,6 +111,9 @@ class Link:
         while self.exit_code is None:
             session = self._connect()
             registered, leave_deadline = self._serve(session, results, leave_deadline)
+            if session.monitor is not None:
+                session.sock.disable_monitor()
+                session.monitor.close(linger=0)
             session.sock.close(linger=0)
             if self.exit_code is not None:
                 break
@@ -128,8 +134,13 @@ class Link:
         identity = os.urandom(8)
         sock.setsockopt(zmq.IDENTITY, identity)
         sock.setsockopt(zmq.LINGER, 0)
+        monitor = None
+        if self.config.keys is not None:
+            self.config.keys.apply(sock)
+            # A refused handshake shows only here: the broker never answers a stranger.
+            monitor = sock.get_monitor_socket(HANDSHAKE_FAILED)
         sock.connect(self.config.broker)
-        session = _Session(sock=sock, identity=identity, last_rx=time.monotonic())
+        session = _Session(sock=sock, identity=identity, last_rx=time.monotonic(), monitor=monitor)
         self._send_ready(session)
         return session
 
@@ -141,6 +152,8 @@ class Link:
         poller = zmq.Poller()
         poller.register(session.sock, zmq.POLLIN)
         poller.register(results, zmq.POLLIN)
+        if session.monitor is not None:
+            poller.register(session.monitor, zmq.POLLIN)
         next_heartbeat = time.monotonic()
         ever_registered = False
         while self.exit_code is None:
@@ -172,6 +185,12 @@ class Link:
             if leave_deadline is not None:
                 wake = min(wake, leave_deadline)
             events = dict(poller.poll(max(0.0, wake - time.monotonic()) * 1000))
+            if session.monitor in events:
+                event = parse_monitor_message(session.monitor.recv_multipart())
+                reason = handshake_refusal(cfg.broker, event["event"], True, role="stage")
+                self.log.error("refused by broker", error=reason)
+                self.stop(EXIT_REFUSED, f"refused by broker: {reason}")
+                break
             if results in events:
                 self._forward_results(results, session)
             if session.sock in events:

@@ -20,8 +20,9 @@ class Cluster(launcher.Cluster):
         broker_args: tuple[str, ...] = (),
         stage_args: tuple[str, ...] = (),
         log_dir: Path | None = None,
+        keys: Path | None = None,
     ):
-        super().__init__(model, stages, broker_args=broker_args, stage_args=stage_args)
+        super().__init__(model, stages, broker_args=broker_args, stage_args=stage_args, keys=keys)
         # LAYERLINE_TEST_LOGS=DIR keeps every cluster's process logs, one folder per cluster.
         kept = os.environ.get("LAYERLINE_TEST_LOGS")
         if log_dir is None and kept:

@@ -1,0 +1,275 @@
+"""CurveZMQ keys: the key maker, a broker that refuses to run open off loopback, and a cluster
+with keys where every role is checked from the key that sent each message. Real processes and
+real sockets on loopback; each refused peer gets a message that names the cause."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from broker import messages as M
+from broker import protocol as P
+from broker.keys import make_keys
+from broker.protocol import Code
+from client import BrokerRefused, Client, RequestFailed, query_broker
+from common.keys import KeyRing, PeerKeys
+from layerline.cluster import cluster_env, free_port
+from tests.cluster import Cluster
+from tests.test_e2e import prompt_ids, reference_greedy
+from tests.wire import step
+
+TOKENS = 12
+# A refused peer must know within a few seconds; this bound leaves room for a loaded machine.
+REFUSED_WITHIN_S = 5.0
+
+
+def _keys(root: Path, name: str) -> dict:
+    return {"cert": root / "private" / f"{name}.key_secret", "broker_key": root / "broker.key"}
+
+
+# --- the key maker --------------------------------------------------------------------------
+
+
+def test_keygen_writes_the_layout_the_broker_reads(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "broker.keys", str(tmp_path), "--stages", "s0", "s1",
+         "--clients", "alice", "--admins", "ops"],
+        capture_output=True, text=True, env=cluster_env(), timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    public = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.key"))
+    assert public == [
+        "admins/ops.key", "broker.key", "clients/alice.key", "stages/s0.key", "stages/s1.key",
+    ]  # fmt: skip
+    secrets = sorted(p.name for p in (tmp_path / "private").iterdir())
+    assert secrets == [f"{n}.key_secret" for n in ("alice", "broker", "ops", "s0", "s1")]
+    for path in (tmp_path / "private").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    ring = KeyRing.from_layout(tmp_path)
+    assert ring.counts() == {"stage": 2, "client": 1, "admin": 1}
+    alice = PeerKeys.load(**_keys(tmp_path, "alice"))
+    assert ring.roles(alice.public) == {"client"}
+    # A second run keeps every key; a name taken by another role is refused.
+    before = (tmp_path / "clients" / "alice.key").read_bytes()
+    assert make_keys(tmp_path, {"client": ["alice"]}) == []
+    assert (tmp_path / "clients" / "alice.key").read_bytes() == before
+    with pytest.raises(ValueError, match="another role"):
+        make_keys(tmp_path, {"admin": ["alice"]})
+
+
+def test_a_key_removed_from_its_directory_is_forgotten_at_the_next_refresh(tmp_path):
+    make_keys(tmp_path, {"client": ["alice", "bob"]})
+    ring = KeyRing.from_layout(tmp_path)
+    bob = PeerKeys.load(**_keys(tmp_path, "bob"))
+    assert ring.roles(bob.public) == {"client"}
+    (tmp_path / "clients" / "bob.key").unlink()
+    assert ring.refresh()
+    assert ring.roles(bob.public) == frozenset()
+    assert not ring.refresh()  # nothing changed since
+
+
+# --- a broker off loopback ------------------------------------------------------------------
+
+
+def _broker(checkpoint: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "broker", "--model", str(checkpoint), "--feed", "none", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster_env(),
+    )  # fmt: skip
+
+
+def test_a_broker_off_loopback_without_keys_refuses_to_start(checkpoints):
+    proc = _broker(checkpoints["llama"], "--bind", f"tcp://0.0.0.0:{free_port()}")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "reachable from other hosts" in out
+    assert "python -m broker.keys" in out and "--insecure" in out
+
+
+def test_insecure_is_explicit_and_shows_in_status(checkpoints):
+    port = free_port()
+    proc = _broker(checkpoints["llama"], "--bind", f"tcp://0.0.0.0:{port}", "--insecure")
+    try:
+        status = None
+        deadline = time.monotonic() + 30
+        while status is None and time.monotonic() < deadline:
+            try:
+                status = query_broker(f"tcp://127.0.0.1:{port}", timeout=1.0)
+            except BrokerRefused:
+                raise
+            except Exception:
+                assert proc.poll() is None, proc.stdout.read()
+        assert status is not None and status["security"] == "insecure"
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert '"event": "insecure"' in out
+
+
+# --- a cluster with keys --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("keys")
+    make_keys(root, {"client": ["alice", "bob", "carol"], "admin": ["ops"]})
+    return root
+
+
+@pytest.fixture(scope="module")
+def cluster(checkpoints, keys):
+    with Cluster(checkpoints["llama"], 2, keys=keys) as c:
+        yield c
+
+
+def test_greedy_through_a_cluster_with_keys_equals_generate(cluster, keys, checkpoints):
+    prompt = prompt_ids(81)
+    expected = reference_greedy(checkpoints["llama"], prompt, TOKENS)
+    with Client(cluster.url, **_keys(keys, "alice")) as client:
+        assert client.status()["security"] == "curve"
+        result = client.generate(prompt, max_new_tokens=TOKENS, ignore_eos=True)
+    assert result.token_ids == expected
+
+
+@pytest.mark.parametrize(
+    "who, match",
+    [
+        ("no keys", r"the broker requires keys; pass this peer's certificate"),
+        ("a stranger's key", r"refused this client's key: its public key is not in the broker's"),
+        ("another broker's key", r"the broker key given \(--broker-key\) is not that broker's"),
+    ],
+)
+def test_a_refused_client_is_told_why_within_seconds(cluster, keys, tmp_path, who, match):
+    kwargs = {}
+    if who == "a stranger's key":
+        stranger = tmp_path / "stranger"
+        make_keys(stranger, {"client": ["mallory"]})
+        kwargs = {"cert": _keys(stranger, "mallory")["cert"], "broker_key": keys / "broker.key"}
+    elif who == "another broker's key":
+        other = tmp_path / "other"
+        make_keys(other, {})
+        kwargs = {"cert": _keys(keys, "alice")["cert"], "broker_key": other / "broker.key"}
+    started = time.monotonic()
+    with pytest.raises(BrokerRefused, match=match):
+        Client(cluster.url, connect_timeout=30, **kwargs)
+    assert time.monotonic() - started < REFUSED_WITHIN_S
+    assert cluster.status()["ready"]  # the cluster keeps serving
+
+
+def test_each_message_needs_its_role(cluster, keys):
+    """A stage's key cannot ask as a client; a client's key cannot register as a stage, and its
+    process exits 3 saying so; a client cannot drain, an admin can be asked for STATUS."""
+    with pytest.raises(RequestFailed, match=r"PING needs a key of the admin or client role"):
+        query_broker(cluster.url, timeout=10, **_keys(keys, "s0"))
+    assert query_broker(cluster.url, timeout=10, **_keys(keys, "ops"))["ready"]
+    impostor = subprocess.run(
+        [sys.executable, "-m", "stage", "--broker", cluster.url, "--model", str(cluster.model),
+         "--name", "s7", "--cert", str(_keys(keys, "bob")["cert"]),
+         "--broker-key", str(keys / "broker.key")],
+        capture_output=True, text=True, env=cluster_env(), timeout=120,
+    )  # fmt: skip
+    assert impostor.returncode == 3
+    assert "READY needs a key of the stage role; this key's role is client" in impostor.stderr
+    status = cluster.status()
+    assert sorted(s["name"] for s in status["stages"]) == ["s0", "s1"]
+    with _raw(cluster, keys, "carol") as sock:
+        sock.send_multipart(P.encode(P.MONITOR_TAG, M.Drain(stage="s0", token="")))
+        assert sock.poll(10_000)
+        reply = P.decode(sock.recv_multipart())
+    assert reply.body.code == Code.UNAUTHORIZED
+    assert "DRAIN needs a key of the admin role" in reply.body.message
+    assert cluster.status()["counters"]["role_refusals"] >= 3
+
+
+def test_a_stranger_stage_exits_with_the_reason(cluster, keys, tmp_path):
+    stranger = tmp_path / "stranger"
+    make_keys(stranger, {"stage": ["s8"]})
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "stage", "--broker", cluster.url, "--model", str(cluster.model),
+         "--name", "s8", "--cert", str(stranger / "private" / "s8.key_secret"),
+         "--broker-key", str(keys / "broker.key")],
+        capture_output=True, text=True, env=cluster_env(), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 3
+    assert "refused this stage's key: its public key is not in the broker's allowed stages" in (
+        proc.stderr
+    )
+    # The stage's own start (imports, the checkpoint) comes before its handshake.
+    assert time.monotonic() - started < 60
+    assert sorted(s["name"] for s in cluster.status()["stages"]) == ["s0", "s1"]
+
+
+def test_a_request_belongs_to_its_key(cluster, keys):
+    """Another client's key cannot end a request even with its id; an admin's key can."""
+    with Client(cluster.url, **_keys(keys, "alice")) as alice:
+        stream = alice.stream(prompt_ids(82), max_new_tokens=200, ignore_eos=True)
+        next(stream)
+        [rid] = _active(cluster, keys)
+        with _raw(cluster, keys, "bob") as sock:
+            sock.send_multipart(P.encode(P.CLIENT_TAG, M.End(rid=rid, reason="cancelled")))
+            assert sock.poll(10_000)
+            reply = P.decode(sock.recv_multipart())
+            assert reply.body.code == Code.UNAUTHORIZED
+            sock.send_multipart(step(rid, 99, [1, 2, 3, 4], 3, 1))
+            assert sock.poll(10_000)
+            assert P.decode(sock.recv_multipart()).body.code == Code.UNAUTHORIZED
+        assert _active(cluster, keys) == [rid]
+        with _raw(cluster, keys, "ops") as sock:
+            sock.send_multipart(P.encode(P.CLIENT_TAG, M.End(rid=rid, reason="cancelled")))
+            cluster.wait_for(lambda s: s["requests"] == 0, 10, "the admin's END")
+        stream.close()
+
+
+def test_a_removed_key_is_refused_without_a_restart(cluster, keys):
+    """Removing a key's file revokes it within a heartbeat, on its open connection too."""
+    with Client(cluster.url, **_keys(keys, "carol")) as carol:
+        assert carol.generate(prompt_ids(83), max_new_tokens=2).token_ids
+        saved = keys / "carol.key.saved"
+        shutil.move(keys / "clients" / "carol.key", saved)
+        try:
+            deadline = time.monotonic() + 10
+            refused = None
+            while refused is None and time.monotonic() < deadline:
+                try:
+                    carol.generate(prompt_ids(83), max_new_tokens=2)
+                except RequestFailed as e:
+                    refused = e
+            assert refused is not None, "the removed key still served after 10 s"
+            assert "unauthorized" in str(refused) and "none any more" in str(refused)
+            with pytest.raises(BrokerRefused, match="refused this client's key"):
+                Client(cluster.url, connect_timeout=30, **_keys(keys, "carol"))
+        finally:
+            shutil.move(saved, keys / "clients" / "carol.key")
+    assert cluster.status()["counters"]["handshake_refusals"] >= 1
+
+
+def _active(cluster: Cluster, keys: Path) -> list[str]:
+    jobs = query_broker(cluster.url, M.JobsQuery(), 10, **_keys(keys, "ops")).get("jobs", [])
+    return [j["rid"] for j in jobs if j["outcome"] == "active"]
+
+
+class _raw:
+    """A DEALER with a client's keys, speaking the wire protocol itself."""
+
+    def __init__(self, cluster: Cluster, keys: Path, name: str):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.identity = P.client_identity(P.new_client_secret(), "raw")
+        PeerKeys.load(**_keys(keys, name)).apply(self.sock)
+        self.sock.connect(cluster.url)
+
+    def __enter__(self) -> zmq.Socket:
+        return self.sock
+
+    def __exit__(self, *exc) -> None:
+        self.sock.close(0)
+        self.ctx.term()
