@@ -185,6 +185,11 @@ def test_each_message_needs_its_role(cluster, keys):
         reply = P.decode(sock.recv_multipart())
     assert reply.body.code == Code.UNAUTHORIZED
     assert "DRAIN needs a key of the admin role" in reply.body.message
+    with _raw(cluster, keys, "ops") as sock:  # an admin needs no token: its key is the proof
+        sock.send_multipart(P.encode(P.MONITOR_TAG, M.Drain(stage="nobody", token="")))
+        assert sock.poll(10_000)
+        reply = P.decode(sock.recv_multipart())
+    assert (reply.body.code, reply.body.message) == (Code.BAD_REQUEST, "no stage named 'nobody'")
     assert cluster.status()["counters"]["role_refusals"] >= 3
 
 
