@@ -4,6 +4,8 @@ real sockets on loopback; each refused peer gets a message that names the cause.
 
 from __future__ import annotations
 
+import queue
+import re
 import shutil
 import stat
 import subprocess
@@ -23,7 +25,10 @@ from common.keys import KeyRing, PeerKeys
 from layerline.cluster import cluster_env, free_port
 from tests.cluster import Cluster
 from tests.test_e2e import prompt_ids, reference_greedy
+from tests.test_tui import next_update
 from tests.wire import step
+from tui.reader import FeedReader
+from tui.records import LinkState, Snapshot
 
 TOKENS = 12
 # A refused peer must know within a few seconds; this bound leaves room for a loaded machine.
@@ -259,6 +264,35 @@ def test_a_removed_key_is_refused_without_a_restart(cluster, keys):
 def _active(cluster: Cluster, keys: Path) -> list[str]:
     jobs = query_broker(cluster.url, M.JobsQuery(), 10, **_keys(keys, "ops")).get("jobs", [])
     return [j["rid"] for j in jobs if j["outcome"] == "active"]
+
+
+@pytest.mark.parametrize(
+    "who, state, match",
+    [
+        ("alice", "up", None),
+        ("s0", "refused", r"refused this client's key"),  # a stage key may not watch the feed
+        ("stranger", "refused", r"refused this client's key"),
+    ],
+)
+def test_the_monitor_feed_admits_client_and_admin_keys(cluster, keys, tmp_path, who, state, match):
+    if who == "stranger":
+        make_keys(tmp_path, {"client": ["mallory"]})
+        peer = PeerKeys.load(tmp_path / "private" / "mallory.key_secret", keys / "broker.key")
+    else:
+        peer = PeerKeys.load(**_keys(keys, who))
+    updates: queue.SimpleQueue = queue.SimpleQueue()
+    reader = FeedReader(cluster.url, cluster.feed_url, keys=peer, tokenizer_loader=lambda m: None)
+    started = time.monotonic()
+    reader.start(updates.put)
+    try:
+        link = next_update(updates, LinkState, REFUSED_WITHIN_S, lambda u: u.state == state)
+        assert time.monotonic() - started < REFUSED_WITHIN_S
+        if match is not None:
+            assert re.search(match, link.reason), link.reason
+        else:
+            assert next_update(updates, Snapshot).ready
+    finally:
+        reader.stop()
 
 
 class _raw:

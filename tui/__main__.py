@@ -26,6 +26,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the broker's --admin-token, needed by d (drain); or $LAYERLINE_ADMIN_TOKEN",
     )
     p.add_argument(
+        "--cert",
+        default=None,
+        help="the monitor's secret certificate (a client or admin NAME.key_secret), for a "
+        "broker with keys; an admin key may drain",
+    )
+    p.add_argument(
+        "--broker-key",
+        default=None,
+        help="the broker's public key: its broker.key file, or the 40-character key",
+    )
+    p.add_argument(
         "--log-file", default=None, help="write the monitor's own logs here (default: nowhere)"
     )
     p.add_argument("--log-level", default="info")
@@ -47,12 +58,14 @@ def configure_quiet_logging(log_file: str | None, level: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_quiet_logging(args.log_file, args.log_level)
+    from common.keys import peer_keys
     from tui.app import LayerlineApp
     from tui.reader import FeedReader
 
     try:
-        source = FeedReader(args.broker, args.feed, args.admin_token)
-    except ValueError as e:
+        keys = peer_keys(args.cert, args.broker_key)
+        source = FeedReader(args.broker, args.feed, args.admin_token, keys=keys)
+    except ValueError as e:  # KeyFileError is one
         print(f"tui: {e}", file=sys.stderr)
         return 2
     LayerlineApp(source).run()

@@ -186,7 +186,7 @@ class LayerlineApp(App[None]):
             return  # shutting down: a last feed update may still arrive
         view = self.state.view(self.clock(), self.selected)
         # The last known values stay on screen, dimmed, while the broker is lost.
-        self.screen_stack[0].set_class(view.link.state == "lost", "-stale")
+        self.screen_stack[0].set_class(view.link.state in ("lost", "refused"), "-stale")
         for panel in self.panels:
             panel.post_message(ClusterChanged(view))
 

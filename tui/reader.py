@@ -9,6 +9,7 @@ and hands each one to a callback; it never touches the UI.
 from __future__ import annotations
 
 import collections
+import contextlib
 import queue
 import threading
 import time
@@ -18,10 +19,12 @@ from typing import Any
 
 import structlog
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from broker import messages as M
 from broker import protocol as P
 from broker.protocol import Cmd
+from common.keys import HANDSHAKE_FAILED, PeerKeys, handshake_refusal
 from tui.records import LinkState, Notice, Snapshot, Tokens, Update, snapshot_of
 from tui.token_text import TokenText, load_tokenizer
 
@@ -60,8 +63,10 @@ class FeedReader:
         lost_after_s: float = LOST_AFTER_S,
         reply_timeout_s: float = REPLY_TIMEOUT_S,
         tokenizer_loader: Callable[[str | None], Any] = load_tokenizer,
+        keys: PeerKeys | None = None,
     ):
         self.broker = broker
+        self.keys = keys  # CURVE: the monitor's certificate (a client or admin key)
         self.feed = feed or P.feed_endpoint(broker)
         self.admin_token = admin_token
         self.lost_after_s = lost_after_s
@@ -78,6 +83,7 @@ class FeedReader:
         self._last_event_ts = 0.0
         self._pending: collections.deque[_Pending] = collections.deque()
         self._context = zmq.Context.instance()
+        self._watches: list[tuple[zmq.Socket, zmq.Socket]] = []
         for url in (self.broker, self.feed):
             probe = self._context.socket(zmq.DEALER)
             try:
@@ -114,14 +120,47 @@ class FeedReader:
     def _dealer(self) -> zmq.Socket:
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        self._secure(sock)
         sock.connect(self.broker)
         return sock
+
+    def _secure(self, sock: zmq.Socket) -> None:
+        """With keys, make `sock` a CURVE client and watch its handshakes: a refused one shows
+        only there (the broker never answers a stranger)."""
+        if self.keys is None:
+            return
+        self.keys.apply(sock)
+        watch = sock.get_monitor_socket(HANDSHAKE_FAILED)
+        self._watches.append((sock, watch))
+
+    def _refused(self) -> str | None:
+        """Why the broker refused a handshake of ours, if it did."""
+        for sock, watch in self._watches:
+            with contextlib.suppress(zmq.ZMQError):
+                if watch.poll(0):
+                    event = parse_monitor_message(watch.recv_multipart())
+                    url = self.feed if sock.type == zmq.SUB else self.broker
+                    return handshake_refusal(url, event["event"], True, role="client")
+        return None
+
+    def _unwatch(self, only: zmq.Socket | None = None) -> None:
+        """Stop watching `only` (before it closes), or every socket."""
+        kept = []
+        for sock, watch in self._watches:
+            if only is not None and sock is not only:
+                kept.append((sock, watch))
+                continue
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+            watch.close(linger=0)
+        self._watches = kept
 
     def _loop(self) -> None:
         sub = self._context.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 100_000)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._secure(sub)
         sub.connect(self.feed)
         dealer = self._dealer()
         poller = zmq.Poller()
@@ -161,12 +200,19 @@ class FeedReader:
                     )
                     # A fresh DEALER: requests queued to a vanished broker would answer late.
                     poller.unregister(dealer)
+                    self._unwatch(dealer)
                     dealer.close(linger=0)
                     dealer = self._dealer()
                     poller.register(dealer, zmq.POLLIN)
                     self._fail_pending("the broker was lost before it answered")
                 self._expire_pending(now)
+                refused = self._refused()
+                if refused is not None:
+                    log.warning("monitor_refused", reason=refused)
+                    self._post(LinkState("refused", time.time(), refused))
+                    break
         finally:
+            self._unwatch()
             sub.close(linger=0)
             dealer.close(linger=0)
 

@@ -46,7 +46,7 @@ class Tokens:
 class LinkState:
     """The state of the monitor's link to the broker's feed, posted on each change."""
 
-    state: str  # connecting | up | lost
+    state: str  # connecting | up | lost | refused (the broker refused our keys: final)
     since: float  # wall-clock time of the change
     reason: str = ""
 

@@ -50,7 +50,10 @@ class StatusLine(Widget):
         if v is None:
             return line
         snap = v.snapshot
-        if v.link.state == "lost":
+        if v.link.state == "refused":
+            line.append(" ✖ refused ", "bold white on red")
+            extras = [(f"  {v.link.reason}", "red")]
+        elif v.link.state == "lost":
             line.append(" ✖ broker lost ", "bold white on red")
             line.append(f" reconnecting… {max(0, v.now - v.link.since):.0f} s", "red")
             extras = [(f"  {v.link.reason}", "dim")]
