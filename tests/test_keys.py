@@ -4,16 +4,21 @@ real sockets on loopback; each refused peer gets a message that names the cause.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import re
+import select
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 import zmq
 
 from broker import messages as M
@@ -293,6 +298,66 @@ def test_the_monitor_feed_admits_client_and_admin_keys(cluster, keys, tmp_path, 
             assert next_update(updates, Snapshot).ready
     finally:
         reader.stop()
+
+
+def test_nothing_crosses_the_wire_in_clear(cluster, keys, checkpoints):
+    """A relay between a client and the broker records every byte: the ZMTP greeting names
+    the CURVE mechanism, and neither the prompt's token ids nor any header is readable."""
+    prompt = prompt_ids(84, length=16)
+    expected = reference_greedy(checkpoints["llama"], prompt, 4)
+    port = int(cluster.url.rsplit(":", 1)[1])
+    with _Relay(port) as relay, Client(relay.url, **_keys(keys, "alice")) as client:
+        result = client.generate(prompt, max_new_tokens=4, ignore_eos=True)
+    assert result.token_ids == expected
+    up, down = bytes(relay.up), bytes(relay.down)
+    assert up[:1] == b"\xff" and up[10:11] == b"\x03"  # a ZMTP 3 greeting
+    assert up[12:17] == b"CURVE" and down[12:17] == b"CURVE"
+    ids = torch.tensor(prompt, dtype=torch.int64).numpy().tobytes()
+    for needle in (ids, ids[:16], b"rid", b"STEP", b"fingerprint", b"float32"):
+        assert needle not in up and needle not in down, needle
+    assert len(up) > len(ids) and len(down) > 4 * 160  # the logits did travel
+
+
+class _Relay:
+    """A TCP relay on loopback that records the bytes of one connection, both ways."""
+
+    def __init__(self, target: int):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"tcp://127.0.0.1:{self.server.getsockname()[1]}"
+        self.target = target
+        self.up, self.down = bytearray(), bytearray()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.stopping = threading.Event()
+
+    def __enter__(self) -> _Relay:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+        self.server.close()
+
+    def _run(self) -> None:
+        self.server.settimeout(0.1)
+        conn = None
+        while conn is None and not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                conn, _ = self.server.accept()
+        if conn is None:
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.target))
+        pairs = {conn: (upstream, self.up), upstream: (conn, self.down)}
+        with conn, upstream:
+            while not self.stopping.is_set():
+                readable, _, _ = select.select(list(pairs), [], [], 0.1)
+                for sock in readable:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    other, record = pairs[sock]
+                    record.extend(data)
+                    other.sendall(data)
 
 
 class _raw:
