@@ -17,6 +17,7 @@ from broker.layermap import STRATEGIES
 from broker.messages import COMPUTE_DTYPES
 from broker.protocol import DEFAULT_LIMITS, feed_endpoint
 from broker.records import BrokerConfig
+from broker.tokenizer import tokenizer_bundle
 from common.checkpoint import CheckpointError, CheckpointMeta, read_checkpoint
 from common.defaults import DEFAULT_DEMO_DIR
 from common.logs import configure_logging
@@ -24,6 +25,8 @@ from common.models import builtin_model
 from common.text import ships_tokenizer
 
 D = BrokerConfig()
+# A TOKENIZER reply's chunk travels in one frame: 64 MiB, far under --max-frame-mb's default.
+MAX_CHUNK_KB = 64 << 10
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -130,6 +133,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="prompt chunk advised to clients in STATUS; 0 chooses from the stages' devices: "
         "128 tokens with any CPU stage, 1024 when every stage has an accelerator (default 0)",
     )
+    p.add_argument(
+        "--tokenizer-chunk-kb",
+        type=int,
+        default=D.tokenizer_chunk_bytes >> 10,
+        help="KiB of the tokenizer files per TOKENIZER reply (default %(default)s)",
+    )
     p.add_argument("--max-frame-mb", type=int, default=DEFAULT_LIMITS.max_frame_bytes >> 20)
     p.add_argument(
         "--admin-token", default=None, help="token that authorises DRAIN (admin) commands"
@@ -182,10 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         or args.forward_tokens < 1
         or args.batch_linger_ms < 0
         or args.prefill_chunk < 0
+        or not 1 <= args.tokenizer_chunk_kb <= MAX_CHUNK_KB
     ):
         print(
             "broker: --stage-window and --forward-tokens must be at least 1, "
-            "--batch-linger-ms and --prefill-chunk at least 0",
+            "--batch-linger-ms and --prefill-chunk at least 0, --tokenizer-chunk-kb in "
+            f"[1, {MAX_CHUNK_KB}]",
             file=sys.stderr,
         )
         return 2
@@ -206,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         seconds=round(time.perf_counter() - started, 3),
         file=str(table.file),
     )
+    tokenizer = tokenizer_bundle(checkpoint)
+    if tokenizer is not None:
+        log.info("tokenizer_served", bytes=len(tokenizer.data), files=list(tokenizer.files))
     feed = args.feed
     if feed is None:
         with contextlib.suppress(ValueError):  # an endpoint with no port to add one to: no feed
@@ -234,10 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         rebalance_cooldown_s=args.rebalance_cooldown,
         limits=dataclasses.replace(DEFAULT_LIMITS, max_frame_bytes=args.max_frame_mb << 20),
         admin_token=args.admin_token,
+        tokenizer_chunk_bytes=args.tokenizer_chunk_kb << 10,
         feed=None if feed == "none" else feed,
     )
     try:
-        broker = Broker(config, checkpoint)
+        broker = Broker(config, checkpoint, tokenizer=tokenizer)
     except BindError as e:
         print(f"broker: {e}", file=sys.stderr)
         return 2

@@ -31,8 +31,10 @@ from broker.protocol import Cmd
 from broker.records import BrokerConfig, ClientRecord, QueuedStep, Request, StageRecord
 from broker.recovery import Recovery
 from broker.routing import Routing
+from broker.tokenizer import TokenizerFiles
 from broker.views import Views
 from common.checkpoint import CheckpointMeta
+from common.tokenizer_files import Bundle
 
 log = structlog.get_logger("broker")
 
@@ -54,7 +56,7 @@ def bind(sock: zmq.Socket, endpoint: str, what: str, fix: str) -> None:
         ) from e
 
 
-class Broker(Membership, Clients, Routing, Recovery, Views):
+class Broker(Membership, Clients, Routing, Recovery, Views, TokenizerFiles):
     """The ROUTER loop. `run()` blocks; `stop()` may be called from a signal handler.
 
     Its handlers and paths live beside it, one concern to a module; the state is all here.
@@ -66,8 +68,10 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
         checkpoint: CheckpointMeta,
         context: zmq.Context | None = None,
         metrics: Metrics | None = None,
+        tokenizer: Bundle | None = None,
     ):
         self.config = config
+        self.tokenizer = tokenizer  # the checkpoint's tokenizer files, served to clients
         self.metrics = metrics or Metrics()
         self.checkpoint = checkpoint
         self.num_layers = checkpoint.num_layers
@@ -151,6 +155,7 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
             Cmd.STATUS: self.on_status,
             Cmd.JOBS: self.on_jobs,
             Cmd.DRAIN: self.on_drain,
+            Cmd.TOKENIZER: self.on_tokenizer,
         }
 
     # --- the loop ----------------------------------------------------------------------------

@@ -814,10 +814,16 @@ def test_checkpoint_without_a_tokenizer_takes_token_ids(tmp_path, model):
 
 
 @pytest.mark.timeout(60)
-def test_missing_checkpoint_directory_asks_for_a_tokenizer(broker, tmp_path):
+def test_checkpoint_elsewhere_without_a_served_tokenizer_takes_token_ids(broker, tmp_path):
+    """A broker whose checkpoint is not on this machine and that serves no tokenizer (STATUS
+    `tokenizer: null`) is asked for none: its client takes token ids, and says so for text."""
     broker.model_dir = tmp_path / "not-here"
-    with pytest.raises(Exception, match="tokenizer=PATH"):
-        make_client(broker)
+    with make_client(broker) as client:
+        assert client.tokenizer is None
+        with pytest.raises(ValueError, match="tokenizer=DIR"):
+            client.generate("text")
+        assert client.generate([3, 4], max_new_tokens=2).token_ids
+    assert broker.count(Cmd.TOKENIZER) == 0
 
 
 @pytest.mark.timeout(60)
