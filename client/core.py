@@ -285,6 +285,10 @@ def _timeout_error(req: Request, timeout: float) -> RequestTimeout:
 class Client(_Frontend):
     """Synchronous client. Connects (PING, STATUS, tokenizer) when constructed.
 
+    `tokenizer`: a directory or GGUF file, or a tokenizer object; by default the broker's
+    checkpoint where it is on this machine, else the files the broker serves (fetched once into
+    ~/.cache/layerline/tokenizers/, see client.tokenizer).
+
     One thread at a time: for concurrent requests from one process use AsyncClient.
     `idle_timeout`: seconds a stream may leave a token unread before its request is ended
     (StreamAbandoned; None: never). A sync client runs nothing between its calls, so the
