@@ -17,7 +17,7 @@ from broker.layermap import STRATEGIES
 from broker.messages import COMPUTE_DTYPES
 from broker.protocol import DEFAULT_LIMITS, feed_endpoint
 from broker.records import BrokerConfig
-from broker.tokenizer import tokenizer_bundle
+from broker.tokenizer import TokenizerSource
 from common.checkpoint import CheckpointError, CheckpointMeta, read_checkpoint
 from common.defaults import DEFAULT_DEMO_DIR
 from common.logs import configure_logging
@@ -217,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         seconds=round(time.perf_counter() - started, 3),
         file=str(table.file),
     )
-    tokenizer = tokenizer_bundle(checkpoint)
-    if tokenizer is not None:
-        log.info("tokenizer_served", bytes=len(tokenizer.data), files=list(tokenizer.files))
+    tokenizer = TokenizerSource(checkpoint)
+    if tokenizer.bundle is not None:
+        bundle = tokenizer.bundle
+        log.info("tokenizer_served", bytes=len(bundle.data), files=list(bundle.files))
     feed = args.feed
     if feed is None:
         with contextlib.suppress(ValueError):  # an endpoint with no port to add one to: no feed
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         broker = Broker(config, checkpoint, tokenizer=tokenizer)
     except BindError as e:
+        tokenizer.close()
         print(f"broker: {e}", file=sys.stderr)
         return 2
     if args.metrics_port is not None:
@@ -264,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"broker: cannot serve metrics on {args.metrics_addr}:{args.metrics_port}: {e}",
                 file=sys.stderr,
             )
+            tokenizer.close()
             return 2
         log.info("metrics_serving", url=f"http://{args.metrics_addr}:{args.metrics_port}/metrics")
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())

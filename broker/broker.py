@@ -31,10 +31,9 @@ from broker.protocol import Cmd
 from broker.records import BrokerConfig, ClientRecord, QueuedStep, Request, StageRecord
 from broker.recovery import Recovery
 from broker.routing import Routing
-from broker.tokenizer import TokenizerFiles
+from broker.tokenizer import TokenizerFiles, TokenizerSource
 from broker.views import Views
 from common.checkpoint import CheckpointMeta
-from common.tokenizer_files import Bundle
 
 log = structlog.get_logger("broker")
 
@@ -68,7 +67,7 @@ class Broker(Membership, Clients, Routing, Recovery, Views, TokenizerFiles):
         checkpoint: CheckpointMeta,
         context: zmq.Context | None = None,
         metrics: Metrics | None = None,
-        tokenizer: Bundle | None = None,
+        tokenizer: TokenizerSource | None = None,
     ):
         self.config = config
         self.tokenizer = tokenizer  # the checkpoint's tokenizer files, served to clients
@@ -181,6 +180,8 @@ class Broker(Membership, Clients, Routing, Recovery, Views, TokenizerFiles):
                 self.run_timers()
                 self.bury_unreachable()
         finally:
+            if self.tokenizer is not None:
+                self.tokenizer.close()
             self.socket.disable_monitor()
             self.monitor.close(linger=0)
             self.socket.close(linger=0)
@@ -276,6 +277,8 @@ class Broker(Membership, Clients, Routing, Recovery, Views, TokenizerFiles):
             self.linger_until = None
             if self.layer_map is not None and self.layer_map.ranges[0].name in self.stages:
                 self.dispatch(self.stages[self.layer_map.ranges[0].name])
+        if self.tokenizer is not None:
+            self.tokenizer.poll(now)
         if now >= self.next_feed and self.feed is not None:
             self.send_feed(self.status(active=True))
             self.next_feed = now + self.config.feed_interval_s

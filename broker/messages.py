@@ -511,10 +511,12 @@ class ActiveRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class TokenizerInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """The tokenizer bundle the broker serves (TOKENIZER): its SHA-256, size and files."""
+    """The tokenizer bundle the broker serves (TOKENIZER): its SHA-256, size and files; or
+    `preparing` while the broker exports it from a GGUF file (ask again)."""
 
-    sha256: str
-    size: Count
+    state: Literal["ready", "preparing"] = "ready"
+    sha256: str = ""
+    size: Count = 0
     files: tuple[str, ...] = ()
 
 

@@ -24,7 +24,7 @@ from client import checks
 from client.errors import ClientError, InvalidArgument, RequestTimeout
 from client.sampling import Sampler, check_sampling_args
 from client.session import GenerationResult, Request, as_json, check_prompt, encode_prompt
-from client.tokenizer import TokenizerFetch
+from client.tokenizer import PREPARE_POLL_S, PREPARE_WAIT_S, TokenizerFetch, preparing_too_long
 from client.transport import AsyncLink, SyncLink
 from common.defaults import (
     CLIENT_BROKER_TIMEOUT_S,
@@ -335,6 +335,13 @@ class Client(_Frontend):
         """`tokenizer`, or the cache directory of the broker's tokenizer where the client needs
         it fetched (TokenizerFetch.needed); fetched now unless the cache holds it."""
         fetch = TokenizerFetch.needed(status, tokenizer)
+        deadline = time.monotonic() + PREPARE_WAIT_S
+        while fetch is not None and fetch.preparing:
+            if time.monotonic() > deadline:
+                raise preparing_too_long(status)
+            time.sleep(PREPARE_POLL_S)
+            status = self._query(M.StatusQuery())
+            fetch = TokenizerFetch.needed(status, tokenizer)
         if fetch is None:
             return tokenizer
         if not fetch.cached():
@@ -517,6 +524,13 @@ class AsyncClient(_Frontend):
     async def _fetch_tokenizer(self, link: AsyncLink, status: M.Status) -> Any:
         """As Client._fetch_tokenizer, on the event loop; the disk work in a thread."""
         fetch = TokenizerFetch.needed(status, self._tokenizer_arg)
+        deadline = time.monotonic() + PREPARE_WAIT_S
+        while fetch is not None and fetch.preparing:
+            if time.monotonic() > deadline:
+                raise preparing_too_long(status)
+            await asyncio.sleep(PREPARE_POLL_S)
+            status = (await link.call(M.StatusQuery(), Cmd.STATUS, self.connect_timeout)).body
+            fetch = TokenizerFetch.needed(status, self._tokenizer_arg)
         if fetch is None:
             return self._tokenizer_arg
         if not await asyncio.to_thread(fetch.cached):

@@ -24,6 +24,19 @@ from common.tokenizer_files import (
     unpack,
 )
 
+# While a broker exports its GGUF file's tokenizer (STATUS `tokenizer.state: preparing`, at its
+# first start on that file: 16 to 26 s for SmolLM2 on a 2-core VM), a new client asks STATUS
+# again every PREPARE_POLL_S, for at most PREPARE_WAIT_S.
+PREPARE_POLL_S = 0.5
+PREPARE_WAIT_S = 120.0
+
+
+def preparing_too_long(status: M.Status) -> ClientError:
+    return ClientError(
+        f"the broker has been exporting its checkpoint's tokenizer for over {PREPARE_WAIT_S:g} "
+        "s; see its log (tokenizer_not_served), or pass tokenizer=PATH (--tokenizer PATH)"
+    )
+
 
 class TokenizerFetch:
     """One fetch of the bundle STATUS names into `directory`."""
@@ -47,6 +60,11 @@ class TokenizerFetch:
         if Path(status.model).expanduser().exists():
             return None
         return cls(status.tokenizer, cache_dir(status.fingerprint or status.tokenizer.sha256))
+
+    @property
+    def preparing(self) -> bool:
+        """The broker is still exporting the files: ask STATUS again (PREPARE_POLL_S)."""
+        return self.info.state == "preparing"
 
     def cached(self) -> bool:
         """Whether the cache already holds the bundle (its files, unchanged)."""

@@ -151,21 +151,30 @@ def test_client_fetches_caches_and_refetches_a_corrupt_copy(tmp_path, hidden, mo
 
 @pytest.mark.timeout(240)
 def test_gguf_tokenizer_is_exported_once_and_served(tmp_path, hidden, monkeypatch):
-    """A GGUF checkpoint's tokenizer is exported as files beside it at the broker's first start
-    (the GGUF file itself is never shipped), reused at the next, and fetched by the client."""
+    """A GGUF checkpoint's tokenizer is exported as files beside it, by a subprocess that runs
+    while the broker already serves, at its first start on the file (the GGUF file itself is
+    never shipped); reused at the next start; fetched by the client."""
     gguf = hidden.serve(make_gguf("llama", tmp_path / "tiny.gguf"))
     use_cache(monkeypatch, tmp_path / "broker-cache")
     with Cluster(gguf, 1) as cluster:
-        info = cluster.wait_ready()["tokenizer"]
+        # Until the export is done, TOKENIZER is answered busy, and STATUS says preparing.
+        answer = ask(cluster.url, M.TokenizerQuery())
+        if answer.cmd == Cmd.ERROR:
+            assert answer.body.code == Code.BUSY and answer.body.retry_after_s == 1.0
+            assert "exporting the tokenizer of tiny.gguf" in answer.body.message
+        else:
+            assert cluster.status()["tokenizer"]["state"] == "ready"
+        exported = lambda s: s["tokenizer"] is None or s["tokenizer"]["state"] == "ready"  # noqa: E731
+        info = cluster.wait_for(exported, 120, "the tokenizer's export")["tokenizer"]
+        assert info is not None
     exported = [p for p in gguf.parent.iterdir() if p.is_dir()]
-    assert [p.name for p in exported] == [
-        f"{gguf.name}.layerline-tokenizer-{read_checkpoint(gguf).fingerprint}"
-    ]
+    fingerprint = read_checkpoint(gguf).fingerprint
+    assert [p.name for p in exported] == [f"{gguf.name}.layerline-tokenizer-{fingerprint}"]
     assert info["size"] < gguf.stat().st_size and "tokenizer.json" in info["files"]
     stamp = exported[0].stat().st_mtime_ns
     with Cluster(gguf, 1) as cluster:
-        assert cluster.wait_ready()["tokenizer"] == info
-        assert exported[0].stat().st_mtime_ns == stamp  # not exported again
+        assert cluster.status()["tokenizer"] == info  # at once: not exported again
+        assert exported[0].stat().st_mtime_ns == stamp
         moved = hidden.hide()
         local = AutoTokenizer.from_pretrained(moved, gguf_file=gguf.name, local_files_only=True)
         use_cache(monkeypatch, tmp_path / "client-cache")
