@@ -9,8 +9,11 @@ a cache of its own (XDG_CACHE_HOME). Real processes and sockets throughout.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,9 +30,17 @@ from stage.demo_model import ensure_demo_model
 from tests.cluster import Cluster
 from tests.tiny_gguf import make_gguf
 
+REPO = Path(__file__).resolve().parents[1]
 CHUNK_KB = 16  # the demo tokenizer's bundle (125 KiB) takes 8 chunks
 TEXT = "The quick brown fox jumps over the lazy dog."
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+
+
+def run_cli(url: str, cache: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m client --json ...` in a process of its own, with its own cache."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "client", "--broker", url, "--json", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
 
 def served_bytes(cluster: Cluster) -> int:
@@ -141,11 +152,28 @@ def test_client_fetches_caches_and_refetches_a_corrupt_copy(tmp_path, hidden, mo
         assert asyncio.run(async_ids()) == local(TEXT)["input_ids"]
         assert served_bytes(cluster) == asked + 3 * size
 
+        # The command line fetches too; a cache it cannot write is one line of error.
+        cli = run_cli(
+            cluster.url, tmp_path / "cache-cli", "--prompt", TEXT, "--max-new-tokens", "1"
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert json.loads(cli.stdout)["prompt_tokens"] == len(local(TEXT)["input_ids"])
+        assert served_bytes(cluster) == asked + 4 * size
+        (tmp_path / "not-a-dir").write_text("")
+        cli = run_cli(cluster.url, tmp_path / "not-a-dir", "--prompt", TEXT)
+        assert cli.returncode == 1 and cli.stdout == ""
+        assert cli.stderr.startswith("error: cannot cache the broker's tokenizer in ")
+        assert "set XDG_CACHE_HOME to a writable directory" in cli.stderr
+        assert len(cli.stderr.splitlines()) == 1
+        # It fetched the bundle before it found it could not write it.
+        assert served_bytes(cluster) == asked + 5 * size
+        asked = served_bytes(cluster)
+
         # --tokenizer stays an override: nothing fetched, the given files used.
         use_cache(monkeypatch, tmp_path / "cache-c")
         with Client(cluster.url, tokenizer=str(moved)) as client:
             assert client.tokenizer(TEXT)["input_ids"] == local(TEXT)["input_ids"]
-        assert served_bytes(cluster) == asked + 3 * size
+        assert served_bytes(cluster) == asked
         assert not (tmp_path / "cache-c").exists()
 
 
