@@ -24,7 +24,8 @@ from broker import messages as M
 from broker import protocol as P
 from broker.protocol import Cmd, Code
 from client import AsyncClient, Client
-from common.checkpoint import read_checkpoint
+from common.checkpoint import CheckpointError, read_checkpoint
+from common.models import builtin_model
 from common.tokenizer_files import BundleError, cache_dir, pack, unpack
 from stage.demo_model import ensure_demo_model
 from tests.cluster import Cluster
@@ -241,3 +242,43 @@ def test_bundles_are_deterministic_and_checked():
     for name in ("../x", "a/b", ""):
         with pytest.raises(BundleError, match="plain file name"):
             pack({name: b""})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_builtin_model_tokenizer_and_chat_template_are_served(tmp_path, hidden, monkeypatch):
+    """SmolLM2's GGUF file (a copy, so that nothing is written beside the installed one): its
+    tokenizer and chat template reach a client that cannot see the file, as they load from it.
+    A broker with no stage serves them."""
+    try:
+        builtin = builtin_model()
+    except CheckpointError as e:
+        pytest.skip(str(e))
+    gguf = hidden.serve(builtin)
+    use_cache(monkeypatch, tmp_path / "broker-cache")
+    cluster = Cluster(gguf, 0)
+    try:
+        cluster.start_broker()
+        exported = lambda s: s["tokenizer"] is None or s["tokenizer"]["state"] == "ready"  # noqa: E731
+        info = cluster.wait_for(exported, 240, "the tokenizer's export")["tokenizer"]
+        assert info is not None and info["size"] < 8 << 20
+        moved = hidden.hide()
+        local = AutoTokenizer.from_pretrained(moved, gguf_file=gguf.name, local_files_only=True)
+        use_cache(monkeypatch, tmp_path / "client-cache")
+        with Client(cluster.url) as client:
+            assert served_bytes(cluster) == info["size"]
+            assert client.tokenizer(TEXT)["input_ids"] == local(TEXT)["input_ids"]
+            rendered = client.tokenizer.apply_chat_template(
+                CHAT, add_generation_prompt=True, tokenize=False
+            )
+            assert rendered == local.apply_chat_template(
+                CHAT, add_generation_prompt=True, tokenize=False
+            )
+            assert client.model.eos_ids == {local.eos_token_id, *_ids(cluster)}
+    finally:
+        cluster.close()
+
+
+def _ids(cluster: Cluster) -> set[int]:
+    eos = cluster.status()["eos_token_id"]
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
