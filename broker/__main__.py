@@ -19,6 +19,7 @@ from broker.layermap import STRATEGIES
 from broker.messages import COMPUTE_DTYPES
 from broker.protocol import DEFAULT_LIMITS, feed_endpoint
 from broker.records import BrokerConfig
+from broker.tokenizer import TokenizerSource
 from common.checkpoint import CheckpointError, CheckpointMeta, read_checkpoint
 from common.defaults import DEFAULT_DEMO_DIR
 from common.keys import BROKER_NAME, PRIVATE_DIR, ROLE_DIRS, KeyFileError, ServerKeys
@@ -27,6 +28,8 @@ from common.models import builtin_model
 from common.text import ships_tokenizer
 
 D = BrokerConfig()
+# A TOKENIZER reply's chunk travels in one frame: 64 MiB, far under --max-frame-mb's default.
+MAX_CHUNK_KB = 64 << 10
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -132,6 +135,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=D.prefill_chunk,
         help="prompt chunk advised to clients in STATUS; 0 chooses from the stages' devices: "
         "128 tokens with any CPU stage, 1024 when every stage has an accelerator (default 0)",
+    )
+    p.add_argument(
+        "--tokenizer-chunk-kb",
+        type=int,
+        default=D.tokenizer_chunk_bytes >> 10,
+        help="KiB of the tokenizer files per TOKENIZER reply (default %(default)s)",
     )
     p.add_argument("--max-frame-mb", type=int, default=DEFAULT_LIMITS.max_frame_bytes >> 20)
     p.add_argument(
@@ -245,10 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         or args.forward_tokens < 1
         or args.batch_linger_ms < 0
         or args.prefill_chunk < 0
+        or not 1 <= args.tokenizer_chunk_kb <= MAX_CHUNK_KB
     ):
         print(
             "broker: --stage-window and --forward-tokens must be at least 1, "
-            "--batch-linger-ms and --prefill-chunk at least 0",
+            "--batch-linger-ms and --prefill-chunk at least 0, --tokenizer-chunk-kb in "
+            f"[1, {MAX_CHUNK_KB}]",
             file=sys.stderr,
         )
         return 2
@@ -269,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         seconds=round(time.perf_counter() - started, 3),
         file=str(table.file),
     )
+    tokenizer = TokenizerSource(checkpoint)
+    if tokenizer.bundle is not None:
+        bundle = tokenizer.bundle
+        log.info("tokenizer_served", bytes=len(bundle.data), files=list(bundle.files))
     feed = args.feed
     if feed is None:
         with contextlib.suppress(ValueError):  # an endpoint with no port to add one to: no feed
@@ -297,13 +312,15 @@ def main(argv: list[str] | None = None) -> int:
         rebalance_cooldown_s=args.rebalance_cooldown,
         limits=dataclasses.replace(DEFAULT_LIMITS, max_frame_bytes=args.max_frame_mb << 20),
         admin_token=args.admin_token,
+        tokenizer_chunk_bytes=args.tokenizer_chunk_kb << 10,
         feed=None if feed == "none" else feed,
         keys=keys,
         insecure=keys is None and not is_loopback(args.bind),
     )
     try:
-        broker = Broker(config, checkpoint)
+        broker = Broker(config, checkpoint, tokenizer=tokenizer)
     except BindError as e:
+        tokenizer.close()
         print(f"broker: {e}", file=sys.stderr)
         return 2
     if args.metrics_port is not None:
@@ -314,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"broker: cannot serve metrics on {args.metrics_addr}:{args.metrics_port}: {e}",
                 file=sys.stderr,
             )
+            tokenizer.close()
             return 2
         log.info("metrics_serving", url=f"http://{args.metrics_addr}:{args.metrics_port}/metrics")
     if config.insecure:

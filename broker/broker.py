@@ -32,6 +32,7 @@ from broker.protocol import Cmd
 from broker.records import BrokerConfig, ClientRecord, QueuedStep, Request, StageRecord
 from broker.recovery import Recovery
 from broker.routing import Routing
+from broker.tokenizer import TokenizerFiles, TokenizerSource
 from broker.views import Views
 from common.checkpoint import CheckpointMeta
 
@@ -55,7 +56,7 @@ def bind(sock: zmq.Socket, endpoint: str, what: str, fix: str) -> None:
         ) from e
 
 
-class Broker(Membership, Clients, Routing, Recovery, Views):
+class Broker(Membership, Clients, Routing, Recovery, Views, TokenizerFiles):
     """The ROUTER loop. `run()` blocks; `stop()` may be called from a signal handler.
 
     Its handlers and paths live beside it, one concern to a module; the state is all here.
@@ -67,8 +68,10 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
         checkpoint: CheckpointMeta,
         context: zmq.Context | None = None,
         metrics: Metrics | None = None,
+        tokenizer: TokenizerSource | None = None,
     ):
         self.config = config
+        self.tokenizer = tokenizer  # the checkpoint's tokenizer files, served to clients
         self.metrics = metrics or Metrics()
         self.checkpoint = checkpoint
         self.num_layers = checkpoint.num_layers
@@ -161,6 +164,7 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
             Cmd.STATUS: self.on_status,
             Cmd.JOBS: self.on_jobs,
             Cmd.DRAIN: self.on_drain,
+            Cmd.TOKENIZER: self.on_tokenizer,
         }
 
     # --- the loop ----------------------------------------------------------------------------
@@ -186,6 +190,8 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
                 self.run_timers()
                 self.bury_unreachable()
         finally:
+            if self.tokenizer is not None:
+                self.tokenizer.close()
             self.socket.disable_monitor()
             self.monitor.close(linger=0)
             self.socket.close(linger=0)
@@ -299,6 +305,8 @@ class Broker(Membership, Clients, Routing, Recovery, Views):
             self.linger_until = None
             if self.layer_map is not None and self.layer_map.ranges[0].name in self.stages:
                 self.dispatch(self.stages[self.layer_map.ranges[0].name])
+        if self.tokenizer is not None:
+            self.tokenizer.poll(now)
         if now >= self.next_feed and self.feed is not None:
             self.send_feed(self.status(active=True))
             self.next_feed = now + self.config.feed_interval_s

@@ -40,6 +40,7 @@ class Cmd(enum.IntEnum):
     DRAIN = 0x17  # M->B admin: drain this stage (needs the admin token)
     STEPS = 0x18  # C->B several STEPs in one message (the next steps of many requests)
     RESULTS = 0x19  # B->C several RESULTs in one message (a group's logits for one client)
+    TOKENIZER = 0x1A  # C->B a chunk of the checkpoint's tokenizer files; B replies TOKENIZER
 
 
 class Code(enum.StrEnum):
@@ -64,6 +65,7 @@ class Code(enum.StrEnum):
     REPLAY_LIMIT = "replay_limit"  # the request was replayed too often
     NON_FINITE = "non_finite"  # a stage computed NaN or infinity for this request
     UNAUTHORIZED = "unauthorized"
+    NO_TOKENIZER = "no_tokenizer"  # TOKENIZER asked of a checkpoint that has none
     INTERNAL = "internal"
 
 
@@ -93,7 +95,7 @@ Seconds = Annotated[float, Meta(ge=0)]
 # prefix_hash values are 63 bits, so they fit a JSON integer.
 PrefixHash = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
 Dim = Annotated[int, Meta(ge=0, lt=1 << 31)]
-DType = Literal["float32", "float16", "bfloat16", "int64", "int32"]
+DType = Literal["float32", "float16", "bfloat16", "int64", "int32", "uint8"]
 ComputeDType = Literal["float32", "bfloat16", "float16"]
 
 # Bytes per element of each dtype a tensor frame may carry. The broker checks frame lengths
@@ -104,6 +106,7 @@ DTYPE_SIZES: dict[str, int] = {
     "bfloat16": 2,
     "int64": 8,
     "int32": 4,
+    "uint8": 1,  # raw bytes: a chunk of the tokenizer files
 }
 
 
@@ -127,6 +130,11 @@ class TensorDesc(msgspec.Struct, frozen=True):
         for d in self.shape:
             n *= d
         return n
+
+
+def bytes_desc(n: int) -> TensorDesc:
+    """The descriptor of a frame of `n` raw bytes."""
+    return TensorDesc("uint8", (n,))
 
 
 class Body(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -373,6 +381,13 @@ class JobsQuery(Body, frozen=True, kw_only=True, omit_defaults=True):
     cmd = Cmd.JOBS
 
 
+class TokenizerQuery(Body, frozen=True, kw_only=True, omit_defaults=True):
+    """The chunk of the tokenizer bundle that starts at byte `offset`."""
+
+    cmd = Cmd.TOKENIZER
+    offset: Count = 0
+
+
 class Drain(Body, frozen=True, kw_only=True, omit_defaults=True):
     """Admin: drain `stage` as SIGTERM would; needs the broker's admin token."""
 
@@ -425,6 +440,16 @@ class Event(Body, frozen=True, kw_only=True, omit_defaults=False):
     cause: str | None = None
     old_map: tuple[MapRange, ...] = ()
     new_map: tuple[MapRange, ...] = ()
+
+
+class TokenizerChunk(Body, frozen=True, kw_only=True, omit_defaults=True):
+    """Bytes `[offset, offset + n)` of the tokenizer bundle named `sha256`, of `size` bytes in
+    all: one uint8 `[n]` frame follows (`n` is 0 at the end)."""
+
+    cmd = Cmd.TOKENIZER
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+    size: Count
+    offset: Count
 
 
 class Pong(Body, frozen=True, kw_only=True, omit_defaults=True):
@@ -485,6 +510,16 @@ class ActiveRequest(msgspec.Struct, frozen=True, kw_only=True):
     tokens_per_s: float = 0.0
 
 
+class TokenizerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """The tokenizer bundle the broker serves (TOKENIZER): its SHA-256, size and files; or
+    `preparing` while the broker exports it from a GGUF file (ask again)."""
+
+    state: Literal["ready", "preparing"] = "ready"
+    sha256: str = ""
+    size: Count = 0
+    files: tuple[str, ...] = ()
+
+
 class Status(Body, frozen=True, kw_only=True, omit_defaults=False):
     """The cluster as the broker sees it: the STATUS reply, and the feed's `stats`."""
 
@@ -497,6 +532,7 @@ class Status(Body, frozen=True, kw_only=True, omit_defaults=False):
     stages: tuple[StageStatus, ...] = ()
     model: str = ""
     fingerprint: str = ""
+    tokenizer: TokenizerInfo | None = None  # None: the checkpoint has none, send token ids
     max_position_embeddings: Count = 0
     eos_token_id: int | list[int] | None = None
     vocab_size: int | None = None

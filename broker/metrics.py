@@ -111,6 +111,11 @@ class Metrics:
             "Messages the broker could not send (peer gone or its queue full)",
             registry=r,
         )
+        self.tokenizer_bytes = Counter(
+            "layerline_tokenizer_bytes_total",
+            "Bytes of the tokenizer bundle sent to clients (TOKENIZER)",
+            registry=r,
+        )
         self.active_requests = Gauge(
             "layerline_active_requests", "Requests in progress", registry=r
         )
@@ -139,6 +144,7 @@ class Metrics:
             "busy": self.busy,
             "handshake_refusals": self.handshake_refusals,
             "role_refusals": self.role_refusals,
+            "tokenizer_bytes": self.tokenizer_bytes,
         }
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:

@@ -57,6 +57,7 @@ INBOUND: dict[bytes, dict[Cmd, type[Body]]] = {
         Cmd.PING: M.Ping,
         Cmd.STATUS: M.StatusQuery,
         Cmd.JOBS: M.JobsQuery,
+        Cmd.TOKENIZER: M.TokenizerQuery,
     },
     MONITOR_TAG: {
         Cmd.PING: M.Ping,
@@ -82,6 +83,7 @@ OUTBOUND: dict[bytes, dict[Cmd, type[Body]]] = {
         Cmd.PONG: M.Pong,
         Cmd.STATUS: M.Status,
         Cmd.JOBS: M.Jobs,
+        Cmd.TOKENIZER: M.TokenizerChunk,
         Cmd.ERROR: M.Error,
     },
     MONITOR_TAG: {
@@ -258,6 +260,10 @@ def _check_layout(cmd: Cmd, body: Any, descs: Sequence[TensorDesc]) -> None:
                 f"STEP carries one int64 tensor of shape [1, {body.n}]",
                 ids_of(body),
             )
+    elif isinstance(body, M.TokenizerChunk) and (
+        len(descs) != 1 or descs[0].dtype != "uint8" or len(descs[0].shape) != 1
+    ):
+        raise ProtocolError(Code.BAD_REQUEST, "a TOKENIZER reply carries one uint8 [n] frame")
     elif isinstance(body, M.StepResult) and len(descs) != 1:
         raise ProtocolError(
             Code.TENSOR_MISMATCH, "a RESULT to a client carries one logits tensor", ids_of(body)

@@ -9,6 +9,7 @@ from broker import messages as M
 from broker import protocol as P
 from common.defaults import DEAD_AFTER_S, DEFAULT_BROKER, HEARTBEAT_S, MAX_REPLAYS
 from common.keys import ServerKeys
+from common.tokenizer_files import CHUNK_BYTES
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class BrokerConfig:
     rebalance_cooldown_s: float = 5.0
     history: int = 256
     limits: P.Limits = P.DEFAULT_LIMITS
+    # Bytes of the tokenizer bundle per TOKENIZER reply (common.tokenizer_files.CHUNK_BYTES).
+    tokenizer_chunk_bytes: int = CHUNK_BYTES
     admin_token: str | None = None
     # CURVE: the broker's certificate and the keys it allows by role (None: no encryption, for
     # loopback, or off it with `insecure`).

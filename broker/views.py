@@ -69,6 +69,7 @@ class Views:
             stages=tuple(self.stage_status(s, now) for s in self.stages.values()),
             model=str(Path(self.checkpoint.path).resolve()),
             fingerprint=self.checkpoint.fingerprint,
+            tokenizer=self.tokenizer.info() if self.tokenizer is not None else None,
             max_position_embeddings=self.max_positions,
             eos_token_id=cfg.get("eos_token_id"),
             vocab_size=cfg.get("vocab_size"),

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer",
         default=None,
         metavar="PATH",
-        help="local tokenizer: a directory, or a GGUF file (default: the broker's checkpoint)",
+        help="local tokenizer: a directory, or a GGUF file (default: the broker's checkpoint where "
+        "it is on this machine, else the files the broker serves, cached)",
     )
     return parser
 

@@ -24,6 +24,7 @@ from client import checks
 from client.errors import ClientError, InvalidArgument, RequestTimeout
 from client.sampling import Sampler, check_sampling_args
 from client.session import GenerationResult, Request, as_json, check_prompt, encode_prompt
+from client.tokenizer import PREPARE_POLL_S, PREPARE_WAIT_S, TokenizerFetch, preparing_too_long
 from client.transport import AsyncLink, SyncLink
 from common.defaults import (
     CLIENT_BROKER_TIMEOUT_S,
@@ -136,10 +137,7 @@ def _load_tokenizer(tokenizer: Any, status: M.Status) -> tuple[Any, Path | None]
     if not path.exists():
         if tokenizer is not None:
             raise ClientError(f"tokenizer {path} does not exist")
-        raise ClientError(
-            f"the broker serves the checkpoint {str(path)!r}, which is not on this machine; "
-            "pass tokenizer=PATH (--tokenizer PATH) with a local copy of its tokenizer"
-        )
+        return None, None  # a checkpoint elsewhere that serves no tokenizer: token ids only
     local = path.parent if path.is_file() else path
     source = tokenizer_source(path)
     if source is None:
@@ -303,6 +301,10 @@ def _timeout_error(req: Request, timeout: float) -> RequestTimeout:
 class Client(_Frontend):
     """Synchronous client. Connects (PING, STATUS, tokenizer) when constructed.
 
+    `tokenizer`: a directory or GGUF file, or a tokenizer object; by default the broker's
+    checkpoint where it is on this machine, else the files the broker serves (fetched once into
+    ~/.cache/layerline/tokenizers/, see client.tokenizer).
+
     One thread at a time: for concurrent requests from one process use AsyncClient.
     `idle_timeout`: seconds a stream may leave a token unread before its request is ended
     (StreamAbandoned; None: never). A sync client runs nothing between its calls, so the
@@ -340,13 +342,33 @@ class Client(_Frontend):
         self._link = SyncLink(self.broker, **self._link_args)
         try:
             self._link.connect(connect_timeout)
-            self._configure(self._query(M.StatusQuery()), tokenizer)
+            status = self._query(M.StatusQuery())
+            self._configure(status, self._fetch_tokenizer(status, tokenizer))
         except BaseException:
             self._link.close()
             raise
 
     def _query(self, query: M.StatusQuery | M.JobsQuery) -> Any:
         return self._link.call(query, query.cmd, self.connect_timeout).body
+
+    def _fetch_tokenizer(self, status: M.Status, tokenizer: Any) -> Any:
+        """`tokenizer`, or the cache directory of the broker's tokenizer where the client needs
+        it fetched (TokenizerFetch.needed); fetched now unless the cache holds it."""
+        fetch = TokenizerFetch.needed(status, tokenizer)
+        deadline = time.monotonic() + PREPARE_WAIT_S
+        while fetch is not None and fetch.preparing:
+            if time.monotonic() > deadline:
+                raise preparing_too_long(status)
+            time.sleep(PREPARE_POLL_S)
+            status = self._query(M.StatusQuery())
+            fetch = TokenizerFetch.needed(status, tokenizer)
+        if fetch is None:
+            return tokenizer
+        if not fetch.cached():
+            while (query := fetch.next_query()) is not None:
+                fetch.take(self._link.call(query, query.cmd, self.connect_timeout))
+            fetch.install()
+        return fetch.directory
 
     def status(self) -> dict:
         """The broker's STATUS reply, as JSON: readiness, epoch, layer map, stages, model."""
@@ -515,12 +537,31 @@ class AsyncClient(_Frontend):
             link = AsyncLink(self.broker, **self._link_args)
             try:
                 await link.connect(self.connect_timeout)
-                reply = await link.call(M.StatusQuery(), Cmd.STATUS, self.connect_timeout)
-                await asyncio.to_thread(self._configure, reply.body, self._tokenizer_arg)
+                status = (await link.call(M.StatusQuery(), Cmd.STATUS, self.connect_timeout)).body
+                tokenizer = await self._fetch_tokenizer(link, status)
+                await asyncio.to_thread(self._configure, status, tokenizer)
             except BaseException:
                 await link.close()
                 raise
             self._link = link
+
+    async def _fetch_tokenizer(self, link: AsyncLink, status: M.Status) -> Any:
+        """As Client._fetch_tokenizer, on the event loop; the disk work in a thread."""
+        fetch = TokenizerFetch.needed(status, self._tokenizer_arg)
+        deadline = time.monotonic() + PREPARE_WAIT_S
+        while fetch is not None and fetch.preparing:
+            if time.monotonic() > deadline:
+                raise preparing_too_long(status)
+            await asyncio.sleep(PREPARE_POLL_S)
+            status = (await link.call(M.StatusQuery(), Cmd.STATUS, self.connect_timeout)).body
+            fetch = TokenizerFetch.needed(status, self._tokenizer_arg)
+        if fetch is None:
+            return self._tokenizer_arg
+        if not await asyncio.to_thread(fetch.cached):
+            while (query := fetch.next_query()) is not None:
+                fetch.take(await link.call(query, query.cmd, self.connect_timeout))
+            await asyncio.to_thread(fetch.install)
+        return fetch.directory
 
     async def _query(self, query: M.StatusQuery | M.JobsQuery) -> Any:
         await self.connect()

@@ -42,11 +42,13 @@ from client import (
     BrokerUnreachable,
     BusyError,
     Client,
+    ClientError,
     NotReadyError,
     RequestFailed,
     RequestTimeout,
 )
 from common.text import TextAssembler
+from common.tokenizer_files import SHIPPED_FILES, Bundle, pack, read_directory
 from stage.adapters import new_request_cache
 from stage.demo_model import ensure_demo_model
 from tests.tiny_models import cache_kwargs
@@ -103,6 +105,10 @@ class FakeBroker(threading.Thread):
         self.failures: list[str] = []  # protocol violations seen; tests assert it stays empty
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
+        # The tokenizer it serves: STATUS says each of `tokenizer_states` in turn (the last one
+        # from then on), and TOKENIZER answers with chunks of `bundle`.
+        self.bundle: Bundle | None = None
+        self.tokenizer_states: list[str] = []
 
     # --- views for assertions ----------------------------------------------------------------
 
@@ -176,6 +182,12 @@ class FakeBroker(threading.Thread):
         elif msg.cmd == Cmd.JOBS:
             job = M.Job(rid="x-1", outcome="done", steps=3, tokens=2, replays=0, duration_s=0.1)
             self.send(ident, M.Jobs(jobs=(job,)))
+        elif msg.cmd == Cmd.TOKENIZER:
+            data, at = self.bundle.data, msg.body.offset
+            chunk = M.TokenizerChunk(sha256=self.bundle.sha256, size=len(data), offset=at)
+            self.send(
+                ident, chunk, [(M.bytes_desc(len(data[at : at + 1000])), data[at : at + 1000])]
+            )
         elif msg.cmd == Cmd.STEP:
             ids = msg.tensor(0).reshape(-1).tolist()
             if self.hook is not None and self.hook(self, ident, msg.body, ids):
@@ -217,6 +229,7 @@ class FakeBroker(threading.Thread):
             stages=stages,
             model=str(self.model_dir),
             fingerprint="fake",
+            tokenizer=self.tokenizer_info(),
             max_position_embeddings=2048,
             eos_token_id=EOS,
             vocab_size=2048,
@@ -227,6 +240,16 @@ class FakeBroker(threading.Thread):
             pid=1,
             ts=0.0,
         )
+
+    def tokenizer_info(self) -> M.TokenizerInfo | None:
+        if not self.tokenizer_states:
+            return None
+        states = self.tokenizer_states
+        state = states.pop(0) if len(states) > 1 else states[0]
+        if state == "preparing":
+            return M.TokenizerInfo(state="preparing")
+        b = self.bundle
+        return M.TokenizerInfo(sha256=b.sha256, size=len(b.data), files=b.files)
 
     def error(self, ident: bytes, step: M.Step, code: Code, message: str, **extra) -> None:
         self.send(ident, P.error(code, message, about=step, **extra))
@@ -814,10 +837,54 @@ def test_checkpoint_without_a_tokenizer_takes_token_ids(tmp_path, model):
 
 
 @pytest.mark.timeout(60)
-def test_missing_checkpoint_directory_asks_for_a_tokenizer(broker, tmp_path):
+def test_checkpoint_elsewhere_without_a_served_tokenizer_takes_token_ids(broker, tmp_path):
+    """A broker whose checkpoint is not on this machine and that serves no tokenizer (STATUS
+    `tokenizer: null`) is asked for none: its client takes token ids, and says so for text."""
     broker.model_dir = tmp_path / "not-here"
-    with pytest.raises(Exception, match="tokenizer=PATH"):
+    with make_client(broker) as client:
+        assert client.tokenizer is None
+        with pytest.raises(ValueError, match="tokenizer=DIR"):
+            client.generate("text")
+        assert client.generate([3, 4], max_new_tokens=2).token_ids
+    assert broker.count(Cmd.TOKENIZER) == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_client_waits_while_the_broker_exports_its_tokenizer(
+    broker, tokenizer, tmp_path, monkeypatch, kind
+):
+    """STATUS `tokenizer.state: preparing` (a broker exporting a GGUF file's tokenizer): the
+    client asks STATUS again until the bundle is ready, then fetches it (1000-byte chunks)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    broker.bundle = pack(read_directory(broker.model_dir, SHIPPED_FILES))
+    broker.model_dir = tmp_path / "not-here"
+    broker.tokenizer_states = ["preparing", "preparing", "ready"]
+
+    async def async_ids() -> list[int]:
+        async with AsyncClient(broker.url, connect_timeout=5.0) as client:
+            return client.tokenizer(PROMPT)["input_ids"]
+
+    if kind == "sync":
+        with make_client(broker) as client:
+            ids = client.tokenizer(PROMPT)["input_ids"]
+    else:
+        ids = asyncio.run(async_ids())
+    assert ids == tokenizer(PROMPT)["input_ids"]
+    assert broker.count(Cmd.STATUS) == 3
+    assert broker.count(Cmd.TOKENIZER) == -(-len(broker.bundle.data) // 1000)
+
+
+@pytest.mark.timeout(60)
+def test_client_gives_up_on_an_export_that_never_ends(broker, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("client.core.PREPARE_WAIT_S", 1.0)
+    monkeypatch.setattr("client.tokenizer.PREPARE_WAIT_S", 1.0)
+    broker.model_dir = tmp_path / "not-here"
+    broker.tokenizer_states = ["preparing"]
+    with pytest.raises(ClientError, match="exporting its checkpoint's tokenizer for over 1 s"):
         make_client(broker)
+    assert broker.count(Cmd.TOKENIZER) == 0
 
 
 @pytest.mark.timeout(60)

@@ -64,6 +64,10 @@ EXAMPLES: dict[tuple[bytes, bool, Cmd], M.Body] = {
     (P.CLIENT_TAG, True, Cmd.PING): M.Ping(),
     (P.CLIENT_TAG, True, Cmd.STATUS): M.StatusQuery(),
     (P.CLIENT_TAG, True, Cmd.JOBS): M.JobsQuery(),
+    (P.CLIENT_TAG, True, Cmd.TOKENIZER): M.TokenizerQuery(offset=4096),
+    (P.CLIENT_TAG, False, Cmd.TOKENIZER): M.TokenizerChunk(
+        sha256="ab" * 32, size=9000, offset=4096
+    ),
     (P.CLIENT_TAG, False, Cmd.RESULT): M.StepResult(
         rid="r1",
         seq=2,
@@ -92,6 +96,7 @@ EXAMPLES: dict[tuple[bytes, bool, Cmd], M.Body] = {
         stages=(M.StageStatus(name="s0", state="busy", start=0, end=2, p50_s=0.01),),
         events=(M.ClusterEvent(ts=1.0, kind="join", epoch=5, stage="s0", host="h"),),
         counters={"malformed": 1},
+        tokenizer=M.TokenizerInfo(sha256="cd" * 32, size=9000, files=("tokenizer.json",)),
     ),
     (P.CLIENT_TAG, False, Cmd.JOBS): M.Jobs(
         jobs=(M.Job(rid="r1", outcome="done", tokens=3, events=(M.JobEvent(event="replay"),)),)
@@ -114,6 +119,7 @@ def test_every_message_round_trips_as_its_struct(key):
         (True, Cmd.STEP): [torch.zeros(1, 1, dtype=torch.int64)],
         (False, Cmd.FORWARD): [torch.zeros(1, 1, 8)],
         (False, Cmd.RESULT): [torch.zeros(1, 1, 8)],
+        (False, Cmd.TOKENIZER): [torch.zeros(8, dtype=torch.uint8)],
     }
     sent = carries.get((inbound, cmd), [])
     msg = P.decode(P.encode(tag, body, sent), inbound=inbound)
@@ -136,7 +142,14 @@ def test_every_command_and_direction_has_its_struct_and_an_example():
 
 
 def test_round_trip_all_dtypes():
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32):
+    for dtype in (
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+        torch.int64,
+        torch.int32,
+        torch.uint8,
+    ):
         t = (torch.arange(24).view(2, 3, 4) * 1.5).to(dtype)
         frames = P.encode(P.STAGE_TAG, M.ForwardResult(fid=1), [t])
         msg = P.decode(frames, inbound=True)
@@ -520,3 +533,15 @@ def test_fuzz_decode_only_raises_protocol_errors(tag, cmd, header, tensors, inbo
         assert msg.tensor(i).numel() * msg.tensor(i).element_size() == desc.nbytes
     if msg.cmd in P.BUNDLES:
         assert len(P.unbundle(msg)) == len(msg.frames) == len(msg.body.items)
+
+
+def test_a_tokenizer_reply_carries_one_byte_frame():
+    chunk = M.TokenizerChunk(sha256="ab" * 32, size=3, offset=0)
+    msg = P.decode(P.encode(P.CLIENT_TAG, chunk, [(M.bytes_desc(3), b"abc")]))
+    assert bytes(P.frame_buffer(msg.frames[0])) == b"abc"
+    for frames in ([], [torch.zeros(3)], [torch.zeros(1, 3, dtype=torch.uint8)]):
+        with pytest.raises(P.ProtocolError, match="one uint8") as info:
+            P.decode(P.encode(P.CLIENT_TAG, chunk, frames))
+        assert info.value.code == Code.BAD_REQUEST
+    with pytest.raises(P.ProtocolError, match="sha256"):
+        P.decode(P.encode(P.CLIENT_TAG, msgspec.structs.replace(chunk, sha256="x")))
