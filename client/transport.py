@@ -141,8 +141,11 @@ class Link:
                 break
             dropped |= event["event"] == zmq.EVENT_DISCONNECTED
             if event["event"] & HANDSHAKE_FAILED and self.refused is None:
-                self.refused = handshake_refusal(self.url, event["event"], self.keys is not None)
-                log.warning("client_handshake_refused", broker=self.url, reason=self.refused)
+                self.refused = handshake_refusal(
+                    self.url, event["event"], event["value"], self.keys is not None
+                )
+                if self.refused is not None:
+                    log.warning("client_handshake_refused", broker=self.url, reason=self.refused)
         return dropped
 
     def send(self, frames: list) -> bool:

@@ -212,8 +212,12 @@ HANDSHAKE_FAILED = (
 )
 
 
-def handshake_refusal(url: str, event: int, with_keys: bool, role: str = "client") -> str:
-    """What a peer that connects to the broker at `url` is told when its handshake fails."""
+def handshake_refusal(
+    url: str, event: int, value: int, with_keys: bool, role: str = "client"
+) -> str | None:
+    """What a peer that connects to the broker at `url` is told when its handshake fails
+    (`event`, with the monitor's `value`), or None when the failure says nothing about keys
+    (a peer that is not a broker, a connection to itself): then the wait goes on."""
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return (
             f"the broker at {url} refused this {role}'s key: its public key is not in the "
@@ -221,13 +225,23 @@ def handshake_refusal(url: str, event: int, with_keys: bool, role: str = "client
             f"this {role}'s NAME.key into the broker's {ROLE_DIRS.get(role, role + 's')} "
             "directory"
         )
-    if with_keys:
+    mismatch = (
+        event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+    )
+    if mismatch and with_keys:
+        return (
+            f"the broker at {url} runs without keys, and this {role} was given keys; drop "
+            "--cert and --broker-key, or start the broker with --keys"
+        )
+    if mismatch:
+        return (
+            f"the broker at {url} requires keys; pass this {role}'s certificate (--cert "
+            "NAME.key_secret) and the broker's public key (--broker-key broker.key)"
+        )
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and with_keys:
         return (
             f"the CURVE handshake with the broker at {url} failed: the broker key given "
-            "(--broker-key) is not that broker's public key, or the broker runs without keys"
+            "(--broker-key) is not that broker's public key"
         )
-    return (
-        f"the handshake with the broker at {url} failed: the broker requires keys; pass "
-        "this peer's certificate (--cert NAME.key_secret) and the broker's public key "
-        "(--broker-key broker.key)"
-    )
+    return None

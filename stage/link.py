@@ -187,10 +187,13 @@ class Link:
             events = dict(poller.poll(max(0.0, wake - time.monotonic()) * 1000))
             if session.monitor in events:
                 event = parse_monitor_message(session.monitor.recv_multipart())
-                reason = handshake_refusal(cfg.broker, event["event"], True, role="stage")
-                self.log.error("refused by broker", error=reason)
-                self.stop(EXIT_REFUSED, f"refused by broker: {reason}")
-                break
+                reason = handshake_refusal(
+                    cfg.broker, event["event"], event["value"], True, role="stage"
+                )
+                if reason is not None:
+                    self.log.error("refused by broker", error=reason)
+                    self.stop(EXIT_REFUSED, f"refused by broker: {reason}")
+                    break
             if results in events:
                 self._forward_results(results, session)
             if session.sock in events:

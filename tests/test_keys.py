@@ -151,14 +151,20 @@ def test_greedy_through_a_cluster_with_keys_equals_generate(cluster, keys, check
 @pytest.mark.parametrize(
     "who, match",
     [
-        ("no keys", r"the broker requires keys; pass this peer's certificate"),
+        ("no keys", r"requires keys; pass this client's certificate \(--cert"),
         ("a stranger's key", r"refused this client's key: its public key is not in the broker's"),
         ("another broker's key", r"the broker key given \(--broker-key\) is not that broker's"),
+        ("keys for a broker without them", r"runs without keys, and this client was given keys"),
     ],
 )
 def test_a_refused_client_is_told_why_within_seconds(cluster, keys, tmp_path, who, match):
-    kwargs = {}
-    if who == "a stranger's key":
+    kwargs, url, plain = {}, cluster.url, None
+    if who == "keys for a broker without them":  # a ZeroMQ peer without CURVE stands for one
+        plain = zmq.Context.instance().socket(zmq.ROUTER)
+        plain.linger = 0
+        url = f"tcp://127.0.0.1:{plain.bind_to_random_port('tcp://127.0.0.1')}"
+        kwargs = _keys(keys, "alice")
+    elif who == "a stranger's key":
         stranger = tmp_path / "stranger"
         make_keys(stranger, {"client": ["mallory"]})
         kwargs = {"cert": _keys(stranger, "mallory")["cert"], "broker_key": keys / "broker.key"}
@@ -167,8 +173,12 @@ def test_a_refused_client_is_told_why_within_seconds(cluster, keys, tmp_path, wh
         make_keys(other, {})
         kwargs = {"cert": _keys(keys, "alice")["cert"], "broker_key": other / "broker.key"}
     started = time.monotonic()
-    with pytest.raises(BrokerRefused, match=match):
-        Client(cluster.url, connect_timeout=30, **kwargs)
+    try:
+        with pytest.raises(BrokerRefused, match=match):
+            Client(url, connect_timeout=30, **kwargs)
+    finally:
+        if plain is not None:
+            plain.close()
     assert time.monotonic() - started < REFUSED_WITHIN_S
     assert cluster.status()["ready"]  # the cluster keeps serving
 

@@ -137,10 +137,14 @@ class FeedReader:
         """Why the broker refused a handshake of ours, if it did."""
         for sock, watch in self._watches:
             with contextlib.suppress(zmq.ZMQError):
-                if watch.poll(0):
+                while watch.poll(0):
                     event = parse_monitor_message(watch.recv_multipart())
                     url = self.feed if sock.type == zmq.SUB else self.broker
-                    return handshake_refusal(url, event["event"], True, role="client")
+                    reason = handshake_refusal(
+                        url, event["event"], event["value"], True, role="client"
+                    )
+                    if reason is not None:
+                        return reason
         return None
 
     def _unwatch(self, only: zmq.Socket | None = None) -> None:
