@@ -15,6 +15,7 @@ from typing import Any
 from broker import messages as M
 from broker import protocol as P
 from client.errors import ClientError
+from common.text import tokenizer_source
 from common.tokenizer_files import (
     MAX_BUNDLE_BYTES,
     BundleError,
@@ -54,10 +55,13 @@ class TokenizerFetch:
     @classmethod
     def needed(cls, status: M.Status, tokenizer: Any) -> TokenizerFetch | None:
         """The fetch a client needs: none where it was given a tokenizer, where the broker's
-        checkpoint is on this machine, or where the broker serves none (token ids only)."""
+        checkpoint is on this machine with its tokenizer, or where the broker serves none (token
+        ids only). A path that exists here but holds no tokenizer (another machine's layout, an
+        empty mount) is not the broker's checkpoint."""
         if tokenizer is not None or status.tokenizer is None:
             return None
-        if Path(status.model).expanduser().exists():
+        local = Path(status.model).expanduser()
+        if local.exists() and tokenizer_source(local) is not None:
             return None
         return cls(status.tokenizer, cache_dir(status.fingerprint or status.tokenizer.sha256))
 

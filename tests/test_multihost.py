@@ -1,5 +1,6 @@
 """Several hosts: the broker and each stage in a network namespace of its own, linked through a
-bridge, talking over real addresses with CURVE on; this test process is the client's host.
+bridge, talking over real addresses with CURVE on; this test process is one client's host, and
+a client host of its own sees no checkpoint at all.
 
 Greedy output equals transformers' generate across three stage hosts; strangers are refused;
 a stage host whose link is cut is resharded around, and rejoins when it comes back; a broker
@@ -8,15 +9,20 @@ host cut off for a while is ridden out by stages and clients alike.
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import sys
 import time
 
 import pytest
+from transformers import AutoTokenizer
 
 from broker import messages as M
 from broker.keys import make_keys
 from client import Client, query_broker
 from layerline.cluster import cluster_env
+from stage.demo_model import ensure_demo_model
 from tests.netns import Net, unavailable
 from tests.test_e2e import prompt_ids, reference_greedy
 from tests.test_failover import run_stream
@@ -27,6 +33,17 @@ pytestmark = pytest.mark.skipif(why_not is not None, reason=why_not or "")
 PORT = 5555
 TOKENS = 24
 STAGE_HOSTS = ("h0", "h1", "h2")
+# The client host's program: only the broker's URL and its keys; prints what it generated.
+REMOTE_CLIENT = """
+import json, os, sys
+from client import Client
+url, cert, broker_key, prompt = sys.argv[1:5]
+with Client(url, cert=cert, broker_key=broker_key) as c:
+    model = c.status()["model"]
+    r = c.generate(prompt, max_new_tokens=int(sys.argv[5]), ignore_eos=True)
+seen = os.listdir(model) if os.path.isdir(model) else []
+print(json.dumps({"model_files": seen, "ids": r.token_ids, "text": r.text}))
+"""
 
 
 class Hosts:
@@ -85,8 +102,10 @@ def hosts(checkpoints, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys")
     make_keys(keys, {"stage": ["s0", "s1", "s2"], "client": ["alice"], "admin": ["ops"]})
     logs = tmp_path_factory.mktemp("logs")
-    with Net(["broker", *STAGE_HOSTS]) as net:
-        h = Hosts(net, checkpoints["llama"], keys, logs)
+    # The demo checkpoint ships a tokenizer, which the broker serves to the client host.
+    model = shutil.copytree(ensure_demo_model(), tmp_path_factory.mktemp("model") / "demo")
+    with Net(["broker", *STAGE_HOSTS, "client"]) as net:
+        h = Hosts(net, model, keys, logs)
         h.start_broker()
         for i, host in enumerate(STAGE_HOSTS):
             h.start_stage(host, f"s{i}")
@@ -94,9 +113,9 @@ def hosts(checkpoints, tmp_path_factory):
         yield h
 
 
-def test_greedy_across_three_stage_hosts_with_keys_equals_generate(hosts, checkpoints):
+def test_greedy_across_three_stage_hosts_with_keys_equals_generate(hosts):
     prompt = prompt_ids(91)
-    expected = reference_greedy(checkpoints["llama"], prompt, TOKENS)
+    expected = reference_greedy(hosts.checkpoint, prompt, TOKENS)
     with Client(hosts.url, **hosts.client_keys()) as client:
         status = client.status()
         assert status["security"] == "curve"
@@ -119,9 +138,9 @@ def test_a_stage_host_with_an_unknown_key_gets_no_layers(hosts, tmp_path):
     assert status["ready"]
 
 
-def test_a_cut_stage_link_is_resharded_around_and_the_stage_rejoins(hosts, checkpoints):
+def test_a_cut_stage_link_is_resharded_around_and_the_stage_rejoins(hosts):
     prompt = prompt_ids(92)
-    expected = reference_greedy(checkpoints["llama"], prompt, TOKENS)
+    expected = reference_greedy(hosts.checkpoint, prompt, TOKENS)
     with Client(hosts.url, **hosts.client_keys()) as client:
         cut = {}
 
@@ -143,9 +162,9 @@ def test_a_cut_stage_link_is_resharded_around_and_the_stage_rejoins(hosts, check
     )
 
 
-def test_a_broker_host_cut_off_for_a_while_is_ridden_out(hosts, checkpoints):
+def test_a_broker_host_cut_off_for_a_while_is_ridden_out(hosts):
     prompt = prompt_ids(93)
-    expected = reference_greedy(checkpoints["llama"], prompt, TOKENS)
+    expected = reference_greedy(hosts.checkpoint, prompt, TOKENS)
     hosts.wait_for(lambda s: s["ready"] and len(s["map"]) == 3, 90, "three stages in the map")
     with Client(hosts.url, **hosts.client_keys(), reconnect_timeout=60) as client:
 
@@ -161,3 +180,28 @@ def test_a_broker_host_cut_off_for_a_while_is_ridden_out(hosts, checkpoints):
     jobs = query_broker(hosts.url, M.JobsQuery(), 5, **hosts.client_keys("ops")).get("jobs", [])
     assert jobs and jobs[-1]["outcome"] == "done"
     assert status["security"] == "curve"
+
+
+def test_a_client_host_needs_only_the_url_and_its_keys(hosts, tmp_path):
+    """On its own host, with the checkpoint's directory hidden under an empty mount, a client
+    gets the tokenizer from the broker and generates what transformers does."""
+    tokenizer = AutoTokenizer.from_pretrained(hosts.checkpoint)
+    text = "Once upon a time"
+    prompt = tokenizer(text)["input_ids"]
+    expected = reference_greedy(hosts.checkpoint, prompt, TOKENS)
+    keys = hosts.client_keys()
+    program = [sys.executable, "-c", REMOTE_CLIENT, hosts.url, str(keys["cert"]),
+               str(keys["broker_key"]), text, str(TOKENS)]  # fmt: skip
+    hide = f'mount -t tmpfs tmpfs {hosts.checkpoint} && exec "$@"'
+    env = {**hosts.env, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    out = subprocess.run(
+        ["ip", "netns", "exec", hosts.net.hosts["client"], "unshare", "--mount",
+         "--propagation", "private", "sh", "-c", hide, "sh", *program],
+        capture_output=True, text=True, env=env, timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["model_files"] == []  # the client host sees none of the checkpoint
+    assert result["ids"] == expected
+    assert result["text"] == tokenizer.decode(expected)
+    assert (tmp_path / "cache" / "layerline" / "tokenizers").is_dir()
