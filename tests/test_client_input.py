@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,12 @@ def demo(tmp_path_factory) -> Path:
 def cluster(demo):
     with Cluster(demo, 2) as c:
         yield c
+
+
+def run_clis(*runs: tuple[str, ...], timeout: float = 60) -> list[subprocess.CompletedProcess]:
+    """`run_cli` of each argument list, all at once: each run is mostly its own start-up."""
+    with ThreadPoolExecutor(len(runs)) as pool:
+        return list(pool.map(lambda args: run_cli(*args, timeout=timeout), runs))
 
 
 def one_error_line(out: subprocess.CompletedProcess) -> str:
@@ -108,8 +115,10 @@ def test_a_mistyped_broker_url_is_refused_at_once():
 
 @pytest.mark.timeout(60)
 def test_the_cli_names_the_bad_url_and_the_forms():
-    for args in (("--prompt", "x"), ("status",), ("jobs", "--json")):
-        line = one_error_line(run_cli("--broker", "http://127.0.0.1:47199", *args, timeout=30))
+    bad = ("--broker", "http://127.0.0.1:47199")
+    runs = ((*bad, "--prompt", "x"), (*bad, "status"), (*bad, "jobs", "--json"))
+    for out in run_clis(*runs, timeout=30):
+        line = one_error_line(out)
         assert "http://127.0.0.1:47199" in line and "tcp://HOST:PORT" in line
 
 
@@ -198,22 +207,26 @@ def test_text_parts_are_joined_and_numbers_still_work(cluster):
 
 @pytest.mark.timeout(120)
 def test_cli_options_before_or_after_the_subcommand(cluster):
-    before = run_cli("--broker", cluster.url, "status")
-    after = run_cli("status", "--broker", cluster.url)
+    before, after, jobs = run_clis(
+        ("--broker", cluster.url, "status"),
+        ("status", "--broker", cluster.url),
+        ("--broker", cluster.url, "--json", "jobs"),
+    )
     for out in (before, after):
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith("ready") and "requests active: " in out.stdout
         assert "caches" in out.stdout and "kv MiB" in out.stdout
-    jobs = run_cli("--broker", cluster.url, "--json", "jobs")
     assert jobs.returncode == 0 and jobs.stdout.startswith("["), jobs.stderr
 
 
 @pytest.mark.timeout(120)
 def test_cli_reports_argument_errors_in_one_line(cluster):
-    line = one_error_line(run_cli("--broker", cluster.url, "--prompt", "x", "--temperature", "inf"))
-    assert "temperature must be a finite number" in line
-    line = one_error_line(run_cli("--broker", cluster.url, "--prompt", "x", "--top-p", "7"))
-    assert "top_p must be a finite number in (0, 1]" in line
+    temperature, top_p = run_clis(
+        ("--broker", cluster.url, "--prompt", "x", "--temperature", "inf"),
+        ("--broker", cluster.url, "--prompt", "x", "--top-p", "7"),
+    )
+    assert "temperature must be a finite number" in one_error_line(temperature)
+    assert "top_p must be a finite number in (0, 1]" in one_error_line(top_p)
 
 
 @pytest.mark.timeout(120)

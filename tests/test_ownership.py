@@ -64,13 +64,29 @@ def refused(peer: Peer, frames: list) -> M.Error:
     return msg.body
 
 
+@pytest.fixture(scope="module")
+def cluster(checkpoints):
+    """Two stages with the default arguments, shared by the tests that neither kill nor freeze
+    a process."""
+    with Cluster(checkpoints["llama"], 2) as c:
+        yield c
+
+
+@pytest.fixture
+def idle_cluster(cluster):
+    """The shared cluster with no request left over from an earlier test."""
+    cluster.wait_for(lambda s: s["requests"] == 0 and stage_caches(s) == 0, 20, "an idle cluster")
+    return cluster
+
+
 @pytest.mark.timeout(180)
-def test_a_hostile_peer_cannot_end_step_or_take_another_clients_request(checkpoints):
+def test_a_hostile_peer_cannot_end_step_or_take_another_clients_request(checkpoints, idle_cluster):
     directory = checkpoints["llama"]
     prompt, second = prompt_ids(61), prompt_ids(62)
     expected = reference_greedy(directory, prompt, TOKENS)
     expected_second = reference_greedy(directory, second, 8)
-    with Cluster(directory, 2) as cluster, Client(cluster.url) as client:
+    cluster = idle_cluster
+    with Client(cluster.url) as client:
         hostile = Peer(cluster.url)
         answers: dict[str, M.Error] = {}
         target = {}
@@ -113,41 +129,41 @@ def _jobs(cluster: Cluster) -> list[dict]:
 
 
 @pytest.mark.timeout(120)
-def test_a_request_follows_its_owner_to_a_new_socket_and_no_one_else(checkpoints):
+def test_a_request_follows_its_owner_to_a_new_socket_and_no_one_else(checkpoints, idle_cluster):
     """The owner is the secret in the routing identity, not the socket: a client that opens a
     new socket (a reconnect) goes on with its request; another secret may not touch it."""
     directory = checkpoints["llama"]
     tokens = prompt_ids(63)
     expected = reference_greedy(directory, tokens, 2)
-    with Cluster(directory, 2) as cluster:
-        secret = P.new_client_secret()
-        rid = f"{P.public_id(secret)}-1"
-        first = Peer(cluster.url, P.client_identity(secret, "1"))
-        first.send(step(rid, 1, tokens, 0, len(tokens)))
-        answer = first.reply()
-        assert answer.cmd == Cmd.RESULT and answer.body.seq == 1
-        assert int(answer.tensor(0).reshape(-1).argmax()) == expected[0]
-        first.close()
-        again = Peer(cluster.url, P.client_identity(secret, "2"))
-        grown = tokens + [expected[0]]
-        again.send(step(rid, 2, grown, len(tokens), 1))
-        answer = again.reply()
-        assert answer.cmd == Cmd.RESULT and answer.body.seq == 2
-        assert int(answer.tensor(0).reshape(-1).argmax()) == expected[1]
-        stranger = Peer(cluster.url, P.client_identity(P.new_client_secret(), "1"))
-        error = refused(stranger, P.encode(P.CLIENT_TAG, M.End(rid=rid)))
-        assert (error.code, error.rid) == (Code.UNAUTHORIZED, rid)
-        error = refused(stranger, step(rid, 3, grown + [4], len(grown), 1))
-        assert (error.code, error.rid, error.seq) == (Code.UNAUTHORIZED, rid, 3)
-        again.send(P.encode(P.CLIENT_TAG, M.End(rid=rid, reason="done")))
-        status = cluster.wait_for(
-            lambda s: s["requests"] == 0 and stage_caches(s) == 0, 10, "the request ended"
-        )
-        assert status["ready"]
-        outcomes = {j["rid"]: j["outcome"] for j in _jobs(cluster)}
-        assert outcomes[rid] == "done"  # ended by its owner, not abandoned, not a stranger's
-        for peer in (again, stranger):
-            peer.close()
+    cluster = idle_cluster
+    secret = P.new_client_secret()
+    rid = f"{P.public_id(secret)}-1"
+    first = Peer(cluster.url, P.client_identity(secret, "1"))
+    first.send(step(rid, 1, tokens, 0, len(tokens)))
+    answer = first.reply()
+    assert answer.cmd == Cmd.RESULT and answer.body.seq == 1
+    assert int(answer.tensor(0).reshape(-1).argmax()) == expected[0]
+    first.close()
+    again = Peer(cluster.url, P.client_identity(secret, "2"))
+    grown = tokens + [expected[0]]
+    again.send(step(rid, 2, grown, len(tokens), 1))
+    answer = again.reply()
+    assert answer.cmd == Cmd.RESULT and answer.body.seq == 2
+    assert int(answer.tensor(0).reshape(-1).argmax()) == expected[1]
+    stranger = Peer(cluster.url, P.client_identity(P.new_client_secret(), "1"))
+    error = refused(stranger, P.encode(P.CLIENT_TAG, M.End(rid=rid)))
+    assert (error.code, error.rid) == (Code.UNAUTHORIZED, rid)
+    error = refused(stranger, step(rid, 3, grown + [4], len(grown), 1))
+    assert (error.code, error.rid, error.seq) == (Code.UNAUTHORIZED, rid, 3)
+    again.send(P.encode(P.CLIENT_TAG, M.End(rid=rid, reason="done")))
+    status = cluster.wait_for(
+        lambda s: s["requests"] == 0 and stage_caches(s) == 0, 10, "the request ended"
+    )
+    assert status["ready"]
+    outcomes = {j["rid"]: j["outcome"] for j in _jobs(cluster)}
+    assert outcomes[rid] == "done"  # ended by its owner, not abandoned, not a stranger's
+    for peer in (again, stranger):
+        peer.close()
 
 
 @pytest.mark.timeout(180)
