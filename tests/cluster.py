@@ -28,3 +28,15 @@ class Cluster(launcher.Cluster):
         if log_dir is None and kept:
             log_dir = Path(kept) / f"{time.strftime('%H%M%S')}-{self.port}"
         self.log_dir = log_dir
+
+    def wait_idle(self, timeout_s: float = 20.0) -> Cluster:
+        """This cluster once it holds no request and no stage cache: a cluster shared by a
+        module's tests, with nothing left over from an earlier one."""
+        self.wait_for(
+            lambda s: (
+                s["requests"] == 0 and sum(x.get("kv_requests") or 0 for x in s["stages"]) == 0
+            ),
+            timeout_s,
+            "an idle cluster",
+        )
+        return self

@@ -75,8 +75,7 @@ def cluster(checkpoints):
 @pytest.fixture
 def idle_cluster(cluster):
     """The shared cluster with no request left over from an earlier test."""
-    cluster.wait_for(lambda s: s["requests"] == 0 and stage_caches(s) == 0, 20, "an idle cluster")
-    return cluster
+    return cluster.wait_idle()
 
 
 @pytest.mark.timeout(180)
