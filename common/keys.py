@@ -26,6 +26,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 from zmq.utils import z85
+from zmq.utils.monitor import parse_monitor_message
 
 ROLES = ("stage", "client", "admin")
 ROLE_DIRS = {"stage": "stages", "client": "clients", "admin": "admins"}
@@ -213,11 +214,20 @@ HANDSHAKE_FAILED = (
 
 
 def handshake_refusal(
-    url: str, event: int, value: int, with_keys: bool, role: str = "client"
+    url: str,
+    event: int,
+    value: int,
+    with_keys: bool,
+    role: str = "client",
+    sock_type: int = zmq.DEALER,
 ) -> str | None:
     """What a peer that connects to the broker at `url` is told when its handshake fails
     (`event`, with the monitor's `value`), or None when the failure says nothing about keys
-    (a peer that is not a broker, a connection to itself): then the wait goes on."""
+    (a peer that is not a broker, a connection to itself): then the wait goes on.
+
+    A failure without detail is a peer that dropped the connection mid-handshake: a CURVE
+    broker that could not read our hello (the wrong broker key), or a broker of the other kind
+    that saw our greeting first. A keyless probe of the same socket type tells them apart."""
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return (
             f"the broker at {url} refused this {role}'s key: its public key is not in the "
@@ -225,23 +235,50 @@ def handshake_refusal(
             f"this {role}'s NAME.key into the broker's {ROLE_DIRS.get(role, role + 's')} "
             "directory"
         )
-    mismatch = (
-        event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-        and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
-    )
-    if mismatch and with_keys:
+    keyless = None
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        if value != zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            return None
+        keyless = with_keys
+    elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        keyless = answers_without_keys(url, sock_type)
+        if keyless is None and with_keys:
+            keyless = False  # no answer either way: the broker key is the likelier fault
+    if keyless is None or (keyless and not with_keys):
+        return None  # nothing about keys, or a passing fault of a keyless link
+    if keyless:
         return (
             f"the broker at {url} runs without keys, and this {role} was given keys; drop "
             "--cert and --broker-key, or start the broker with --keys"
         )
-    if mismatch:
-        return (
-            f"the broker at {url} requires keys; pass this {role}'s certificate (--cert "
-            "NAME.key_secret) and the broker's public key (--broker-key broker.key)"
-        )
-    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and with_keys:
+    if with_keys:
         return (
             f"the CURVE handshake with the broker at {url} failed: the broker key given "
             "(--broker-key) is not that broker's public key"
         )
-    return None
+    return (
+        f"the broker at {url} requires keys; pass this {role}'s certificate (--cert "
+        "NAME.key_secret) and the broker's public key (--broker-key broker.key)"
+    )
+
+
+# How long a keyless probe waits for the broker's side of the handshake.
+PROBE_S = 3.0
+
+
+def answers_without_keys(url: str, sock_type: int = zmq.DEALER) -> bool | None:
+    """Whether the peer at `url` completes a keyless (NULL) handshake with a socket of
+    `sock_type`: True, False when it refuses it, None when it does not answer in PROBE_S."""
+    probe = zmq.Context.instance().socket(sock_type)
+    probe.linger = 0
+    watch = probe.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED)
+    try:
+        probe.connect(url)
+        if not watch.poll(PROBE_S * 1000):
+            return None
+        event = parse_monitor_message(watch.recv_multipart())["event"]
+        return event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+    finally:
+        probe.disable_monitor()
+        watch.close(linger=0)
+        probe.close(linger=0)
