@@ -14,13 +14,14 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 
 from bench.stats import summary
 from bench.workload import prompt
 from client import AsyncClient, Client
-from layerline.cluster import broker_status
+from layerline.cluster import broker_status, launcher_keys
 
 
 @dataclass
@@ -51,9 +52,11 @@ def _record(result, arrivals: list[float] | None) -> dict:
     }
 
 
-def _run_sync(url: str, prompts: list[list[int]], gen_len: int, stream: bool) -> list[dict]:
+def _run_sync(
+    url: str, prompts: list[list[int]], gen_len: int, stream: bool, keys: Path | None = None
+) -> list[dict]:
     records = []
-    with Client(url, tokenizer=None) as client:
+    with Client(url, tokenizer=None, **launcher_keys(keys)) as client:
         for ids in prompts:
             if stream:
                 arrivals, result = [], None
@@ -71,7 +74,12 @@ def _run_sync(url: str, prompts: list[list[int]], gen_len: int, stream: bool) ->
 
 
 async def _run_async(
-    url: str, prompts: list[list[int]], gen_len: int, stream: bool, concurrency: int
+    url: str,
+    prompts: list[list[int]],
+    gen_len: int,
+    stream: bool,
+    concurrency: int,
+    keys: Path | None = None,
 ) -> list[dict]:
     records: list[dict | None] = [None] * len(prompts)
     todo = iter(range(len(prompts)))
@@ -93,14 +101,14 @@ async def _run_async(
                     await client.generate(prompts[i], max_new_tokens=gen_len, ignore_eos=True), None
                 )
 
-    async with AsyncClient(url, tokenizer=None) as client:
+    async with AsyncClient(url, tokenizer=None, **launcher_keys(keys)) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     return [r for r in records if r is not None]
 
 
-def warm_up(url: str, vocab: int, prompt_len: int) -> None:
+def warm_up(url: str, vocab: int, prompt_len: int, keys: Path | None = None) -> None:
     """One short request: first-call allocations in every stage happen outside the figures."""
-    _run_sync(url, [prompt(10_000, prompt_len, vocab)], 4, stream=False)
+    _run_sync(url, [prompt(10_000, prompt_len, vocab)], 4, stream=False, keys=keys)
 
 
 def chat_ttft(url: str, question: str, repeats: int = 3) -> dict | None:
@@ -133,27 +141,30 @@ def run_phase(
     vocab: int,
     stream: bool,
     pids: dict[str, int] | None = None,
+    keys: Path | None = None,
 ) -> Phase:
+    """Run `requests` requests on `concurrency` streams; `keys`: the cluster's key layout, whose
+    launcher key the client uses."""
     prompts = [prompt(i, prompt_len, vocab) for i in range(requests)]
     phase = Phase(concurrency=concurrency)
     proc = psutil.Process(broker_pid) if broker_pid else None
     named = {**(pids or {}), "client": os.getpid()}
     procs = {name: psutil.Process(pid) for name, pid in named.items()}
     ours = list(procs.values())
-    phase.broker_before = broker_status(url, 5.0)
+    phase.broker_before = broker_status(url, 5.0, keys)
     cpu0 = _cpu(proc)
     busy0, ours0 = busy_cpu_s(), _total(ours)
     each0 = {name: _total([p]) for name, p in procs.items()}
     t0 = time.perf_counter()
     if concurrency == 1:
-        phase.records = _run_sync(url, prompts, gen_len, stream)
+        phase.records = _run_sync(url, prompts, gen_len, stream, keys)
     else:
-        phase.records = asyncio.run(_run_async(url, prompts, gen_len, stream, concurrency))
+        phase.records = asyncio.run(_run_async(url, prompts, gen_len, stream, concurrency, keys))
     phase.wall_s = time.perf_counter() - t0
     cpu1 = _cpu(proc)
     phase.foreign_cpu_s = max(0.0, (busy_cpu_s() - busy0) - (_total(ours) - ours0))
     phase.process_cpu_s = {name: _total([p]) - each0[name] for name, p in procs.items()}
-    phase.broker_after = broker_status(url, 5.0)
+    phase.broker_after = broker_status(url, 5.0, keys)
     if cpu0 is not None and cpu1 is not None:
         phase.broker_cpu_s = cpu1 - cpu0
     return phase

@@ -20,13 +20,13 @@ of every message from the key the CURVE handshake proved.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
 import zmq.auth
 from zmq.utils import z85
-from zmq.utils.monitor import parse_monitor_message
 
 ROLES = ("stage", "client", "admin")
 ROLE_DIRS = {"stage": "stages", "client": "clients", "admin": "admins"}
@@ -219,7 +219,6 @@ def handshake_refusal(
     value: int,
     with_keys: bool,
     role: str = "client",
-    sock_type: int = zmq.DEALER,
 ) -> str | None:
     """What a peer that connects to the broker at `url` is told when its handshake fails
     (`event`, with the monitor's `value`), or None when the failure says nothing about keys
@@ -227,7 +226,7 @@ def handshake_refusal(
 
     A failure without detail is a peer that dropped the connection mid-handshake: a CURVE
     broker that could not read our hello (the wrong broker key), or a broker of the other kind
-    that saw our greeting first. A keyless probe of the same socket type tells them apart."""
+    that saw our greeting first. The broker's own greeting tells them apart."""
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return (
             f"the broker at {url} refused this {role}'s key: its public key is not in the "
@@ -241,9 +240,9 @@ def handshake_refusal(
             return None
         keyless = with_keys
     elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-        keyless = answers_without_keys(url, sock_type)
-        if keyless is None and with_keys:
-            keyless = False  # no answer either way: the broker key is the likelier fault
+        mechanism = peer_mechanism(url)
+        if mechanism in ("NULL", "CURVE"):
+            keyless = mechanism == "NULL"
     if keyless is None or (keyless and not with_keys):
         return None  # nothing about keys, or a passing fault of a keyless link
     if keyless:
@@ -262,23 +261,47 @@ def handshake_refusal(
     )
 
 
-# How long a keyless probe waits for the broker's side of the handshake.
+# How long the probe of a peer's greeting waits for it.
 PROBE_S = 3.0
+# The start of a ZMTP 3.0 greeting: signature and major version (rfc.zeromq.org/spec/23). A
+# peer answers it with its whole greeting, mechanism included, and then waits for the rest of
+# ours; sent whole, a mismatched mechanism could make it close before its own went out.
+_GREETING_START = b"\xff" + bytes(8) + b"\x7f" + b"\x03"
 
 
-def answers_without_keys(url: str, sock_type: int = zmq.DEALER) -> bool | None:
-    """Whether the peer at `url` completes a keyless (NULL) handshake with a socket of
-    `sock_type`: True, False when it refuses it, None when it does not answer in PROBE_S."""
-    probe = zmq.Context.instance().socket(sock_type)
-    probe.linger = 0
-    watch = probe.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED)
+def peer_mechanism(url: str) -> str | None:
+    """The security mechanism that the ZeroMQ peer at `url` (tcp:// or ipc://) names in its
+    greeting ("NULL" without keys, "CURVE" with them), or None when nothing there sends a
+    greeting within PROBE_S (nothing listens, or a peer that is not ZeroMQ, or a proxy whose
+    far side is down).
+
+    A failed handshake's monitor event can be ambiguous: a peer of the other kind may drop the
+    connection before this side reads its greeting, just as a CURVE broker that cannot read
+    this side's hello does. The greeting itself is not: it comes before any key is used."""
+    scheme, _, where = url.partition("://")
     try:
-        probe.connect(url)
-        if not watch.poll(PROBE_S * 1000):
+        if scheme == "tcp":
+            host, _, port = where.rpartition(":")
+            sock = socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_S)
+        elif scheme == "ipc":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(PROBE_S)
+            sock.connect(where)
+        else:
             return None
-        event = parse_monitor_message(watch.recv_multipart())["event"]
-        return event == zmq.EVENT_HANDSHAKE_SUCCEEDED
-    finally:
-        probe.disable_monitor()
-        watch.close(linger=0)
-        probe.close(linger=0)
+    except (OSError, ValueError):
+        return None
+    with sock:
+        try:
+            sock.sendall(_GREETING_START)
+            greeting = b""
+            while len(greeting) < 32:
+                chunk = sock.recv(64 - len(greeting))
+                if not chunk:
+                    return None
+                greeting += chunk
+        except OSError:
+            return None
+    if greeting[0] != 0xFF or greeting[9] != 0x7F or greeting[10] < 3:
+        return None
+    return greeting[12:32].rstrip(b"\0").decode("ascii", "replace")

@@ -54,13 +54,18 @@ def free_port() -> int:
 def broker_status(url: str, timeout_s: float = 1.0, keys: Path | None = None) -> dict | None:
     """The broker's STATUS, or None while it does not answer (it is starting, or gone). With
     `keys` (a `python -m broker.keys` layout), asked with its admin key `launcher`."""
-    cert = broker_key = None
-    if keys is not None:
-        cert, broker_key = peer_cert(keys, LAUNCHER_KEY), keys / f"{BROKER_NAME}.key"
     try:
-        return query_broker(url, timeout=timeout_s, cert=cert, broker_key=broker_key)
+        return query_broker(url, timeout=timeout_s, **launcher_keys(keys))
     except ClientError:
         return None
+
+
+def launcher_keys(keys: Path | None) -> dict[str, Path]:
+    """The `cert` and `broker_key` arguments of a client that uses the launcher's admin key in
+    the `keys` layout; none without keys."""
+    if keys is None:
+        return {}
+    return {"cert": peer_cert(keys, LAUNCHER_KEY), "broker_key": keys / f"{BROKER_NAME}.key"}
 
 
 def peer_cert(keys: Path, name: str) -> Path:

@@ -26,7 +26,7 @@ from broker import protocol as P
 from broker.keys import make_keys
 from broker.protocol import Code
 from client import BrokerRefused, Client, RequestFailed, query_broker
-from common.keys import KeyRing, PeerKeys, handshake_refusal
+from common.keys import KeyRing, PeerKeys, handshake_refusal, peer_mechanism
 from layerline.cluster import cluster_env, free_port
 from tests.cluster import Cluster
 from tests.test_e2e import prompt_ids, reference_greedy
@@ -183,23 +183,33 @@ def test_a_refused_client_is_told_why_within_seconds(cluster, keys, tmp_path, wh
     assert cluster.status()["ready"]  # the cluster keeps serving
 
 
-def test_a_handshake_dropped_without_detail_is_told_apart_by_a_keyless_probe(cluster):
+def test_a_handshake_dropped_without_detail_is_told_apart_by_the_brokers_greeting(cluster):
     """Which side drops a mismatched handshake first is a race: a peer may see the failure
-    without detail. A keyless probe then tells a broker without keys from a wrong broker key."""
+    without detail. The mechanism in the broker's greeting then tells a broker without keys
+    from a wrong broker key; a peer that sends no greeting says nothing about keys."""
     no_detail = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     plain = zmq.Context.instance().socket(zmq.ROUTER)
     plain.linger = 0
     try:
         url = f"tcp://127.0.0.1:{plain.bind_to_random_port('tcp://127.0.0.1')}"
+        assert peer_mechanism(url) == "NULL"
         assert re.search("runs without keys", handshake_refusal(url, no_detail, 0, True))
         assert handshake_refusal(url, no_detail, 0, False) is None  # a passing fault
     finally:
         plain.close()
+    assert peer_mechanism(cluster.url) == "CURVE"
     wrong_key = handshake_refusal(cluster.url, no_detail, 0, True, role="stage")
     assert re.search(r"the broker key given \(--broker-key\) is not", wrong_key)
     assert re.search(r"requires keys; pass this stage's", handshake_refusal(
         cluster.url, no_detail, 0, False, role="stage"
     ))  # fmt: skip
+    # A TCP proxy whose broker is down accepts and closes: no greeting, so no verdict.
+    with socket.create_server(("127.0.0.1", 0)) as proxy:
+        closer = threading.Thread(target=lambda: proxy.accept()[0].close(), daemon=True)
+        closer.start()
+        url = f"tcp://127.0.0.1:{proxy.getsockname()[1]}"
+        assert handshake_refusal(url, no_detail, 0, True) is None
+        closer.join(timeout=10)
 
 
 def test_each_message_needs_its_role(cluster, keys):

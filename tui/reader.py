@@ -141,7 +141,7 @@ class FeedReader:
                     event = parse_monitor_message(watch.recv_multipart())
                     url = self.feed if sock.type == zmq.SUB else self.broker
                     reason = handshake_refusal(
-                        url, event["event"], event["value"], True, "client", sock.type
+                        url, event["event"], event["value"], True, role="client"
                     )
                     if reason is not None:
                         return reason

@@ -1,9 +1,11 @@
-"""Hosts for multi-host tests: one Linux network namespace per host, each with one veth link to
-a bridge in a switch namespace of its own, and this test process as one more host on it.
+"""Hosts on one machine, for the multi-host tests and the network benchmark: one Linux network
+namespace per host, each with one veth link to a bridge in a switch namespace of its own, and
+the calling process as one more host on it. A host's link can be cut, and its bandwidth
+limited both ways with `tc`'s token bucket filter.
 
 Every name carries a random tag, so that runs never meet; `Net.close()` (also on errors and
 from `__exit__`) kills the processes it started and deletes every namespace and link it made.
-Tests skip, with the reason, where namespaces cannot be made (not root, no `ip`).
+`unavailable()` says why namespaces cannot be made (not root, no `ip`), for a clear skip.
 """
 
 from __future__ import annotations
@@ -34,10 +36,14 @@ def unavailable() -> str | None:
     return None
 
 
-def _ip(*args: str) -> None:
-    out = subprocess.run(["ip", *args], capture_output=True, text=True)
+def _run(*argv: str) -> None:
+    out = subprocess.run(argv, capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {out.stderr.strip()}")
+        raise RuntimeError(f"{' '.join(argv)}: {out.stderr.strip()}")
+
+
+def _ip(*args: str) -> None:
+    _run("ip", *args)
 
 
 class Net:
@@ -50,6 +56,7 @@ class Net:
         self.hosts = {name: f"ll{self.tag}{name}" for name in names}
         self.local = f"{self.net}.{LOCAL}"
         self.procs: list[subprocess.Popen] = []
+        self.ports: dict[str, str] = {}  # host -> its link's end on the bridge
         self._made: list[str] = []
         self._local_link = f"ll{self.tag}lo"
 
@@ -76,11 +83,11 @@ class Net:
             _ip("netns", "add", ns)
             self._made.append(ns)
             _ip("-n", ns, "link", "set", "lo", "up")
-            self._plug(ns, f"{self.addr(name)}/24")
+            self.ports[name] = self._plug(ns, f"{self.addr(name)}/24")
         self._plug(None, f"{self.local}/24")
 
-    def _plug(self, ns: str | None, cidr: str) -> None:
-        """A veth from `ns` (None: this process's namespace) to the bridge."""
+    def _plug(self, ns: str | None, cidr: str) -> str:
+        """A veth from `ns` (None: this process's namespace) to the bridge; its bridge end."""
         inner = f"ll{self.tag}{secrets.token_hex(2)}"
         outer = f"{inner}b"
         if ns is None:
@@ -97,6 +104,7 @@ class Net:
         else:
             _ip("addr", "add", cidr, "dev", inner)
             _ip("link", "set", inner, "up")
+        return outer
 
     def spawn(self, host: str, argv: list[str], log: Path, env: dict) -> subprocess.Popen:
         """Start `argv` on `host`, its output in `log`."""
@@ -114,6 +122,19 @@ class Net:
     def link(self, host: str, up: bool) -> None:
         """Cut or restore `host`'s only link."""
         _ip("-n", self.hosts[host], "link", "set", "eth0", "up" if up else "down")
+
+    def limit(self, host: str, mbit: float | None) -> None:
+        """Limit `host`'s link to `mbit` Mbit/s each way (None: no limit). Each end's token
+        bucket holds 10 ms at that rate (at least 16 KiB), so that a burst never exceeds it
+        by much, and queues 50 ms of it before dropping."""
+        for ns, dev in ((self.hosts[host], "eth0"), (self.switch, self.ports[host])):
+            subprocess.run(
+                ["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], capture_output=True
+            )  # none yet is fine
+            if mbit is not None:
+                burst = max(16 << 10, int(mbit * 1e6 / 8 / 100))
+                _run("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf",
+                     "rate", f"{mbit}mbit", "burst", str(burst), "latency", "50ms")  # fmt: skip
 
     def close(self) -> None:
         for proc in self.procs:
