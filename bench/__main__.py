@@ -6,6 +6,7 @@ Examples:
   python -m bench --concurrency 1,2,4,8,16 --rounds 3
   python -m bench --threads 1,2 --omp-wait-policy default,PASSIVE --rounds 3
   python -m bench --scenario broker-cpu,memory
+  python -m bench --scenario curve,network --concurrency 1,16 --rounds 3   # network: root
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ SMOKE = {
     "long_repeats": 2,
     "long_window_s": 1.5,
     "prefill_chunk": 16,
+    "curve_concurrency": (1, 2),
+    "network_delays_ms": (0, 5),
+    "network_concurrency": (1, 2),
+    "network_bandwidths_mbit": (10,),
+    "network_bandwidth_concurrency": (1,),
+    "network_gen_len": 8,
+    "network_requests": 2,
 }
 
 
@@ -53,6 +61,16 @@ def _ints(text: str) -> tuple[int, ...]:
         ) from None
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: need positive integers")
+    return values
+
+
+def _delays(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ms") from None
+    if not values or any(v < 0 or v > 1000 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: delays are 0 to 1000 ms")
     return values
 
 
@@ -155,6 +173,42 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path]:
         help=f"stages of the memory scenario (default {d.memory_stages})",
     )
     p.add_argument(
+        "--curve-concurrency",
+        type=_ints,
+        help="streams of the curve scenario, with CURVE on and off "
+        f"(default {','.join(map(str, d.curve_concurrency))})",
+    )
+    p.add_argument(
+        "--network-delays",
+        type=_delays,
+        dest="network_delays_ms",
+        help="one-way ms added on every hop, network scenario "
+        f"(default {','.join(f'{x:g}' for x in d.network_delays_ms)})",
+    )
+    p.add_argument(
+        "--network-concurrency",
+        type=_ints,
+        help=f"streams at each delay (default {','.join(map(str, d.network_concurrency))})",
+    )
+    p.add_argument(
+        "--network-bandwidths",
+        type=_ints,
+        dest="network_bandwidths_mbit",
+        help="Mbit/s of one stage host's link "
+        f"(default {','.join(f'{x:g}' for x in d.network_bandwidths_mbit)})",
+    )
+    p.add_argument(
+        "--network-bandwidth-concurrency",
+        type=_ints,
+        help="streams at each bandwidth "
+        f"(default {','.join(map(str, d.network_bandwidth_concurrency))})",
+    )
+    p.add_argument(
+        "--network-gen-len",
+        type=int,
+        help=f"generated tokens per request, network scenario (default {d.network_gen_len})",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=Path("bench-results"),
@@ -187,6 +241,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path]:
         "prefill_chunk",
         "memory_preset",
         "memory_stages",
+        "curve_concurrency",
+        "network_delays_ms",
+        "network_concurrency",
+        "network_bandwidths_mbit",
+        "network_bandwidth_concurrency",
+        "network_gen_len",
     ):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -200,6 +260,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path]:
         "long_prompt_len",
         "long_streams",
         "prefill_chunk",
+        "network_gen_len",
     ):
         if key in values and values[key] < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")

@@ -50,6 +50,7 @@ class Cluster(launcher.Cluster):
         omp_wait_policy: str | None = None,
         log_dir: Path | None = None,
         broker_args: tuple[str, ...] = (),
+        keys: Path | None = None,
     ):
         super().__init__(
             model,
@@ -63,4 +64,5 @@ class Cluster(launcher.Cluster):
             env=bench_env(omp_wait_policy),
             log_dir=log_dir,
             ready_timeout_s=READY_TIMEOUT_S,
+            keys=keys,
         )

@@ -165,6 +165,7 @@ def run(
                         "process_cores": fig["process_cores"],
                         "foreign_cpu_share": fig["foreign_cpu_share"],
                         "relay_late_p50_s": late["late_p50_s"],
+                        "breakdown": fig["breakdown"],
                         "first_token_ids": fig["first_token_ids"],
                     }
                 )
@@ -194,6 +195,9 @@ def run(
         "limited_host": {"host": limited, "stage": names[hosts.index(limited)]},
         "load": {k: list(v) if isinstance(v, tuple) else v for k, v in load.__dict__.items()},
         "records": records,
+        # Every phase's first request has the same prompt: greedy, it must give the same tokens
+        # whatever the delay or the bandwidth.
+        "same_output": len({tuple(r["first_token_ids"]) for r in records}) == 1,
     }
 
 

@@ -211,6 +211,47 @@ def text(rep: dict) -> str:
                 rows,
             )
         )
+    if rep.get("curve"):
+        rows = [
+            [
+                str(r["round"] + 1),
+                "on" if r["curve"] else "off",
+                str(r["concurrency"]),
+                _num(r["tokens_per_s"]),
+                _ms(r["tpot_s"]["p50"]),
+                _us(r["hop_s"]["p50"]),
+            ]
+            for r in sorted(rep["curve"], key=lambda r: (r["round"], r["concurrency"], r["curve"]))
+        ]
+        parts.append("\nCURVE on and off, loopback (tokens/s; per hop: all but compute, p50)")
+        parts.append(_table(["rnd", "CURVE", "streams", "tokens/s", "TPOT p50", "per hop"], rows))
+    for net in rep.get("network", []):
+        if "skipped" in net:
+            parts.append(f"\nnetwork round {net['round'] + 1}: skipped ({net['skipped']})")
+            continue
+        rows = [
+            [
+                _num(r["delay_ms"], "g"),
+                "-" if r["bandwidth_mbit"] is None else _num(r["bandwidth_mbit"], "g"),
+                str(r["concurrency"]),
+                _num(r["tokens_per_s"]),
+                _ms(r["ttft_s"]["p50"]),
+                _ms(r["tpot_s"]["p50"]),
+                _ms(r["relay_late_p50_s"]),
+            ]
+            for r in net["records"]
+        ]
+        limited = net["limited_host"]["stage"]
+        parts.append(
+            f"\nnetwork round {net['round'] + 1}: {net['stages']} stage hosts, CURVE, a delaying "
+            f"relay on every hop; bandwidth: {limited}'s link; same output: {net['same_output']}"
+        )
+        parts.append(
+            _table(
+                ["delay ms", "Mbit/s", "streams", "tokens/s", "TTFT p50", "TPOT p50", "relay late"],
+                rows,
+            )
+        )
     if rep["targets"]:
         parts.append("\ntargets")
         parts.append(
@@ -341,7 +382,38 @@ def plots(rep: dict, out: Path, stamp: str) -> dict[str, str]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         files["broker_cpu"] = _save(fig, out / f"{stamp}-broker-cpu.png", plt)
+    nets = [n for n in rep.get("network", []) if n.get("records")]
+    if nets:
+        files["network"] = _network_plot(nets, out / f"{stamp}-network.png", plt)
     return files
+
+
+def _network_plot(nets: list[dict], path: Path, plt) -> str:
+    """Tokens/s against the one-way delay per hop, and against one link's bandwidth: one line
+    per stream count, medians over rounds."""
+    fig, (by_delay, by_rate) = plt.subplots(1, 2, figsize=(10, 4))
+    points: dict[tuple, dict[float, list[float]]] = {}
+    for net in nets:
+        for r in net["records"]:
+            kind = "delay" if r["bandwidth_mbit"] is None else "rate"
+            x = r["delay_ms"] if kind == "delay" else r["bandwidth_mbit"]
+            points.setdefault((kind, r["concurrency"]), {}).setdefault(x, []).append(
+                r["tokens_per_s"]
+            )
+    for (kind, c), by_x in sorted(points.items()):
+        xs = sorted(by_x)
+        ax = by_delay if kind == "delay" else by_rate
+        ax.plot(xs, [statistics.median(by_x[x]) for x in xs], marker="o", label=f"{c} streams")
+    by_delay.set_xlabel("one-way delay added on every hop (ms)")
+    by_rate.set_xlabel(f"bandwidth of {nets[0]['limited_host']['stage']}'s link (Mbit/s)")
+    by_rate.set_xscale("log")
+    for ax in (by_delay, by_rate):
+        ax.set_ylabel("aggregate tokens/s")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{nets[0]['preset']}, {nets[0]['stages']} stage hosts, CURVE")
+    fig.tight_layout()
+    return _save(fig, path, plt)
 
 
 def _finite(x: float | None) -> float:

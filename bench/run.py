@@ -23,13 +23,22 @@ from pathlib import Path
 
 import psutil
 
-from bench import brokercpu, longprompt, pipeline, presets
+from bench import brokercpu, longprompt, network, pipeline, presets
 from bench.cluster import Cluster, bench_env, proc_status
 from bench.stats import median, ratio, summary
 from broker.messages import DTYPE_SIZES
 from common.models import DEMO_QUESTION
 
-SCENARIOS = ("pipeline", "monolithic", "zmq", "long-prompt", "broker-cpu", "memory")
+SCENARIOS = (
+    "pipeline",
+    "monolithic",
+    "zmq",
+    "long-prompt",
+    "broker-cpu",
+    "memory",
+    "curve",
+    "network",
+)
 DEFAULT_SCENARIOS = ("pipeline", "monolithic", "zmq")
 
 # Targets (docs/performance.md has one table per target).
@@ -47,6 +56,8 @@ LONG_P99_TARGET = 3.0  # others' p99 time per token during a long prefill / with
 # its first layer: the interpreter, torch, transformers, the row kernel, the checkpoint's index;
 # STATUS's `runtime_bytes`) and the library pages mapped since (see `stage_memory`).
 MEMORY_FACTOR = 1.15
+CURVE_TARGET = 0.95  # tokens/s with CURVE on / off, batch 1 and 16 streams
+DELAY_TARGET = 0.8  # 16 streams' tokens/s at 5 ms one-way per hop / without added delay
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,13 @@ class Options:
     prefill_chunk: int | None = None
     memory_preset: str = "tinyllama"
     memory_stages: int = 3
+    curve_concurrency: tuple[int, ...] = (1, 16)
+    network_delays_ms: tuple[float, ...] = (0, 5, 20)
+    network_concurrency: tuple[int, ...] = (1, 8, 16)
+    network_bandwidths_mbit: tuple[float, ...] = (1000, 100, 10)
+    network_bandwidth_concurrency: tuple[int, ...] = (1, 16)
+    network_gen_len: int = 32
+    network_requests: int = 4
     smoke: bool = False
 
 
@@ -413,6 +431,90 @@ def run_memory(run: Run, threads: int, omp: str) -> dict:
     }
 
 
+def run_curve(
+    run: Run, model: presets.Model, stages: int, threads: int, omp: str, rnd: int
+) -> list[dict]:
+    """The same load on a loopback cluster without keys and on one with CURVE on, one after
+    the other (the order alternates by round, so that a drift of the machine favours neither)."""
+    o = run.opts
+    records = []
+    for curve in (False, True) if rnd % 2 == 0 else (True, False):
+        name = f"{model.preset}-{stages}st-t{threads}-{omp}-curve-{'on' if curve else 'off'}-r{rnd}"
+        keys = run.logs / f"keys-r{rnd}" if curve else None
+        run.log(f"curve {'on' if curve else 'off'}: {name}")
+        with Cluster(
+            model.path,
+            stages,
+            threads=threads,
+            dtype=o.dtype,
+            device=o.device,
+            omp_wait_policy=omp,
+            log_dir=run.logs / name,
+            keys=keys,
+        ) as cluster:
+            status = cluster.status(5.0)
+            names = [r["stage"] for r in status["map"]]
+            pipeline.warm_up(cluster.url, model.vocab_size, o.prompt_len, keys)
+            for c in o.curve_concurrency:
+                phase = pipeline.run_phase(
+                    cluster.url,
+                    cluster.broker.pid,
+                    concurrency=c,
+                    requests=max(o.requests, c) if c == 1 else max(o.requests, 2 * c),
+                    prompt_len=o.prompt_len,
+                    gen_len=o.gen_len,
+                    vocab=model.vocab_size,
+                    stream=False,
+                    keys=keys,
+                )
+                fig = pipeline.analyse(phase, names)
+                records.append(
+                    {
+                        "round": rnd,
+                        "curve": curve,
+                        "security": status.get("security"),
+                        "preset": model.preset,
+                        "stages": stages,
+                        "threads": threads,
+                        "omp_wait_policy": omp,
+                        "concurrency": c,
+                        "tokens": fig["tokens"],
+                        "tokens_per_s": fig["tokens_per_s"],
+                        "request_tokens_per_s": fig["request_tokens_per_s"],
+                        "tpot_s": fig["tpot_s"],
+                        "hop_s": fig["hop"]["non_compute_per_hop_s"],
+                        "first_token_ids": fig["first_token_ids"],
+                    }
+                )
+                run.log(
+                    f"  C={c}: {fig['tokens_per_s']:.1f} tokens/s, per hop "
+                    f"{fig['hop']['non_compute_per_hop_s']['p50'] * 1e6:.0f} us"
+                )
+    return records
+
+
+def run_network(run: Run, model: presets.Model, threads: int, omp: str, rnd: int) -> dict:
+    o = run.opts
+    load = network.NetworkLoad(
+        stages=o.stages[0],
+        delays_ms=o.network_delays_ms,
+        concurrency=o.network_concurrency,
+        bandwidths_mbit=o.network_bandwidths_mbit,
+        bandwidth_concurrency=o.network_bandwidth_concurrency,
+        prompt_len=o.prompt_len,
+        gen_len=o.network_gen_len,
+        requests=o.network_requests,
+        threads=threads,
+        omp_wait_policy=omp,
+    )
+    run.log(
+        f"network round {rnd + 1}: {load.stages} stage hosts, delays {load.delays_ms} ms, "
+        f"bandwidths {load.bandwidths_mbit} Mbit/s"
+    )
+    fig = network.run(model.path, model.vocab_size, load, run.logs / f"network-r{rnd}", run.log)
+    return {"round": rnd, "preset": model.preset, **fig}
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 
@@ -438,6 +540,7 @@ def execute(opts: Options, out: Path) -> dict:
     rep["model"] = model.to_json()
     rep["pipeline"], rep["monolithic"], rep["zmq_floor"] = [], [], []
     rep["long_prompt"] = []
+    rep["curve"], rep["network"] = [], []
     configs = list(itertools.product(opts.threads, opts.omp_wait_policy))
     payload = model.hidden_size * DTYPE_SIZES[opts.dtype]
     for rnd in range(opts.rounds):
@@ -478,6 +581,12 @@ def execute(opts: Options, out: Path) -> dict:
                 for stages in opts.stages:
                     rec = run_long_prompt(run, model, stages, threads, omp)
                     rep["long_prompt"].append({"round": rnd, **rec})
+            if "curve" in opts.scenarios:
+                for stages in opts.stages:
+                    rep["curve"] += run_curve(run, model, stages, threads, omp, rnd)
+        if "network" in opts.scenarios:
+            threads, omp = configs[0]
+            rep["network"].append(run_network(run, model, threads, omp, rnd))
     if "broker-cpu" in opts.scenarios:
         run.log("broker CPU per forwarded message with fake stages")
         ckpt = presets.ensure_model("demo", log=run.log)
@@ -631,6 +740,8 @@ def targets(rep: dict) -> list[dict]:
             )
     out += _streams_targets(rep["pipeline"])
     out += _long_prompt_targets(rep.get("long_prompt", []))
+    out += _curve_targets(rep.get("curve", []))
+    out += _network_targets(rep.get("network", []))
     bc = rep.get("broker_cpu")
     if bc and bc.get("max_us_per_message") is not None:
         out.append(
@@ -731,6 +842,69 @@ def _long_prompt_targets(records: list[dict]) -> list[dict]:
                 }
             )
     return out
+
+
+def _curve_targets(records: list[dict]) -> list[dict]:
+    """Tokens/s with CURVE on against off, within each round, at batch 1 and 16 streams (the
+    largest concurrency measured stands in for 16 when 16 was not); median over rounds."""
+    out = []
+    by_config: dict[str, dict[int, dict[tuple[int, bool], dict]]] = {}
+    for r in records:
+        by_config.setdefault(_config(r), {}).setdefault(r["concurrency"], {})[
+            (r["round"], r["curve"])
+        ] = r
+    for config, by_c in by_config.items():
+        for c in sorted({1, max(by_c)}):
+            runs = by_c.get(c, {})
+            rounds = sorted({rnd for rnd, _ in runs})
+            per_round = [
+                ratio(runs[(rnd, True)]["tokens_per_s"], runs[(rnd, False)]["tokens_per_s"])
+                for rnd in rounds
+                if (rnd, True) in runs and (rnd, False) in runs
+            ]
+            figure = _median_or_none(per_round)
+            if figure is None:
+                continue
+            out.append(
+                {
+                    "target": f"tokens/s with CURVE vs without, {c} stream{'s' if c > 1 else ''}",
+                    "config": config,
+                    "figure": figure,
+                    "per_round": per_round,
+                    "limit": CURVE_TARGET,
+                    "met": figure >= CURVE_TARGET,
+                }
+            )
+    return out
+
+
+def _network_targets(runs: list[dict]) -> list[dict]:
+    """The most streams measured, at 5 ms one-way per hop against no added delay, within each
+    round's run; median over rounds."""
+    per_round = []
+    streams = None
+    for run_ in runs:
+        records = [r for r in run_.get("records", []) if r["bandwidth_mbit"] is None]
+        if not records:
+            continue
+        streams = max(r["concurrency"] for r in records)
+        at = {r["delay_ms"]: r for r in records if r["concurrency"] == streams}
+        if 0 in at and 5 in at:
+            per_round.append(ratio(at[5]["tokens_per_s"], at[0]["tokens_per_s"]))
+    figure = _median_or_none(per_round)
+    if figure is None:
+        return []
+    first = runs[0]
+    return [
+        {
+            "target": f"{streams} streams' tokens/s at 5 ms one-way per hop vs no delay",
+            "config": f"{first['preset']}, {first['stages']} stage hosts, CURVE, delaying relay",
+            "figure": figure,
+            "per_round": per_round,
+            "limit": DELAY_TARGET,
+            "met": figure >= DELAY_TARGET,
+        }
+    ]
 
 
 def _config(s: dict) -> str:

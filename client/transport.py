@@ -142,7 +142,7 @@ class Link:
             dropped |= event["event"] == zmq.EVENT_DISCONNECTED
             if event["event"] & HANDSHAKE_FAILED and self.refused is None:
                 self.refused = handshake_refusal(
-                    self.url, event["event"], event["value"], self.keys is not None
+                    self.url, event["event"], event["value"], self.keys
                 )
                 if self.refused is not None:
                     log.warning("client_handshake_refused", broker=self.url, reason=self.refused)

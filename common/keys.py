@@ -27,6 +27,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 from zmq.utils import z85
+from zmq.utils.monitor import parse_monitor_message
 
 ROLES = ("stage", "client", "admin")
 ROLE_DIRS = {"stage": "stages", "client": "clients", "admin": "admins"}
@@ -217,16 +218,21 @@ def handshake_refusal(
     url: str,
     event: int,
     value: int,
-    with_keys: bool,
+    keys: PeerKeys | None,
     role: str = "client",
+    sock_type: int = zmq.DEALER,
 ) -> str | None:
-    """What a peer that connects to the broker at `url` is told when its handshake fails
-    (`event`, with the monitor's `value`), or None when the failure says nothing about keys
-    (a peer that is not a broker, a connection to itself): then the wait goes on.
+    """What a peer that connects to the broker at `url` with `keys` (None: without keys) from
+    a socket of `sock_type` is told when its handshake fails (`event`, with the monitor's
+    `value`), or None when the failure says nothing about keys (a peer that is not a broker, a
+    connection to itself, a passing fault): then the wait goes on.
 
     A failure without detail is a peer that dropped the connection mid-handshake: a CURVE
-    broker that could not read our hello (the wrong broker key), or a broker of the other kind
-    that saw our greeting first. The broker's own greeting tells them apart."""
+    broker that could not read our hello (the wrong broker key), a broker of the other kind
+    that saw our greeting first, or a proxy whose far side was not up. The mechanism in the
+    broker's own greeting and, for CURVE, a second handshake with the same keys tell them
+    apart."""
+    with_keys = keys is not None
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return (
             f"the broker at {url} refused this {role}'s key: its public key is not in the "
@@ -241,8 +247,12 @@ def handshake_refusal(
         keyless = with_keys
     elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
         mechanism = peer_mechanism(url)
-        if mechanism in ("NULL", "CURVE"):
-            keyless = mechanism == "NULL"
+        if mechanism == "NULL":
+            keyless = True
+        elif mechanism == "CURVE":
+            if keys is not None and curve_handshake(url, keys, sock_type) is not False:
+                return None  # it succeeds now, or cannot be judged: a passing fault
+            keyless = False
     if keyless is None or (keyless and not with_keys):
         return None  # nothing about keys, or a passing fault of a keyless link
     if keyless:
@@ -259,6 +269,25 @@ def handshake_refusal(
         f"the broker at {url} requires keys; pass this {role}'s certificate (--cert "
         "NAME.key_secret) and the broker's public key (--broker-key broker.key)"
     )
+
+
+def curve_handshake(url: str, keys: PeerKeys, sock_type: int = zmq.DEALER) -> bool | None:
+    """Whether a CURVE handshake with `keys` from a socket of `sock_type` to `url` succeeds
+    (None: no verdict within PROBE_S). Nothing is sent after it."""
+    probe = zmq.Context.instance().socket(sock_type)
+    probe.linger = 0
+    keys.apply(probe)
+    watch = probe.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED)
+    try:
+        probe.connect(url)
+        if not watch.poll(PROBE_S * 1000):
+            return None
+        event = parse_monitor_message(watch.recv_multipart())["event"]
+        return event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+    finally:
+        probe.disable_monitor()
+        watch.close(linger=0)
+        probe.close(linger=0)
 
 
 # How long the probe of a peer's greeting waits for it.

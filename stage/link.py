@@ -188,7 +188,7 @@ class Link:
             if session.monitor in events:
                 event = parse_monitor_message(session.monitor.recv_multipart())
                 reason = handshake_refusal(
-                    cfg.broker, event["event"], event["value"], True, role="stage"
+                    cfg.broker, event["event"], event["value"], cfg.keys, role="stage"
                 )
                 if reason is not None:
                     self.log.error("refused by broker", error=reason)

@@ -183,32 +183,39 @@ def test_a_refused_client_is_told_why_within_seconds(cluster, keys, tmp_path, wh
     assert cluster.status()["ready"]  # the cluster keeps serving
 
 
-def test_a_handshake_dropped_without_detail_is_told_apart_by_the_brokers_greeting(cluster):
+def test_a_handshake_dropped_without_detail_is_told_apart_by_the_brokers_greeting(
+    cluster, keys, tmp_path
+):
     """Which side drops a mismatched handshake first is a race: a peer may see the failure
     without detail. The mechanism in the broker's greeting then tells a broker without keys
-    from a wrong broker key; a peer that sends no greeting says nothing about keys."""
+    from a wrong broker key; a peer that sends no greeting says nothing about keys, and nor
+    does a failure that a second handshake with the same keys does not repeat."""
     no_detail = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    alice = PeerKeys.load(**_keys(keys, "alice"))
+    make_keys(tmp_path / "other", {})
+    wrong = PeerKeys.load(_keys(keys, "alice")["cert"], tmp_path / "other" / "broker.key")
     plain = zmq.Context.instance().socket(zmq.ROUTER)
     plain.linger = 0
     try:
         url = f"tcp://127.0.0.1:{plain.bind_to_random_port('tcp://127.0.0.1')}"
         assert peer_mechanism(url) == "NULL"
-        assert re.search("runs without keys", handshake_refusal(url, no_detail, 0, True))
-        assert handshake_refusal(url, no_detail, 0, False) is None  # a passing fault
+        assert re.search("runs without keys", handshake_refusal(url, no_detail, 0, alice))
+        assert handshake_refusal(url, no_detail, 0, None) is None  # a passing fault
     finally:
         plain.close()
     assert peer_mechanism(cluster.url) == "CURVE"
-    wrong_key = handshake_refusal(cluster.url, no_detail, 0, True, role="stage")
+    wrong_key = handshake_refusal(cluster.url, no_detail, 0, wrong, role="stage")
     assert re.search(r"the broker key given \(--broker-key\) is not", wrong_key)
     assert re.search(r"requires keys; pass this stage's", handshake_refusal(
-        cluster.url, no_detail, 0, False, role="stage"
+        cluster.url, no_detail, 0, None, role="stage"
     ))  # fmt: skip
+    assert handshake_refusal(cluster.url, no_detail, 0, alice) is None  # a passing fault
     # A TCP proxy whose broker is down accepts and closes: no greeting, so no verdict.
     with socket.create_server(("127.0.0.1", 0)) as proxy:
         closer = threading.Thread(target=lambda: proxy.accept()[0].close(), daemon=True)
         closer.start()
         url = f"tcp://127.0.0.1:{proxy.getsockname()[1]}"
-        assert handshake_refusal(url, no_detail, 0, True) is None
+        assert handshake_refusal(url, no_detail, 0, alice) is None
         closer.join(timeout=10)
 
 

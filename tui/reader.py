@@ -141,7 +141,7 @@ class FeedReader:
                     event = parse_monitor_message(watch.recv_multipart())
                     url = self.feed if sock.type == zmq.SUB else self.broker
                     reason = handshake_refusal(
-                        url, event["event"], event["value"], True, role="client"
+                        url, event["event"], event["value"], self.keys, "client", sock.type
                     )
                     if reason is not None:
                         return reason
