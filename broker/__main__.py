@@ -144,9 +144,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-frame-mb", type=int, default=DEFAULT_LIMITS.max_frame_bytes >> 20)
     p.add_argument(
-        "--admin-token", default=None, help="token that authorises DRAIN (admin) commands"
-    )
-    p.add_argument(
         "--feed",
         default=None,
         help="monitor feed PUB endpoint (default: the --bind port + 1; 'none' disables it)",
@@ -311,7 +308,6 @@ def main(argv: list[str] | None = None) -> int:
         settle_s=args.settle,
         rebalance_cooldown_s=args.rebalance_cooldown,
         limits=dataclasses.replace(DEFAULT_LIMITS, max_frame_bytes=args.max_frame_mb << 20),
-        admin_token=args.admin_token,
         tokenizer_chunk_bytes=args.tokenizer_chunk_kb << 10,
         feed=None if feed == "none" else feed,
         keys=keys,

@@ -37,7 +37,7 @@ class Cmd(enum.IntEnum):
     PONG = 0x14  # B->C / B->M yes
     STATUS = 0x15  # C->B or M->B what is the cluster state; B replies STATUS
     JOBS = 0x16  # C->B recent requests; B replies JOBS
-    DRAIN = 0x17  # M->B admin: drain this stage (needs the admin token)
+    DRAIN = 0x17  # M->B admin: drain this stage (needs an admin key on a broker with keys)
     STEPS = 0x18  # C->B several STEPs in one message (the next steps of many requests)
     RESULTS = 0x19  # B->C several RESULTs in one message (a group's logits for one client)
     TOKENIZER = 0x1A  # C->B a chunk of the checkpoint's tokenizer files; B replies TOKENIZER
@@ -389,11 +389,10 @@ class TokenizerQuery(Body, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class Drain(Body, frozen=True, kw_only=True, omit_defaults=True):
-    """Admin: drain `stage` as SIGTERM would; needs the broker's admin token."""
+    """Admin: drain `stage` as SIGTERM would (with keys, only an admin key may)."""
 
     cmd = Cmd.DRAIN
     stage: str
-    token: str
 
 
 # --- broker -> client ----------------------------------------------------------------------

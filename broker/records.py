@@ -75,7 +75,6 @@ class BrokerConfig:
     limits: P.Limits = P.DEFAULT_LIMITS
     # Bytes of the tokenizer bundle per TOKENIZER reply (common.tokenizer_files.CHUNK_BYTES).
     tokenizer_chunk_bytes: int = CHUNK_BYTES
-    admin_token: str | None = None
     # CURVE: the broker's certificate and the keys it allows by role (None: no encryption, for
     # loopback, or off it with `insecure`).
     keys: ServerKeys | None = None

@@ -105,6 +105,7 @@ class Cluster:
         stop_grace_s: float = 0.0,
         own_session: bool = False,
         keys: Path | None = None,
+        bind_host: str = "127.0.0.1",
     ):
         self.model = Path(model)
         # CURVE: a `python -m broker.keys` layout, made here where keys are missing: a key per
@@ -113,6 +114,9 @@ class Cluster:
         if keys is not None:
             make_keys(keys, {"stage": [f"s{i}" for i in range(stages)], "admin": [LAUNCHER_KEY]})
         self.n = stages
+        # The broker binds this host's port; every process here reaches it on 127.0.0.1. Off
+        # loopback a broker without keys starts only with --insecure in `broker_args`.
+        self.bind_host = bind_host
         self.fixed_port = port
         self.feed = feed
         self.threads = threads
@@ -172,7 +176,7 @@ class Cluster:
                 "-m",
                 "broker",
                 "--bind",
-                self.url,
+                f"tcp://{self.bind_host}:{self.port}",
                 "--feed",
                 self.feed_url or "none",
                 "--model",

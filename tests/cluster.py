@@ -21,8 +21,16 @@ class Cluster(launcher.Cluster):
         stage_args: tuple[str, ...] = (),
         log_dir: Path | None = None,
         keys: Path | None = None,
+        bind_host: str = "127.0.0.1",
     ):
-        super().__init__(model, stages, broker_args=broker_args, stage_args=stage_args, keys=keys)
+        super().__init__(
+            model,
+            stages,
+            broker_args=broker_args,
+            stage_args=stage_args,
+            keys=keys,
+            bind_host=bind_host,
+        )
         # LAYERLINE_TEST_LOGS=DIR keeps every cluster's process logs, one folder per cluster.
         kept = os.environ.get("LAYERLINE_TEST_LOGS")
         if log_dir is None and kept:

@@ -1,6 +1,7 @@
-"""CurveZMQ keys: the key maker, a broker that refuses to run open off loopback, and a cluster
-with keys where every role is checked from the key that sent each message. Real processes and
-real sockets on loopback; each refused peer gets a message that names the cause."""
+"""CurveZMQ keys: the key maker, a broker that refuses to run open off loopback (and, run so
+with --insecure, refuses DRAIN), a keyless loopback broker that drains for a local monitor, and
+a cluster with keys where every role is checked from the key that sent each message. Real
+processes and real sockets on loopback; each refused peer gets a message that names the cause."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from tests.test_e2e import prompt_ids, reference_greedy
 from tests.test_tui import next_update
 from tests.wire import step
 from tui.reader import FeedReader
-from tui.records import LinkState, Snapshot
+from tui.records import LinkState, Notice, Snapshot
 
 TOKENS = 12
 # A refused peer must know within a few seconds; this bound leaves room for a loaded machine.
@@ -85,7 +86,7 @@ def test_a_key_removed_from_its_directory_is_forgotten_at_the_next_refresh(tmp_p
     assert not ring.refresh()  # nothing changed since
 
 
-# --- a broker off loopback ------------------------------------------------------------------
+# --- a broker without keys ------------------------------------------------------------------
 
 
 def _broker(checkpoint: Path, *args: str) -> subprocess.Popen:
@@ -103,24 +104,62 @@ def test_a_broker_off_loopback_without_keys_refuses_to_start(checkpoints):
     assert "python -m broker.keys" in out and "--insecure" in out
 
 
-def test_insecure_is_explicit_and_shows_in_status(checkpoints):
+def test_insecure_is_explicit_shows_in_status_and_refuses_drain(checkpoints):
     port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
     proc = _broker(checkpoints["llama"], "--bind", f"tcp://0.0.0.0:{port}", "--insecure")
     try:
         status = None
         deadline = time.monotonic() + 30
         while status is None and time.monotonic() < deadline:
             try:
-                status = query_broker(f"tcp://127.0.0.1:{port}", timeout=1.0)
+                status = query_broker(url, timeout=1.0)
             except BrokerRefused:
                 raise
             except Exception:
                 assert proc.poll() is None, proc.stdout.read()
         assert status is not None and status["security"] == "insecure"
+        # Anyone who reaches the port would be an admin: no one may drain.
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(url)
+        try:
+            sock.send_multipart(P.encode(P.MONITOR_TAG, M.Drain(stage="s0")))
+            assert sock.poll(10_000)
+            reply = P.decode(sock.recv_multipart())
+        finally:
+            sock.close()
+        assert (reply.body.code, reply.body.message) == (
+            Code.UNAUTHORIZED,
+            "DRAIN needs an admin key: start the broker with --keys (this broker runs --insecure)",
+        )
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert '"event": "insecure"' in out
+
+
+def test_a_keyless_broker_on_loopback_lets_a_local_monitor_drain(checkpoints):
+    """On loopback without keys every local process can already register a stage and read
+    hidden states: the host is the trust boundary, and a monitor without keys drains."""
+    with Cluster(checkpoints["llama"], 2) as cluster:
+        assert cluster.status()["security"] == "loopback"
+        updates: queue.SimpleQueue = queue.SimpleQueue()
+        reader = FeedReader(cluster.url, cluster.feed_url, tokenizer_loader=lambda m: None)
+        reader.start(updates.put)
+        try:
+            reader.drain("s1")
+            notice = next_update(updates, Notice, 10)
+            assert (notice.error, notice.message) == (
+                False,
+                "draining s1: its layers move to other stages",
+            )
+        finally:
+            reader.stop()
+        assert cluster.stages["s1"].wait(timeout=30) == 0
+        status = cluster.wait_for(lambda s: s["ready"], 10, "ready")
+        assert [r["stage"] for r in status["map"]] == ["s0"]
+        assert [s["name"] for s in status["stages"]] == ["s0"]
 
 
 # --- a cluster with keys --------------------------------------------------------------------
@@ -236,13 +275,13 @@ def test_each_message_needs_its_role(cluster, keys):
     status = cluster.status()
     assert sorted(s["name"] for s in status["stages"]) == ["s0", "s1"]
     with _raw(cluster, keys, "carol") as sock:
-        sock.send_multipart(P.encode(P.MONITOR_TAG, M.Drain(stage="s0", token="")))
+        sock.send_multipart(P.encode(P.MONITOR_TAG, M.Drain(stage="s0")))
         assert sock.poll(10_000)
         reply = P.decode(sock.recv_multipart())
     assert reply.body.code == Code.UNAUTHORIZED
     assert "DRAIN needs a key of the admin role" in reply.body.message
-    with _raw(cluster, keys, "ops") as sock:  # an admin needs no token: its key is the proof
-        sock.send_multipart(P.encode(P.MONITOR_TAG, M.Drain(stage="nobody", token="")))
+    with _raw(cluster, keys, "ops") as sock:
+        sock.send_multipart(P.encode(P.MONITOR_TAG, M.Drain(stage="nobody")))
         assert sock.poll(10_000)
         reply = P.decode(sock.recv_multipart())
     assert (reply.body.code, reply.body.message) == (Code.BAD_REQUEST, "no stage named 'nobody'")

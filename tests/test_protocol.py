@@ -104,7 +104,7 @@ EXAMPLES: dict[tuple[bytes, bool, Cmd], M.Body] = {
     (P.CLIENT_TAG, False, Cmd.ERROR): M.Error(
         code=Code.BUSY, message="full", rid="r1", seq=2, retry_after_s=0.05
     ),
-    (P.MONITOR_TAG, True, Cmd.DRAIN): M.Drain(stage="s0", token="t"),
+    (P.MONITOR_TAG, True, Cmd.DRAIN): M.Drain(stage="s0"),
 }
 
 

@@ -32,6 +32,10 @@ from tui.widgets import EventLog, MapBar, RequestText, StatusLine, ThroughputPan
 
 NOW = 1_700_000_000.0  # the frozen clock: 2023-11-14 22:13:20 UTC
 EPOCH = 1_699_999_990_000
+# What a broker bound off loopback without keys (--insecure) answers to DRAIN.
+DRAIN_REFUSAL = (
+    "DRAIN needs an admin key: start the broker with --keys (this broker runs --insecure)"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -316,7 +320,7 @@ async def test_help_drain_and_quit_keys():
         await pilot.press("down", "d")
         await pilot.pause()
         assert feed.drained == ["s1"]
-        feed.push(Notice("drain s1 refused: DRAIN needs the broker's admin token", error=True))
+        feed.push(Notice(f"drain s1 refused: {DRAIN_REFUSAL}", error=True))
         await settle(pilot)
         assert any("refused" in str(n.message) for n in app._notifications)
 
@@ -510,7 +514,7 @@ def test_feed_reader_snapshot_tokens_drain_and_broker_loss():
         M.Status,
     )  # fmt: skip
     updates: queue.SimpleQueue = queue.SimpleQueue()
-    reader = FeedReader(broker, feed, admin_token="wrong", lost_after_s=0.5,
+    reader = FeedReader(broker, feed, lost_after_s=0.5,
                         tokenizer_loader=lambda model: WordTokenizer())  # fmt: skip
     reader.start(updates.put)
     try:
@@ -542,14 +546,11 @@ def test_feed_reader_snapshot_tokens_drain_and_broker_loss():
 
         reader.drain("s0")
         ident, msg = next_request(router)
-        assert msg.body == M.Drain(stage="s0", token="wrong")
-        refusal = P.error(P.Code.UNAUTHORIZED, "DRAIN needs the broker's admin token")
+        assert msg.body == M.Drain(stage="s0")
+        refusal = P.error(P.Code.UNAUTHORIZED, DRAIN_REFUSAL)
         router.send_multipart([ident, *P.encode(P.MONITOR_TAG, refusal)])
         notice = next_update(updates, Notice)
-        assert (
-            notice.error
-            and notice.message == "drain s0 refused: DRAIN needs the broker's admin token"
-        )
+        assert notice.error and notice.message == f"drain s0 refused: {DRAIN_REFUSAL}"
 
         # Silence: the broker is lost; messages again: it is back and the snapshot is asked anew.
         lost = next_update(updates, LinkState, 3, lambda u: u.state == "lost")
@@ -569,7 +570,13 @@ def test_feed_reader_snapshot_tokens_drain_and_broker_loss():
 @pytest.mark.timeout(120)
 @pytest.mark.asyncio
 async def test_real_cluster_kill_stage_shows_reshard(checkpoints):
-    with Cluster(checkpoints["llama"], 3, broker_args=("--rebalance-cooldown", "1")) as cluster:
+    # Bound off loopback without keys (--insecure), the broker refuses d's DRAIN.
+    with Cluster(
+        checkpoints["llama"],
+        3,
+        broker_args=("--rebalance-cooldown", "1", "--insecure"),
+        bind_host="0.0.0.0",
+    ) as cluster:
         app = LayerlineApp(FeedReader(cluster.url, cluster.feed_url))
         async with app.run_test(size=(160, 48)) as pilot:
             table = app.query_one(StageTable)
@@ -588,12 +595,13 @@ async def test_real_cluster_kill_stage_shows_reshard(checkpoints):
                 pilot, lambda: str(body.content).strip() == expected, 10, "the request's text"
             )
 
-            # DRAIN without the admin token: the broker's refusal is shown.
+            # DRAIN on an --insecure broker: the broker's refusal is shown.
             table.focus()
+            refused = f"drain {table.selected_stage()} refused: {DRAIN_REFUSAL}"
             await pilot.press("d")
             await wait_until(
                 pilot,
-                lambda: any("refused" in str(n.message) for n in app._notifications),
+                lambda: any(str(n.message) == refused for n in app._notifications),
                 10,
                 "refusal",
             )

@@ -1,4 +1,4 @@
-"""`python -m tui --broker URL [--feed URL] [--admin-token T]`: the live cluster monitor."""
+"""`python -m tui --broker URL [--feed URL] [--cert C --broker-key K]`: the cluster monitor."""
 
 from __future__ import annotations
 
@@ -19,11 +19,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--feed", default=None, help="the broker's feed endpoint (default: the --broker port + 1)"
-    )
-    p.add_argument(
-        "--admin-token",
-        default=os.environ.get("LAYERLINE_ADMIN_TOKEN"),
-        help="the broker's --admin-token, needed by d (drain); or $LAYERLINE_ADMIN_TOKEN",
     )
     p.add_argument(
         "--cert",
@@ -64,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         keys = peer_keys(args.cert, args.broker_key)
-        source = FeedReader(args.broker, args.feed, args.admin_token, keys=keys)
+        source = FeedReader(args.broker, args.feed, keys=keys)
     except ValueError as e:  # KeyFileError is one
         print(f"tui: {e}", file=sys.stderr)
         return 2

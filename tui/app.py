@@ -41,7 +41,7 @@ HELP = """\
 
   [b]q[/b]          quit
   [b]?[/b]          this help (escape closes it)
-  [b]d[/b]          drain the selected stage (needs --admin-token)
+  [b]d[/b]          drain the selected stage (on a broker with keys, --cert must be an admin's)
   [b]r[/b]          show or hide the throughput and requests panels
   [b]tab[/b]        move between the stage table, the event log and the requests
   [b]↑ ↓[/b]        select a stage, or a request to follow its text

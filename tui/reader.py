@@ -58,7 +58,6 @@ class FeedReader:
         self,
         broker: str,
         feed: str | None = None,
-        admin_token: str | None = None,
         *,
         lost_after_s: float = LOST_AFTER_S,
         reply_timeout_s: float = REPLY_TIMEOUT_S,
@@ -68,7 +67,6 @@ class FeedReader:
         self.broker = broker
         self.keys = keys  # CURVE: the monitor's certificate (a client or admin key)
         self.feed = feed or P.feed_endpoint(broker)
-        self.admin_token = admin_token
         self.lost_after_s = lost_after_s
         self.reply_timeout_s = reply_timeout_s
         self.tokenizer_loader = tokenizer_loader
@@ -327,8 +325,7 @@ class FeedReader:
             except queue.Empty:
                 return
             if kind == "drain":
-                drain = M.Drain(stage=stage, token=self.admin_token or "")
-                self._send(dealer, drain, stage=stage)
+                self._send(dealer, M.Drain(stage=stage), stage=stage)
 
     def _expire_pending(self, now: float) -> None:
         for p in [p for p in self._pending if now - p.sent > self.reply_timeout_s]:
