@@ -380,7 +380,8 @@ def test_the_monitor_feed_admits_client_and_admin_keys(cluster, keys, tmp_path, 
         if match is not None:
             assert re.search(match, link.reason), link.reason
         else:
-            assert next_update(updates, Snapshot).ready
+            snapshot = next_update(updates, Snapshot)
+            assert snapshot.ready and snapshot.security == "curve"
     finally:
         reader.stop()
 

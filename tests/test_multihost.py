@@ -22,8 +22,8 @@ from broker import messages as M
 from broker.keys import make_keys
 from client import Client, query_broker
 from layerline.cluster import cluster_env
-from stage.demo_model import ensure_demo_model
 from layerline.netns import Net, unavailable
+from stage.demo_model import ensure_demo_model
 from tests.test_e2e import prompt_ids, reference_greedy
 from tests.test_failover import run_stream
 

@@ -582,6 +582,7 @@ async def test_real_cluster_kill_stage_shows_reshard(checkpoints):
             table = app.query_one(StageTable)
             await wait_until(pilot, lambda: table.row_count == 3, 15, "three stage rows")
             assert "● ready" in rendered(app.query_one(StatusLine))
+            assert "⚠ insecure: no keys off loopback" in rendered(app.query_one(StatusLine))
 
             # Tokens stream into the requests panel (ids: the test checkpoint has no tokenizer).
             prompt = [5, 6, 7, 8]

@@ -28,6 +28,8 @@ class Snapshot:
     model: str | None
     ts: float
     periodic: bool  # from the 0.5 s stats feed: one throughput sample per stage
+    # "curve" (keys), "loopback" (no keys, this host only) or "insecure" (no keys, off loopback)
+    security: str = "loopback"
 
 
 @dataclass(frozen=True)
@@ -87,4 +89,5 @@ def snapshot_of(status: Status, periodic: bool) -> Snapshot:
         model=status.model or None,
         ts=status.ts or time.time(),
         periodic=periodic,
+        security=status.security,
     )

@@ -66,8 +66,11 @@ class StatusLine(Widget):
             else:
                 line.append(" ● not ready ", "bold black on yellow")
                 line.append(f" {snap.reason or ''}", "yellow")
+            if snap.security == "insecure":
+                line.append(" ⚠ insecure: no keys off loopback ", "bold white on red")
             active = sum(1 for r in v.requests if r.status == "active")
             extras = [
+                (" · CURVE" if snap.security == "curve" else "", "green"),
                 (f"  epoch {snap.epoch}", "bold"),
                 (f" · {plural(len(snap.stages), 'stage')}", "dim"),
                 (f" · {plural(active, 'request')}", "dim"),
