@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.run import _streams_targets
+from layerline import netns
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -31,7 +32,7 @@ def smoke(tmp_path_factory) -> dict:
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,
     )
     assert proc.returncode == 0, (
         f"bench --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -41,7 +42,7 @@ def smoke(tmp_path_factory) -> dict:
     return {"report": json.loads(files[0].read_text()), "stdout": proc.stdout}
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_smoke_writes_expected_keys(smoke):
     rep = smoke["report"]
     for key in (
@@ -55,6 +56,8 @@ def test_smoke_writes_expected_keys(smoke):
         "broker_cpu",
         "memory",
         "long_prompt",
+        "curve",
+        "network",
         "targets",
         "plots",
     ):
@@ -64,7 +67,7 @@ def test_smoke_writes_expected_keys(smoke):
     assert "results:" in smoke["stdout"]
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_smoke_pipeline_figures_are_sane(smoke):
     rep = smoke["report"]
     stages = rep["options"]["stages"][0]
@@ -98,7 +101,7 @@ def test_smoke_pipeline_figures_are_sane(smoke):
     assert len(rep["summary"]) == len(concurrency)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_smoke_baselines_and_scenarios(smoke):
     rep = smoke["report"]
     assert {m["batch"] for m in rep["monolithic"]} == set(rep["options"]["concurrency"])
@@ -131,7 +134,50 @@ def test_smoke_baselines_and_scenarios(smoke):
     assert all(isinstance(t["met"], bool) and _positive(t["figure"]) for t in rep["targets"])
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
+def test_smoke_curve_on_and_off_gives_the_same_tokens(smoke):
+    rep = smoke["report"]
+    streams = rep["options"]["curve_concurrency"]
+    runs = {(r["curve"], r["concurrency"]): r for r in rep["curve"]}
+    assert set(runs) == {(curve, c) for curve in (False, True) for c in streams}
+    for c in streams:
+        assert runs[(True, c)]["security"] == "curve"
+        assert runs[(False, c)]["security"] == "loopback"
+        assert runs[(True, c)]["first_token_ids"] == runs[(False, c)]["first_token_ids"]
+    for r in runs.values():
+        assert r["tokens"] > 0 and _positive(r["tokens_per_s"]) and _positive(r["hop_s"]["p50"])
+    names = {t["target"] for t in rep["targets"]}
+    assert "tokens/s with CURVE vs without, 1 stream" in names
+
+
+@pytest.mark.timeout(300)
+def test_smoke_network_delays_every_hop(smoke):
+    rep = smoke["report"]
+    o = rep["options"]
+    (net,) = rep["network"]
+    why_not = netns.unavailable()
+    if why_not is not None:
+        assert net["skipped"] == why_not
+        pytest.skip(why_not)
+    assert net["security"] == "curve" and net["same_output"]
+    assert len(net["map"]) == net["stages"] == o["stages"][0]
+    runs = {(r["delay_ms"], r["bandwidth_mbit"], r["concurrency"]): r for r in net["records"]}
+    assert set(runs) == {
+        (d, None, c) for d in o["network_delays_ms"] for c in o["network_concurrency"]
+    } | {
+        (0, b, c) for b in o["network_bandwidths_mbit"] for c in o["network_bandwidth_concurrency"]
+    }
+    for r in runs.values():
+        assert r["tokens"] == r["requests"] * o["network_gen_len"] and _positive(r["tokens_per_s"])
+    # A token's path crosses 2 x (stages + 1) links, each delayed: the delay bounds its time.
+    delay = max(o["network_delays_ms"]) / 1e3
+    one = runs[(max(o["network_delays_ms"]), None, 1)]
+    assert one["tpot_s"]["p50"] >= 2 * (net["stages"] + 1) * delay
+    assert any("ms one-way per hop" in t["target"] for t in rep["targets"])
+    assert Path(rep["plots"]["network"]).read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.timeout(300)
 def test_smoke_plots_are_pngs(smoke):
     plots = smoke["report"]["plots"]
     assert {"throughput", "breakdown", "broker_cpu"} <= set(plots)
