@@ -220,11 +220,16 @@ def text(rep: dict) -> str:
                 _num(r["tokens_per_s"]),
                 _ms(r["tpot_s"]["p50"]),
                 _us(r["hop_s"]["p50"]),
+                f"{r['foreign_cpu_share']:.0%}" if r.get("foreign_cpu_share") is not None else "-",
             ]
             for r in sorted(rep["curve"], key=lambda r: (r["round"], r["concurrency"], r["curve"]))
         ]
         parts.append("\nCURVE on and off, loopback (tokens/s; per hop: all but compute, p50)")
-        parts.append(_table(["rnd", "CURVE", "streams", "tokens/s", "TPOT p50", "per hop"], rows))
+        parts.append(
+            _table(
+                ["rnd", "CURVE", "streams", "tokens/s", "TPOT p50", "per hop", "other load"], rows
+            )
+        )
     for net in rep.get("network", []):
         if "skipped" in net:
             parts.append(f"\nnetwork round {net['round'] + 1}: skipped ({net['skipped']})")

@@ -8,6 +8,7 @@ load. Summaries take the median over rounds.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import itertools
 import json
@@ -282,9 +283,16 @@ def run_zmq(run: Run, payload: int) -> dict:
 
 
 def _cluster(
-    run: Run, model: presets.Model, stages: int, threads: int, omp: str, name: str
+    run: Run,
+    model: presets.Model,
+    stages: int,
+    threads: int,
+    omp: str,
+    name: str,
+    keys: Path | None = None,
 ) -> Cluster:
-    """A broker and `stages` stages on the run's dtype and device, logging under `name`."""
+    """A broker and `stages` stages on the run's dtype and device, logging under `name`; with
+    CURVE where `keys` names a key layout."""
     o = run.opts
     return Cluster(
         model.path,
@@ -294,6 +302,7 @@ def _cluster(
         device=o.device,
         omp_wait_policy=omp,
         log_dir=run.logs / name,
+        keys=keys,
     )
 
 
@@ -434,28 +443,25 @@ def run_memory(run: Run, threads: int, omp: str) -> dict:
 def run_curve(
     run: Run, model: presets.Model, stages: int, threads: int, omp: str, rnd: int
 ) -> list[dict]:
-    """The same load on a loopback cluster without keys and on one with CURVE on, one after
-    the other (the order alternates by round, so that a drift of the machine favours neither)."""
+    """The same load on a loopback cluster without keys and on one with CURVE on. Both run
+    at once (an idle cluster costs a few heartbeats) and their phases alternate, the order
+    changing by round and by stream count, so that seconds, not minutes, separate the two
+    figures of a ratio and a drift of the machine favours neither."""
     o = run.opts
     records = []
-    for curve in (False, True) if rnd % 2 == 0 else (True, False):
-        name = f"{model.preset}-{stages}st-t{threads}-{omp}-curve-{'on' if curve else 'off'}-r{rnd}"
-        keys = run.logs / f"keys-r{rnd}" if curve else None
-        run.log(f"curve {'on' if curve else 'off'}: {name}")
-        with Cluster(
-            model.path,
-            stages,
-            threads=threads,
-            dtype=o.dtype,
-            device=o.device,
-            omp_wait_policy=omp,
-            log_dir=run.logs / name,
-            keys=keys,
-        ) as cluster:
+    with contextlib.ExitStack() as stack:
+        clusters = {}
+        for curve in (False, True):
+            name = f"{model.preset}-{stages}st-t{threads}-{omp}-curve-{'on' if curve else 'off'}-r{rnd}"
+            keys = run.logs / f"keys-r{rnd}" if curve else None
+            run.log(f"curve {'on' if curve else 'off'}: starting {name}")
+            cluster = stack.enter_context(_cluster(run, model, stages, threads, omp, name, keys))
             status = cluster.status(5.0)
-            names = [r["stage"] for r in status["map"]]
             pipeline.warm_up(cluster.url, model.vocab_size, o.prompt_len, keys)
-            for c in o.curve_concurrency:
+            clusters[curve] = (cluster, keys, status)
+        for i, c in enumerate(o.curve_concurrency):
+            for curve in (False, True) if (rnd + i) % 2 == 0 else (True, False):
+                cluster, keys, status = clusters[curve]
                 phase = pipeline.run_phase(
                     cluster.url,
                     cluster.broker.pid,
@@ -465,9 +471,10 @@ def run_curve(
                     gen_len=o.gen_len,
                     vocab=model.vocab_size,
                     stream=False,
+                    pids=cluster.pids(),
                     keys=keys,
                 )
-                fig = pipeline.analyse(phase, names)
+                fig = pipeline.analyse(phase, [r["stage"] for r in status["map"]])
                 records.append(
                     {
                         "round": rnd,
@@ -483,12 +490,15 @@ def run_curve(
                         "request_tokens_per_s": fig["request_tokens_per_s"],
                         "tpot_s": fig["tpot_s"],
                         "hop_s": fig["hop"]["non_compute_per_hop_s"],
+                        "process_cores": fig["process_cores"],
+                        "foreign_cpu_share": fig["foreign_cpu_share"],
                         "first_token_ids": fig["first_token_ids"],
                     }
                 )
                 run.log(
-                    f"  C={c}: {fig['tokens_per_s']:.1f} tokens/s, per hop "
-                    f"{fig['hop']['non_compute_per_hop_s']['p50'] * 1e6:.0f} us"
+                    f"  CURVE {'on' if curve else 'off'}, C={c}: {fig['tokens_per_s']:.1f} "
+                    f"tokens/s, per hop {fig['hop']['non_compute_per_hop_s']['p50'] * 1e6:.0f} us, "
+                    f"other load {fig['foreign_cpu_share']:.0%} of the cores"
                 )
     return records
 
