@@ -408,7 +408,12 @@ def _network_plot(nets: list[dict], path: Path, plt) -> str:
     for (kind, c), by_x in sorted(points.items()):
         xs = sorted(by_x)
         ax = by_delay if kind == "delay" else by_rate
-        ax.plot(xs, [statistics.median(by_x[x]) for x in xs], marker="o", label=f"{c} streams")
+        ax.plot(
+            xs,
+            [statistics.median(by_x[x]) for x in xs],
+            marker="o",
+            label=f"{c} stream{'s' if c > 1 else ''}",
+        )
     by_delay.set_xlabel("one-way delay added on every hop (ms)")
     by_rate.set_xlabel(f"bandwidth of {nets[0]['limited_host']['stage']}'s link (Mbit/s)")
     by_rate.set_xscale("log")
