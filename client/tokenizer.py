@@ -9,6 +9,7 @@ copy is used where its files pack to the bundle that STATUS names, else fetched 
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,22 @@ class TokenizerFetch:
         return self.info.state == "preparing"
 
     def cached(self) -> bool:
-        """Whether the cache already holds the bundle (its files, unchanged)."""
-        return cached_bundle(self.directory, self.info.sha256)
+        """Whether the cache already holds the bundle (its files, unchanged). Where it does not,
+        the cache must take the files: ClientError now, before anything is fetched, if not."""
+        if cached_bundle(self.directory, self.info.sha256):
+            return True
+        try:
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.directory.parent).close()
+        except OSError as e:
+            raise self._unwritable(e) from None
+        return False
+
+    def _unwritable(self, e: OSError) -> ClientError:
+        return ClientError(
+            f"cannot cache the broker's tokenizer in {self.directory}: {e}; set "
+            "XDG_CACHE_HOME to a writable directory, or pass tokenizer=PATH"
+        )
 
     def next_query(self) -> M.TokenizerQuery | None:
         """The next TOKENIZER request, or None once the whole bundle is here."""
@@ -111,7 +126,4 @@ class TokenizerFetch:
         try:
             install(self.directory, files)
         except OSError as e:
-            raise ClientError(
-                f"cannot cache the broker's tokenizer in {self.directory}: {e}; set "
-                "XDG_CACHE_HOME to a writable directory, or pass tokenizer=PATH"
-            ) from None
+            raise self._unwritable(e) from None
