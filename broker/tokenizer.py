@@ -22,6 +22,7 @@ from common.tokenizer_files import (
     export_dirs,
     pack,
     read_directory,
+    recorded_failure,
 )
 
 log = structlog.get_logger("broker")
@@ -54,6 +55,16 @@ class TokenizerSource:
             done = next((d for d in candidates if d.is_dir()), None)
             if done is not None:
                 self.bundle = pack(read_directory(done))
+                return
+            failed = recorded_failure(candidates)
+            if failed is not None:
+                record, reason = failed
+                log.warning(
+                    "tokenizer_not_served",
+                    model=str(self.path),
+                    reason=f"{reason} (found by an earlier export; delete {record} to export "
+                    "again)",
+                )
                 return
         except (OSError, BundleError) as e:
             log.warning("tokenizer_not_served", model=str(self.path), reason=str(e))

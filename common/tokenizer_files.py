@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -167,3 +169,48 @@ def export_dirs(gguf: Path, fingerprint: str) -> list[Path]:
         gguf.with_name(f"{gguf.name}.layerline-tokenizer-{fingerprint}"),
         cache_dir(fingerprint),
     ]
+
+
+# What an export that found no usable tokenizer leaves in place of the files: the reason and the
+# transformers release that read the file, so that the next start does not export again (16 to
+# 26 s for a real vocabulary) unless transformers changed or the record is deleted.
+FAILED_SUFFIX = ".failed"
+
+
+def _reader_version() -> str | None:
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def failure_record(out: Path) -> Path:
+    """The record of a failed export into `out`."""
+    return out.with_name(out.name + FAILED_SUFFIX)
+
+
+def record_failure(outs: list[Path], reason: str) -> Path | None:
+    """Write the record beside the first of `outs` whose directory takes it; its path."""
+    text = json.dumps({"reason": reason, "transformers": _reader_version()})
+    for out in outs:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            failure_record(out).write_text(text)
+        except OSError:
+            continue
+        return failure_record(out)
+    return None
+
+
+def recorded_failure(outs: list[Path]) -> tuple[Path, str] | None:
+    """An earlier export's failure that still holds (the same transformers release read the
+    file): its record and reason."""
+    for out in outs:
+        path = failure_record(out)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("transformers") == _reader_version():
+            return path, str(record.get("reason"))
+    return None

@@ -5,7 +5,7 @@ The broker never imports transformers, so it runs this once per checkpoint in a 
 
 Usage: ``python -m stage.tokenizer_export FILE.gguf DIR [DIR ...]``: the files go into the first
 DIR that can be written, whose path is printed (exit code 1: none could be; 3: the file holds no
-tokenizer).
+tokenizer, which is recorded beside the first DIR that takes it: `DIR.failed`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common.tokenizer_files import install, read_directory
+from common.tokenizer_files import install, read_directory, record_failure
 
 NOT_WRITTEN = 1
 NO_TOKENIZER = 3
@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files = tokenizer_files(args.gguf)
     except (OSError, ValueError, KeyError) as e:
-        print(f"{args.gguf} holds no usable tokenizer: {e}", file=sys.stderr)
+        reason = f"{args.gguf} holds no usable tokenizer: {e}"
+        record_failure(args.outs, reason)
+        print(reason, file=sys.stderr)
         return NO_TOKENIZER
     errors = []
     for out in args.outs:

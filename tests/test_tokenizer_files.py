@@ -23,10 +23,12 @@ from transformers import AutoTokenizer
 from broker import messages as M
 from broker import protocol as P
 from broker.protocol import Cmd, Code
+from broker.tokenizer import TokenizerSource
 from client import AsyncClient, Client
 from common.checkpoint import CheckpointError, read_checkpoint
 from common.models import builtin_model
-from common.tokenizer_files import BundleError, cache_dir, pack, unpack
+from common.tokenizer_files import BundleError, cache_dir, export_dirs, failure_record, pack, unpack
+from stage import tokenizer_export
 from stage.demo_model import ensure_demo_model
 from tests.cluster import Cluster
 from tests.tiny_gguf import make_gguf
@@ -282,3 +284,30 @@ def test_builtin_model_tokenizer_and_chat_template_are_served(tmp_path, hidden, 
 def _ids(cluster: Cluster) -> set[int]:
     eos = cluster.status()["eos_token_id"]
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def test_a_gguf_without_a_tokenizer_is_exported_once(tmp_path, monkeypatch):
+    """An export that finds no tokenizer in the file says so and records it; the next broker
+    start reads the record instead of exporting again, until transformers changes."""
+    gguf = make_gguf("llama", tmp_path / "bare.gguf", tokenizer=False)
+    use_cache(monkeypatch, tmp_path / "cache")
+    candidates = export_dirs(gguf, read_checkpoint(gguf).fingerprint)
+    export = subprocess.run(
+        [sys.executable, "-m", "stage.tokenizer_export", str(gguf), *map(str, candidates)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert export.returncode == tokenizer_export.NO_TOKENIZER, export.stderr
+    assert "bare.gguf holds no usable tokenizer" in export.stderr
+    record = failure_record(candidates[0])
+    assert "holds no usable tokenizer" in json.loads(record.read_text())["reason"]
+
+    source = TokenizerSource(read_checkpoint(gguf))
+    assert source.export is None and source.info() is None  # not exported again
+
+    stale = json.loads(record.read_text()) | {"transformers": "0.0.0"}
+    record.write_text(json.dumps(stale))
+    source = TokenizerSource(read_checkpoint(gguf))  # another reader: exported again
+    try:
+        assert source.preparing
+    finally:
+        source.close()

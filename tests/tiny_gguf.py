@@ -71,10 +71,12 @@ _GPT2_POSITIONS = 1024
 _GPT2_TRANSPOSED = ("attn_qkv.weight", "ffn_down.weight", "ffn_up.weight", "attn_output.weight")
 
 
-def make_gguf(arch: str, path: Path, quant: str = "F32", seed: int = 0, config=None) -> Path:
+def make_gguf(
+    arch: str, path: Path, quant: str = "F32", seed: int = 0, config=None, tokenizer: bool = True
+) -> Path:
     """Write the tiny `arch` model (seeded with `seed`) to the GGUF file `path`, its 2-D weights
     in `quant` (one of `QUANTS`), and return `path`. `config` replaces the tiny config (a
-    transformers config of the same architecture)."""
+    transformers config of the same architecture); `tokenizer=False` leaves the tokenizer out."""
     import gguf
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (
@@ -105,7 +107,8 @@ def make_gguf(arch: str, path: Path, quant: str = "F32", seed: int = 0, config=N
     writer.add_file_type(_file_type(quant))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_hparams(writer, arch, config)
-    _add_tokenizer(writer, arch, config)
+    if tokenizer:
+        _add_tokenizer(writer, arch, config)
 
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for gguf_name, hf_name in name_map.items():
