@@ -470,6 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f'  .venv/bin/python -c "from client import Client; '
             f"print(Client('{cluster.url}').generate('hello').text)\"\n"
             f"  make tui BROKER={cluster.url}\n"
+            "Serve it to OpenAI clients (http://127.0.0.1:8000/v1) with:\n"
+            f"  .venv/bin/layerline serve --broker {cluster.url} --port 8000\n"
             "Ctrl-C stops the cluster.",
             flush=True,
         )
