@@ -114,6 +114,9 @@ class Gateway:
         )
 
     def token_text(self, token_id: int) -> str:
+        """A token as text; a checkpoint without a tokenizer has only its id to show."""
+        if self.client.tokenizer is None:
+            return str(token_id)
         return self.client.tokenizer.decode([token_id])
 
 

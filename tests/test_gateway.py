@@ -337,13 +337,16 @@ def test_sixteen_concurrent_async_streams_are_each_the_clients_output(
 
 
 @pytest.mark.timeout(120)
-def test_a_client_that_disconnects_mid_stream_frees_every_stage_cache(idle, cluster, demo):
-    body = {"model": demo.name, "prompt": "The river", "max_tokens": LONG, "stream": True}
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_frees_every_stage_cache(idle, cluster, demo, stream):
+    body = {"model": demo.name, "prompt": "The river", "max_tokens": LONG, "stream": stream}
     with capture_logs() as logs:
-        conn, resp = idle.post("/v1/completions", {**body, "temperature": 0})
+        conn = idle.connection()
         try:
-            assert resp.status == 200
-            assert resp.readline().startswith(b"data: ")
+            conn.request("POST", "/v1/completions", json.dumps({**body, "temperature": 0}))
+            if stream:
+                resp = conn.getresponse()
+                assert resp.status == 200 and resp.readline().startswith(b"data: ")
             cluster.wait_for(
                 lambda s: s["requests"] == 1 and stage_caches(s) == 2, 20, "a cache on each stage"
             )
@@ -358,7 +361,7 @@ def test_a_client_that_disconnects_mid_stream_frees_every_stage_cache(idle, clus
         assert jobs[-1]["outcome"] == "cancelled"
         line = _wait_for_log(logs, lambda e: e.get("path") == "/v1/completions")
     assert line["status"] == 499 and line["disconnected"] is True
-    assert line["stream"] is True and line["prompt_tokens"] >= 1
+    assert line["stream"] is stream and line["prompt_tokens"] >= 1
 
 
 def _wait_for_log(logs: list[dict], match, timeout_s: float = 10.0) -> dict:
@@ -406,7 +409,7 @@ def test_invalid_requests_are_refused_400_naming_the_field(idle, demo, fields, p
         idle.sdk().chat.completions.create(**request)
     assert refused.value.status_code == 400
     assert refused.value.param == param
-    assert says in refused.value.message
+    assert says in refused.value.body["message"]
     assert refused.value.type == "invalid_request_error"
 
 
@@ -427,7 +430,7 @@ def test_a_prompt_past_the_context_is_refused_context_length_exceeded(idle, demo
     with pytest.raises(openai.BadRequestError) as refused:
         idle.sdk().completions.create(model=demo.name, prompt="The river", max_tokens=context)
     assert refused.value.code == "context_length_exceeded"
-    assert f"context is {context} tokens" in refused.value.message
+    assert f"context is {context} tokens" in refused.value.body["message"]
     long_prompt = list(range(10, 10 + context))
     with pytest.raises(openai.BadRequestError) as refused:
         idle.sdk().completions.create(model=demo.name, prompt=long_prompt, max_tokens=1)
@@ -437,7 +440,7 @@ def test_a_prompt_past_the_context_is_refused_context_length_exceeded(idle, demo
 def test_an_unknown_model_is_404(idle):
     with pytest.raises(openai.NotFoundError) as refused:
         idle.sdk().chat.completions.create(model="gpt-5", messages=QUESTION, max_tokens=2)
-    assert refused.value.code == "model_not_found" and "gpt-5" in refused.value.message
+    assert refused.value.code == "model_not_found" and "gpt-5" in refused.value.body["message"]
 
 
 @pytest.mark.timeout(120)
@@ -454,7 +457,7 @@ def test_a_full_broker_answers_429_with_retry_after(idle, cluster, demo):
             idle.sdk().completions.create(model=demo.name, prompt="One more", max_tokens=2)
         assert refused.value.status_code == 429 and refused.value.code == "busy"
         assert int(refused.value.response.headers["Retry-After"]) >= 1
-        assert "busy" in refused.value.message
+        assert "busy" in refused.value.body["message"]
     finally:
         for conn in held:
             conn.close()
@@ -476,7 +479,7 @@ def test_a_failing_request_is_500_with_its_reason_and_the_gateway_serves_on(idle
             )
             list(reply) if stream else None
         assert failed.value.status_code == 500
-        assert "nan or inf" in failed.value.message
+        assert "nan or inf" in failed.value.body["message"]
     reply = idle.sdk().completions.create(
         model=demo.name, prompt="The river", max_tokens=3, temperature=0
     )
@@ -562,10 +565,23 @@ def test_an_error_mid_stream_is_a_last_chunk_then_503_while_not_ready(demo, refe
         with pytest.raises(openai.APIError) as failed:
             for _ in chunks:
                 pass
-        assert "not ready" in failed.value.message
+        assert "not ready" in failed.value.body["message"]
         lonely.wait_for(lambda s: not s["ready"], 10, "the cluster not ready")
         status, body = gateway.get("/health")
         assert status == 503 and body["error"]["code"] == "cluster_not_ready"
         with pytest.raises(openai.InternalServerError) as refused:
             gateway.sdk().completions.create(model=demo.name, prompt=prompt, max_tokens=2)
         assert refused.value.status_code == 503 and refused.value.code == "cluster_not_ready"
+
+
+def test_off_loopback_the_gateway_needs_a_key_and_tls(capsys):
+    from gateway.__main__ import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["--host", "0.0.0.0", "--api-key", "k"])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "needs --ssl-certfile" in err and "--insecure" in err
+    with pytest.raises(SystemExit):
+        main(["--host", "0.0.0.0", "--ssl-certfile", "c.pem"])
+    assert "go together" in capsys.readouterr().err
