@@ -225,7 +225,10 @@ async def _generate(
     except Disconnected:
         fields["disconnected"] = True
         return Response(status_code=CLIENT_CLOSED)
-    except Exception as e:
+    except (APIError, ClientError) as e:
+        raise from_client_error(e) from None
+    except Exception as e:  # a 500 that says why; the gateway goes on serving
+        log.exception("gateway_request_failed")
         raise from_client_error(e) from None
     return _EventStream(
         _sse(shape, first, events, fields, body.include_usage),
@@ -451,7 +454,11 @@ def _error_handlers(app: FastAPI) -> None:
         message = f"{request.method} {request.url.path}: {e.detail}"
         return await api_error(request, APIError(e.status_code, message, kind, None))
 
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        return await api_error(request, from_client_error(e))
+
     app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(Exception, unexpected)
     app.add_exception_handler(RequestValidationError, invalid_body)
     app.add_exception_handler(HTTPException, http_error)
 
