@@ -446,8 +446,14 @@ def _error_handlers(app: FastAPI) -> None:
         first = e.errors()[0]
         where = [str(part) for part in first["loc"] if part != "body"]
         param = where[0] if where else None
-        what = ".".join(where) or "the request body"
-        return await api_error(request, APIError.invalid(f"{what}: {first['msg']}", param))
+        if not where:
+            message = (
+                f"the request body must be a JSON object, sent with 'Content-Type: "
+                f"application/json' ({first['msg']})"
+            )
+        else:
+            message = f"{'.'.join(where)}: {first['msg']}"
+        return await api_error(request, APIError.invalid(message, param))
 
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"

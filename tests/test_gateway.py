@@ -343,7 +343,12 @@ def test_a_client_that_disconnects_frees_every_stage_cache(idle, cluster, demo, 
     with capture_logs() as logs:
         conn = idle.connection()
         try:
-            conn.request("POST", "/v1/completions", json.dumps({**body, "temperature": 0}))
+            conn.request(
+                "POST",
+                "/v1/completions",
+                json.dumps({**body, "temperature": 0}),
+                {"Content-Type": "application/json"},
+            )
             if stream:
                 resp = conn.getresponse()
                 assert resp.status == 200 and resp.readline().startswith(b"data: ")
