@@ -298,11 +298,12 @@ class Request:
         if waited >= self.wait_ready_s:
             if self.wait_ready_s:
                 raise NotReadyError(
-                    f"cluster still not ready after waiting {waited:.1f} s: {reason}"
+                    f"cluster still not ready after waiting {waited:.1f} s: {reason}", reason
                 )
             raise NotReadyError(
                 f"cluster not ready: {reason}; nothing was computed. Wait for it with "
-                "wait_ready=SECONDS (command line: --wait-ready SECONDS)"
+                "wait_ready=SECONDS (command line: --wait-ready SECONDS)",
+                reason,
             )
         self.gate = "held"
         told_reason, told_at = self.told

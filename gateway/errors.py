@@ -67,7 +67,10 @@ def from_client_error(e: Exception) -> APIError:
             headers={"Retry-After": str(retry)},
         )
     if isinstance(e, NotReadyError):
-        return APIError(503, e.message, "service_unavailable", "cluster_not_ready")
+        message = e.message
+        if e.reason is not None:  # without the client library's advice, which is not HTTP's
+            message = f"cluster not ready: {e.reason}; GET /health answers 200 once it is"
+        return APIError(503, message, "service_unavailable", "cluster_not_ready")
     if isinstance(e, BrokerUnreachable):
         return APIError(503, str(e), "service_unavailable", "broker_unreachable")
     if isinstance(e, RequestFailed):

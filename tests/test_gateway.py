@@ -577,6 +577,8 @@ def test_an_error_mid_stream_is_a_last_chunk_then_503_while_not_ready(demo, refe
         with pytest.raises(openai.InternalServerError) as refused:
             gateway.sdk().completions.create(model=demo.name, prompt=prompt, max_tokens=2)
         assert refused.value.status_code == 503 and refused.value.code == "cluster_not_ready"
+        assert refused.value.body["message"].startswith("cluster not ready: ")
+        assert "GET /health" in refused.value.body["message"]
 
 
 def test_off_loopback_the_gateway_needs_a_key_and_tls(capsys):
