@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="listen off loopback without an API key or without TLS",
     )
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
 
