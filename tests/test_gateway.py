@@ -22,9 +22,10 @@ import uvicorn
 from structlog.testing import capture_logs
 
 from broker import messages as M
+from broker.keys import make_keys
 from client import Client, query_broker
 from gateway.app import GatewayConfig, create_app
-from layerline.cluster import free_port
+from layerline.cluster import free_port, peer_cert
 from stage.demo_model import ensure_demo_model
 from tests.cluster import Cluster
 from tests.test_e2e import stage_caches
@@ -551,16 +552,21 @@ def test_an_api_key_is_asked_for_and_layerline_serve_runs_the_gateway(cluster, d
 
 
 @pytest.mark.timeout(180)
-def test_an_error_mid_stream_is_a_last_chunk_then_503_while_not_ready(demo, reference):
-    """The only stage dies mid-stream: the stream ends with an error chunk; then the cluster
-    is not ready, and /health and every request say 503."""
+def test_an_error_mid_stream_is_a_last_chunk_then_503_while_not_ready(demo, reference, tmp_path):
+    """On a broker with CURVE keys (the gateway's --cert and --broker-key), the only stage dies
+    mid-stream: the stream ends with an error chunk; then the cluster is not ready, and
+    /health and every request say 503."""
     prompt = "The river"
     # Greedy runs long on this prompt, so the stream is still going when its stage dies.
     assert reference.generate(prompt, max_new_tokens=100).finish_reason == "length"
+    keys = tmp_path / "keys"
+    make_keys(keys, {"client": ["gateway"]})
+    config = dict(cert=str(peer_cert(keys, "gateway")), broker_key=str(keys / "broker.key"))
     with (
-        Cluster(demo, 1, broker_args=("--ready-wait", "1")) as lonely,
-        Gateway(GatewayConfig(lonely.url)) as gateway,
+        Cluster(demo, 1, broker_args=("--ready-wait", "1"), keys=keys) as lonely,
+        Gateway(GatewayConfig(lonely.url, **config)) as gateway,
     ):
+        assert lonely.status()["security"] == "curve"
         stream = gateway.sdk().completions.create(
             model=demo.name, prompt=prompt, max_tokens=LONG, temperature=0, stream=True
         )
