@@ -82,3 +82,11 @@ def test_help_imports_no_torch():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_run_cluster_prints_the_gateway_command():
+    from layerline.cluster import how_to_use
+
+    shown = how_to_use("tcp://127.0.0.1:5555")
+    assert "  .venv/bin/layerline serve --broker tcp://127.0.0.1:5555 --port 8000\n" in shown
+    assert "http://127.0.0.1:8000/v1" in shown
