@@ -598,3 +598,15 @@ def test_off_loopback_the_gateway_needs_a_key_and_tls(capsys):
     with pytest.raises(SystemExit):
         main(["--host", "0.0.0.0", "--ssl-certfile", "c.pem"])
     assert "go together" in capsys.readouterr().err
+
+
+def test_without_a_broker_the_gateway_serves_503_and_says_why():
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+    with Gateway(GatewayConfig(nobody, connect_timeout=0.5)) as gateway:
+        status, body = gateway.get("/health")
+        assert status == 503 and body["error"]["code"] == "broker_unreachable"
+        with pytest.raises(openai.InternalServerError) as refused:
+            gateway.sdk().completions.create(model="any", prompt="hi", max_tokens=2)
+        assert refused.value.status_code == 503 and refused.value.code == "broker_unreachable"
+        status, body = gateway.get("/v1/nowhere")
+        assert status == 404 and body["error"]["type"] == "not_found_error"
