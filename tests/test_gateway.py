@@ -587,7 +587,7 @@ def test_an_error_mid_stream_is_a_last_chunk_then_503_while_not_ready(demo, refe
         assert "GET /health" in refused.value.body["message"]
 
 
-def test_off_loopback_the_gateway_needs_a_key_and_tls(capsys):
+def test_the_command_line_refuses_a_public_gateway_without_key_and_tls_and_a_bad_url(capsys):
     from gateway.__main__ import main
 
     with pytest.raises(SystemExit) as refused:
@@ -598,6 +598,8 @@ def test_off_loopback_the_gateway_needs_a_key_and_tls(capsys):
     with pytest.raises(SystemExit):
         main(["--host", "0.0.0.0", "--ssl-certfile", "c.pem"])
     assert "go together" in capsys.readouterr().err
+    assert main(["--broker", "http://127.0.0.1:5555"]) == 2
+    assert "the broker speaks ZeroMQ" in capsys.readouterr().err
 
 
 def test_without_a_broker_the_gateway_serves_503_and_says_why():
