@@ -116,7 +116,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "on the network could use the cluster, and read the key and the text sent; "
                 "--insecure listens anyway"
             )
-    configure_logging(args.log_level)
     import uvicorn  # deferred, as the client is: --help answers at once
 
     from gateway.app import GatewayConfig, create_app
@@ -134,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClientError as e:  # a bad broker URL or key file
         print(f"gateway: {e}", file=sys.stderr)
         return 2
+    configure_logging(args.log_level)
     scheme = "https" if args.ssl_certfile else "http"
     log.info("gateway_starting", url=f"{scheme}://{args.host}:{args.port}/v1", broker=args.broker)
     uvicorn.run(

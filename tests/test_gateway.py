@@ -18,6 +18,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import structlog
 import uvicorn
 from structlog.testing import capture_logs
 
@@ -97,6 +98,13 @@ class Gateway:
             return resp.status, json.loads(resp.read())
         finally:
             conn.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def default_logging():
+    """The in-process gateways log through structlog's defaults (this test's stdout), whatever
+    an earlier test configured: a stream it configured may be closed by now."""
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="module")
