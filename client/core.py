@@ -22,7 +22,7 @@ from broker import protocol as P
 from broker.protocol import Cmd
 from client import checks
 from client.errors import ClientError, InvalidArgument, RequestTimeout
-from client.sampling import Sampler, check_sampling_args
+from client.sampling import MAX_LOGPROBS, Sampler, check_sampling_args
 from client.session import GenerationResult, Request, as_json, check_prompt, encode_prompt
 from client.tokenizer import PREPARE_POLL_S, PREPARE_WAIT_S, TokenizerFetch, preparing_too_long
 from client.transport import AsyncLink, SyncLink
@@ -214,6 +214,13 @@ class _Frontend:
         # Unless told otherwise, the broker's advice for its stages' devices.
         self.prefill_chunk = self._prefill_chunk or status.prefill_chunk
 
+    def encode(self, prompt: Any, chat: bool = False) -> list[int]:
+        """The token ids a request sends for `prompt` (through the chat template with `chat`):
+        for callers that count or check tokens first, then pass the ids as the prompt."""
+        if self.model is None:
+            raise ClientError("the client is not connected yet: connect first")
+        return encode_prompt(self.tokenizer, prompt, checks.flag(chat, "chat"))
+
     def _request(
         self,
         prompt: Any,
@@ -228,6 +235,7 @@ class _Frontend:
         timeout: float | None,
         ignore_eos: bool,
         wait_ready: float | bool,
+        logprobs: int | None,
     ) -> Request:
         """Validate everything and build the request; nothing is sent yet."""
         max_new_tokens = checks.integer(max_new_tokens, "max_new_tokens", 1)
@@ -236,6 +244,8 @@ class _Frontend:
             checks.seconds(timeout, "timeout")
         checks.flag(chat, "chat")
         checks.flag(ignore_eos, "ignore_eos")
+        if logprobs is not None:
+            checks.integer(logprobs, "logprobs", 0, MAX_LOGPROBS)
         wait_ready_s = _wait_ready_s(wait_ready)
         stops = _stop_strings(stop)
         if stops and self.tokenizer is None:
@@ -255,6 +265,7 @@ class _Frontend:
             prefill_chunk=self.prefill_chunk,
             wait_ready_s=wait_ready_s,
             idle_s=self._idle_timeout,
+            logprobs=logprobs,
         )
 
 
@@ -392,6 +403,7 @@ class Client(_Frontend):
         timeout: float | None = None,
         ignore_eos: bool = False,
         wait_ready: float | bool = False,
+        logprobs: int | None = None,
     ) -> GenerationResult:
         """Generate to the end and return the result (arguments as `stream`)."""
         events = self.stream(
@@ -407,6 +419,7 @@ class Client(_Frontend):
             timeout,
             ignore_eos,
             wait_ready,
+            logprobs,
         )
         # A stream ends right after its one done event: this reads it to the end.
         (done,) = [e for e in events if e["type"] == "done"]
@@ -426,6 +439,7 @@ class Client(_Frontend):
         timeout: float | None = None,
         ignore_eos: bool = False,
         wait_ready: float | bool = False,
+        logprobs: int | None = None,
     ) -> Iterator[dict]:
         """Events as they arrive: token, reshard/replay, waiting, then done.
 
@@ -436,6 +450,9 @@ class Client(_Frontend):
         The request runs at most one token ahead of the reader: a stream not read on stalls,
         is ended (StreamAbandoned) after the client's `idle_timeout`, and is cancelled at once
         when closed or garbage-collected.
+        `logprobs`: k in [0, MAX_LOGPROBS] adds to each token event the model's log-probability
+        of the token (`logprob`) and its k most likely tokens (`top_logprobs`, [id, logprob]
+        pairs), from the raw logits before any sampling setting; the result keeps them too.
         """
         if self._link.closed:
             raise ClientError("client is closed")
@@ -452,6 +469,7 @@ class Client(_Frontend):
             timeout,
             ignore_eos,
             wait_ready,
+            logprobs,
         )
         return self._events(req, timeout)
 
@@ -589,6 +607,7 @@ class AsyncClient(_Frontend):
         timeout: float | None = None,
         ignore_eos: bool = False,
         wait_ready: float | bool = False,
+        logprobs: int | None = None,
     ) -> GenerationResult:
         """Generate to the end and return the result (arguments as `Client.stream`);
         cancelling the task cancels the request."""
@@ -605,6 +624,7 @@ class AsyncClient(_Frontend):
             timeout,
             ignore_eos,
             wait_ready,
+            logprobs,
         )
         try:
             (done,) = [e async for e in events if e["type"] == "done"]
@@ -626,6 +646,7 @@ class AsyncClient(_Frontend):
         timeout: float | None = None,
         ignore_eos: bool = False,
         wait_ready: float | bool = False,
+        logprobs: int | None = None,
     ) -> AsyncIterator[dict]:
         """Events as they arrive, as `Client.stream` (`wait_ready`, back-pressure, idle end);
         closing it, or dropping it unread, cancels the request."""
@@ -643,6 +664,7 @@ class AsyncClient(_Frontend):
             timeout,
             ignore_eos,
             wait_ready,
+            logprobs,
         )
         link = self._link
         link.add(req, time.perf_counter())

@@ -41,10 +41,12 @@ class BusyError(RequestFailed):
 
 
 class NotReadyError(RequestFailed):
-    """The live stages cannot cover the model; the message says what is missing."""
+    """The live stages cannot cover the model; the message says what is missing (`reason`: the
+    broker's own words, where the client knows them apart from its advice)."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, reason: str | None = None):
         super().__init__(str(Code.NOT_READY), message)
+        self.reason = reason
 
 
 class RequestTimeout(ClientError, TimeoutError):

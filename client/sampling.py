@@ -24,6 +24,20 @@ from client.errors import SamplingError
 
 # torch.Generator.manual_seed takes any 64-bit pattern; one range keeps seeds portable.
 MAX_SEED = 2**64 - 1
+# Alternatives reported per token with `logprobs=k`: OpenAI's own bound on top_logprobs. Each
+# costs a top-k over the vocabulary on the client, nothing on the stages.
+MAX_LOGPROBS = 20
+
+
+def token_logprobs(logits: torch.Tensor, token: int, k: int) -> dict:
+    """The model's log-probability of `token` and of its `k` most likely tokens, from the raw
+    logits (before temperature or penalties: the model's own distribution)."""
+    logp = torch.log_softmax(logits.reshape(-1).to(torch.float32), dim=-1)
+    values, ids = torch.topk(logp, min(k, logp.numel()))
+    return {
+        "logprob": float(logp[token]),
+        "top_logprobs": [[int(i), float(v)] for v, i in zip(values, ids, strict=True)],
+    }
 
 
 def check_sampling_args(

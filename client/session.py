@@ -25,7 +25,7 @@ from client.errors import (
     NotReadyError,
     RequestFailed,
 )
-from client.sampling import Sampler
+from client.sampling import Sampler, token_logprobs
 from common.defaults import MAX_REPLAYS
 from common.text import TextAssembler
 
@@ -51,6 +51,8 @@ class GenerationResult:
     ttft_s: float = 0.0
     total_s: float = 0.0
     rid: str = ""
+    # With `logprobs=k`: per generated token, its `logprob` and `top_logprobs` ([id, logprob]).
+    logprobs: list[dict] = field(default_factory=list)
 
 
 class Request:
@@ -68,8 +70,10 @@ class Request:
         max_replays: int = MAX_REPLAYS,
         wait_ready_s: float = 0.0,
         idle_s: float | None = None,
+        logprobs: int | None = None,
     ):
         self.rid = rid
+        self.logprobs = logprobs  # k alternatives per token, or None for no log-probabilities
         # The client's idle_timeout, told to the broker in every step: it ends the request
         # itself when an answer waits that long for its next step (a client whose thread does
         # not run while its stream is not read cannot end it).
@@ -95,6 +99,7 @@ class Request:
         self.replays = 0
         self.generated: list[int] = []
         self.trace: list[dict] = []
+        self.token_logprobs: list[dict] = []
         self.events: list[dict] = []
         self.sent_at = self.started  # when the step of the awaited token was first sent
         self.ttft_s = 0.0
@@ -227,6 +232,10 @@ class Request:
             }
             self.generated.append(token)
             self.trace.append(trace)
+            scores = {}
+            if self.logprobs is not None:
+                scores = token_logprobs(logits, token, self.logprobs)
+                self.token_logprobs.append(scores)
             if not self.unread:
                 self.unread_since = now
             self.unread += 1
@@ -242,7 +251,14 @@ class Request:
             elif reason is None and self.assembler.stop:
                 out.extend(self._advance())
             events.append(
-                {"type": "token", "index": index, "token_id": token, "text": text, "trace": trace}
+                {
+                    "type": "token",
+                    "index": index,
+                    "token_id": token,
+                    "text": text,
+                    "trace": trace,
+                    **scores,
+                }
             )
         if reason is not None:
             out.append(self.end("done"))
@@ -282,11 +298,12 @@ class Request:
         if waited >= self.wait_ready_s:
             if self.wait_ready_s:
                 raise NotReadyError(
-                    f"cluster still not ready after waiting {waited:.1f} s: {reason}"
+                    f"cluster still not ready after waiting {waited:.1f} s: {reason}", reason
                 )
             raise NotReadyError(
                 f"cluster not ready: {reason}; nothing was computed. Wait for it with "
-                "wait_ready=SECONDS (command line: --wait-ready SECONDS)"
+                "wait_ready=SECONDS (command line: --wait-ready SECONDS)",
+                reason,
             )
         self.gate = "held"
         told_reason, told_at = self.told
@@ -319,6 +336,7 @@ class Request:
             ttft_s=self.ttft_s,
             total_s=time.perf_counter() - self.started,
             rid=self.rid,
+            logprobs=self.token_logprobs,
         )
         return self.result
 

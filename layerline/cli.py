@@ -28,6 +28,7 @@ COMMANDS = {
     "status": Command("client.__main__", "the cluster's readiness and layer map", ("status",)),
     "jobs": Command("client.__main__", "recent and active requests", ("jobs",)),
     "tui": Command("tui.__main__", "the live cluster monitor"),
+    "serve": Command("gateway.__main__", "the OpenAI-compatible HTTP API of a running cluster"),
     "run-cluster": Command(
         "layerline.cluster", "a broker and N stages on this machine, with a demo generation"
     ),

@@ -387,6 +387,22 @@ def demo_generation(url: str) -> None:
         )
 
 
+def how_to_use(url: str) -> str:
+    """What `make run-cluster` prints once its cluster is up: how to submit more, watch it and
+    serve it to OpenAI clients."""
+    return (
+        "Submit more with:\n"
+        f"  .venv/bin/layerline generate --broker {url} --chat "
+        "--prompt 'Name three rivers.' --stream\n"
+        f'  .venv/bin/python -c "from client import Client; '
+        f"print(Client('{url}').generate('hello').text)\"\n"
+        f"  make tui BROKER={url}\n"
+        "Serve it to OpenAI clients (http://127.0.0.1:8000/v1) with:\n"
+        f"  .venv/bin/layerline serve --broker {url} --port 8000\n"
+        "Ctrl-C stops the cluster."
+    )
+
+
 def supervise(cluster: Cluster) -> None:
     """Report stages that exit; return when the broker does."""
     # Stages may die or be killed to watch a reshard; the cluster lives as long as its broker.
@@ -463,16 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_map(status), flush=True)
         if not args.no_demo:
             demo_generation(cluster.url)
-        print(
-            "Submit more with:\n"
-            f"  .venv/bin/layerline generate --broker {cluster.url} --chat "
-            "--prompt 'Name three rivers.' --stream\n"
-            f'  .venv/bin/python -c "from client import Client; '
-            f"print(Client('{cluster.url}').generate('hello').text)\"\n"
-            f"  make tui BROKER={cluster.url}\n"
-            "Ctrl-C stops the cluster.",
-            flush=True,
-        )
+        print(how_to_use(cluster.url), flush=True)
         if args.exit_after_demo:
             return 0
         supervise(cluster)

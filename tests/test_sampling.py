@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from client import InvalidArgument, SamplingError
-from client.sampling import Sampler
+from client.sampling import Sampler, token_logprobs
 
 VOCAB = 160
 
@@ -202,3 +202,16 @@ def test_greedy_matches_generate(tiny_llama, repetition_penalty):
         for i in range(new)
     ]
     assert tokens == out.sequences[0, prompt.shape[1] :].tolist()
+
+
+def test_token_logprobs_are_the_models_distribution_in_order():
+    logits = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(3), dtype=torch.float16)
+    token = int(logits.argmax())
+    scores = token_logprobs(logits, 17, 5)
+    exact = torch.log_softmax(logits.float().reshape(-1), dim=-1)
+    assert scores["logprob"] == pytest.approx(float(exact[17]))
+    top = scores["top_logprobs"]
+    assert [i for i, _ in top][0] == token and len(top) == 5
+    assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+    assert all(lp == pytest.approx(float(exact[i])) for i, lp in top)
+    assert token_logprobs(logits, 17, 0)["top_logprobs"] == []
