@@ -49,6 +49,9 @@ SMOKE = {
     "network_bandwidth_concurrency": (1,),
     "network_gen_len": 8,
     "network_requests": 2,
+    "gateway_preset": "demo",
+    "gateway_concurrency": (1, 2),
+    "gateway_gen_len": 8,
 }
 
 
@@ -209,6 +212,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path]:
         help=f"generated tokens per request, network scenario (default {d.network_gen_len})",
     )
     p.add_argument(
+        "--gateway-preset",
+        choices=PRESETS,
+        help=f"model of the gateway scenario, one with a tokenizer (default {d.gateway_preset})",
+    )
+    p.add_argument(
+        "--gateway-concurrency",
+        type=_ints,
+        help="streaming requests at once, through the gateway and direct "
+        f"(default {','.join(map(str, d.gateway_concurrency))})",
+    )
+    p.add_argument(
+        "--gateway-gen-len",
+        type=int,
+        help=f"token cap per request, gateway scenario (default {d.gateway_gen_len})",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=Path("bench-results"),
@@ -247,6 +266,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path]:
         "network_bandwidths_mbit",
         "network_bandwidth_concurrency",
         "network_gen_len",
+        "gateway_preset",
+        "gateway_concurrency",
+        "gateway_gen_len",
     ):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -261,6 +283,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path]:
         "long_streams",
         "prefill_chunk",
         "network_gen_len",
+        "gateway_gen_len",
     ):
         if key in values and values[key] < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")

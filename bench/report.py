@@ -257,6 +257,29 @@ def text(rep: dict) -> str:
                 rows,
             )
         )
+    for gw in rep.get("gateway", []):
+        rows = [
+            [
+                str(p["concurrency"]),
+                _num(p["direct"]["tokens_per_s"]),
+                _num(p["gateway"]["tokens_per_s"]),
+                _num(p["throughput_ratio"], ".3f"),
+                _ms(p["direct"]["ttft_p50_s"]),
+                _ms(p["gateway"]["ttft_p50_s"]),
+                "yes" if p["same_output"] else "NO",
+            ]
+            for p in gw["phases"]
+        ]
+        parts.append(
+            f"\ngateway round {gw['round'] + 1}: {gw['preset']}, streaming; the openai SDK "
+            "through the gateway vs AsyncClient (tokens/s; TTFT p50 ms)"
+        )
+        parts.append(
+            _table(
+                ["streams", "direct", "gateway", "ratio", "TTFT direct", "gateway", "same"],
+                rows,
+            )
+        )
     if rep["targets"]:
         parts.append("\ntargets")
         parts.append(

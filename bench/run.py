@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from bench import brokercpu, longprompt, network, pipeline, presets
+from bench import brokercpu, gateway, longprompt, network, pipeline, presets
 from bench.cluster import Cluster, bench_env, proc_status
 from bench.stats import median, ratio, summary
 from broker.messages import DTYPE_SIZES
@@ -39,6 +39,7 @@ SCENARIOS = (
     "memory",
     "curve",
     "network",
+    "gateway",
 )
 DEFAULT_SCENARIOS = ("pipeline", "monolithic", "zmq")
 
@@ -59,6 +60,8 @@ LONG_P99_TARGET = 3.0  # others' p99 time per token during a long prefill / with
 MEMORY_FACTOR = 1.15
 CURVE_TARGET = 0.95  # tokens/s with CURVE on / off, batch 1 and 16 streams
 DELAY_TARGET = 0.8  # 16 streams' tokens/s at 5 ms one-way per hop / without added delay
+GATEWAY_RATIO_TARGET = 0.95  # 16 streaming requests' tokens/s, gateway + SDK / AsyncClient
+GATEWAY_TTFT_TARGET_S = 0.002  # time to first token added by the gateway, one stream
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,9 @@ class Options:
     network_bandwidth_concurrency: tuple[int, ...] = (1, 16)
     network_gen_len: int = 32
     network_requests: int = 4
+    gateway_preset: str = "smollm2"  # the gateway speaks text: a checkpoint with a tokenizer
+    gateway_concurrency: tuple[int, ...] = (1, 8, 16)
+    gateway_gen_len: int = 32
     smoke: bool = False
 
 
@@ -525,6 +531,28 @@ def run_network(run: Run, model: presets.Model, threads: int, omp: str, rnd: int
     return {"round": rnd, "preset": model.preset, **fig}
 
 
+def run_gateway(run: Run, threads: int, omp: str, rnd: int) -> dict:
+    o = run.opts
+    model = presets.ensure_model(o.gateway_preset, log=run.log)
+    stages = o.stages[0]
+    name = f"gateway-{model.preset}-{stages}st-r{rnd}"
+    run.log(f"gateway round {rnd + 1}: {model.preset} in {stages} stages")
+    with _cluster(run, model, stages, threads, omp, name) as cluster:
+        cluster.status(5.0)
+        fig = gateway.run(
+            cluster.url,
+            model.vocab_size,
+            concurrency=o.gateway_concurrency,
+            requests=o.requests,
+            prompt_len=o.prompt_len,
+            gen_len=o.gateway_gen_len,
+            log_dir=run.logs,
+            rnd=rnd,
+            log=run.log,
+        )
+    return {"round": rnd, "preset": model.preset, "stages": stages, **fig}
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 
@@ -550,7 +578,7 @@ def execute(opts: Options, out: Path) -> dict:
     rep["model"] = model.to_json()
     rep["pipeline"], rep["monolithic"], rep["zmq_floor"] = [], [], []
     rep["long_prompt"] = []
-    rep["curve"], rep["network"] = [], []
+    rep["curve"], rep["network"], rep["gateway"] = [], [], []
     configs = list(itertools.product(opts.threads, opts.omp_wait_policy))
     payload = model.hidden_size * DTYPE_SIZES[opts.dtype]
     for rnd in range(opts.rounds):
@@ -597,6 +625,9 @@ def execute(opts: Options, out: Path) -> dict:
         if "network" in opts.scenarios:
             threads, omp = configs[0]
             rep["network"].append(run_network(run, model, threads, omp, rnd))
+        if "gateway" in opts.scenarios:
+            threads, omp = configs[0]
+            rep["gateway"].append(run_gateway(run, threads, omp, rnd))
     if "broker-cpu" in opts.scenarios:
         run.log("broker CPU per forwarded message with fake stages")
         ckpt = presets.ensure_model("demo", log=run.log)
@@ -752,6 +783,7 @@ def targets(rep: dict) -> list[dict]:
     out += _long_prompt_targets(rep.get("long_prompt", []))
     out += _curve_targets(rep.get("curve", []))
     out += _network_targets(rep.get("network", []))
+    out += _gateway_targets(rep.get("gateway", []))
     bc = rep.get("broker_cpu")
     if bc and bc.get("max_us_per_message") is not None:
         out.append(
@@ -915,6 +947,43 @@ def _network_targets(runs: list[dict]) -> list[dict]:
             "met": figure >= DELAY_TARGET,
         }
     ]
+
+
+def _gateway_targets(runs: list[dict]) -> list[dict]:
+    """The gateway's throughput at the most streams measured and its added time to first token
+    at one stream, each against AsyncClient in the same round; medians over rounds."""
+    phases = [p for r in runs for p in r["phases"]]
+    if not phases:
+        return []
+    most = max(p["concurrency"] for p in phases)
+    config = f"{runs[0]['preset']}, {runs[0]['stages']} stages, streaming, openai SDK"
+    out = []
+    ratios = [p["throughput_ratio"] for p in phases if p["concurrency"] == most]
+    figure = _median_or_none(ratios)
+    out.append(
+        {
+            "target": f"tokens/s through the gateway vs AsyncClient, {most} streams",
+            "config": config,
+            "figure": figure,
+            "per_round": ratios,
+            "limit": GATEWAY_RATIO_TARGET,
+            "met": figure is not None and figure >= GATEWAY_RATIO_TARGET,
+        }
+    )
+    added = [p["ttft_overhead_s"] * 1e3 for p in phases if p["concurrency"] == 1]
+    figure = _median_or_none(added)
+    if figure is not None:
+        out.append(
+            {
+                "target": "time to first token added by the gateway (ms), 1 stream",
+                "config": config,
+                "figure": figure,
+                "per_round": added,
+                "limit": GATEWAY_TTFT_TARGET_S * 1e3,
+                "met": figure <= GATEWAY_TTFT_TARGET_S * 1e3,
+            }
+        )
+    return out
 
 
 def _config(s: dict) -> str:

@@ -58,6 +58,7 @@ def test_smoke_writes_expected_keys(smoke):
         "long_prompt",
         "curve",
         "network",
+        "gateway",
         "targets",
         "plots",
     ):
@@ -175,6 +176,29 @@ def test_smoke_network_delays_every_hop(smoke):
     assert one["tpot_s"]["p50"] >= 2 * (net["stages"] + 1) * delay
     assert any("ms one-way per hop" in t["target"] for t in rep["targets"])
     assert Path(rep["plots"]["network"]).read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.timeout(300)
+def test_smoke_gateway_and_client_give_the_same_text(smoke):
+    rep = smoke["report"]
+    (gw,) = rep["gateway"]
+    assert gw["preset"] == rep["options"]["gateway_preset"]
+    phases = {p["concurrency"]: p for p in gw["phases"]}
+    assert set(phases) == set(rep["options"]["gateway_concurrency"])
+    for p in phases.values():
+        assert p["same_output"]
+        for path in ("direct", "gateway"):
+            fig = p[path]
+            assert (
+                fig["tokens"] > 0
+                and _positive(fig["tokens_per_s"])
+                and _positive(fig["ttft_p50_s"])
+            )
+        assert p["throughput_ratio"] == pytest.approx(
+            p["gateway"]["tokens_per_s"] / p["direct"]["tokens_per_s"]
+        )
+    names = {t["target"] for t in rep["targets"]}
+    assert "time to first token added by the gateway (ms), 1 stream" in names
 
 
 @pytest.mark.timeout(300)
