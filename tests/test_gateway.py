@@ -24,7 +24,7 @@ from structlog.testing import capture_logs
 
 from broker import messages as M
 from broker.keys import make_keys
-from client import Client, query_broker
+from client import AsyncClient, Client, query_broker
 from gateway.app import GatewayConfig, create_app
 from layerline.cluster import free_port, peer_cert
 from stage.demo_model import ensure_demo_model
@@ -459,13 +459,24 @@ def test_an_unknown_model_is_404(idle):
 
 @pytest.mark.timeout(120)
 def test_a_full_broker_answers_429_with_retry_after(idle, cluster, demo):
-    body = {"model": demo.name, "prompt": "The river", "max_tokens": LONG, "stream": True}
-    held = []
+    """The broker is filled by streams that cannot end early (the client library's
+    `ignore_eos`; a greedy stream through the API may meet its end-of-sequence token first),
+    then the gateway's next request is refused busy."""
+    stop = threading.Event()
+
+    async def hold() -> None:
+        async with AsyncClient(cluster.url, tokenizer=None) as client:
+
+            async def one(i: int) -> None:
+                async for _ in client.stream([5, 6, 7, i], max_new_tokens=LONG, ignore_eos=True):
+                    if stop.is_set():
+                        break
+
+            await asyncio.gather(*(one(i) for i in range(CONCURRENT)))
+
+    holder = threading.Thread(target=asyncio.run, args=(hold(),), daemon=True)
+    holder.start()
     try:
-        for i in range(CONCURRENT):
-            conn, resp = idle.post("/v1/completions", {**body, "prompt": f"River {i}"})
-            assert resp.status == 200
-            held.append(conn)
         cluster.wait_for(lambda s: s["requests"] == CONCURRENT, 20, "the broker full")
         with pytest.raises(openai.RateLimitError) as refused:
             idle.sdk().completions.create(model=demo.name, prompt="One more", max_tokens=2)
@@ -473,10 +484,11 @@ def test_a_full_broker_answers_429_with_retry_after(idle, cluster, demo):
         assert int(refused.value.response.headers["Retry-After"]) >= 1
         assert "busy" in refused.value.body["message"]
     finally:
-        for conn in held:
-            conn.close()
+        stop.set()
+        holder.join(timeout=30)
+    assert not holder.is_alive()
     cluster.wait_for(
-        lambda s: s["requests"] == 0 and stage_caches(s) == 0, 20, "the held streams cancelled"
+        lambda s: s["requests"] == 0 and stage_caches(s) == 0, 20, "the held streams ended"
     )
 
 
