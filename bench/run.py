@@ -210,6 +210,9 @@ def stage_memory(cluster: Cluster, status: dict, model_path: Path, dtype: str) -
                 "pid": pid,
                 "share_bytes": share,
                 "runtime_bytes": runtime,
+                "runtime_file_bytes": stage_status[r["stage"]].get("runtime_file_bytes"),
+                # The peak before its first layer; the stage restarts its peak after it.
+                "runtime_peak_bytes": stage_status[r["stage"]].get("runtime_peak_bytes"),
                 "code_bytes": code,
                 "peak_rss_bytes": hwm,
                 "rss_bytes": mem.get("VmRSS"),

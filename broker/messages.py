@@ -167,6 +167,7 @@ class Caps(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     memory_bytes: Count = 0
     runtime_bytes: Count = 0  # resident before any layer: interpreter, libraries, kernel, index
     runtime_file_bytes: Count = 0  # of it, pages mapped from files (libraries' code)
+    runtime_peak_bytes: Count = 0  # the peak before any layer (imports, the checkpoint's index)
     cores: Positive = 1
     threads: Positive = 1
     max_batch: Annotated[int, Meta(ge=1, le=MAX_BATCH)] = 1
@@ -496,6 +497,7 @@ class StageStatus(msgspec.Struct, frozen=True, kw_only=True):
     memory_bytes: Count = 0
     runtime_bytes: Count = 0
     runtime_file_bytes: Count = 0
+    runtime_peak_bytes: Count = 0
     last_seen_s: float = 0.0
     load_s: float | None = None  # its last load of layers, in seconds
 

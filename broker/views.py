@@ -128,6 +128,7 @@ class Views:
             memory_bytes=stage.caps.memory_bytes,
             runtime_bytes=stage.caps.runtime_bytes,
             runtime_file_bytes=stage.caps.runtime_file_bytes,
+            runtime_peak_bytes=stage.caps.runtime_peak_bytes,
             last_seen_s=round(now - stage.last_seen, 3),
             load_s=stage.load_s,
         )

@@ -184,6 +184,11 @@ class Cluster:
                 *dtype,
                 "--expect-stages",
                 str(self.n),
+                # The launcher starts every stage itself: the first map waits for all of them
+                # (not for a quiet spell, which a slow start on a loaded machine outlasts, and
+                # which would load the model onto fewer stages, then reshard).
+                "--settle",
+                str(self.ready_timeout_s),
                 *log_level,
                 *(("--keys", str(self.keys)) if self.keys is not None else ()),
                 *self.broker_args,

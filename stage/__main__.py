@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     from stage.checkpoint import open_checkpoint
     from stage.config import StageConfig
     from stage.devices import check_device, resolve_dtype
+    from stage.resident import reset_peak, resident
     from stage.shard import ShardError
     from stage.worker import StageWorker
 
@@ -240,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         memory_bytes = torch.cuda.mem_get_info()[0]
     else:
         memory_bytes = psutil.virtual_memory().available
-    held = psutil.Process().memory_info()
+    # What the stage holds before any layer, and its peak so far (imports, the checkpoint's
+    # index); the peak restarts here, so the one read later is that of its loads and forwards.
+    held = resident()
+    reset_peak()
     config = StageConfig(
         broker=args.broker,
         keys=keys,
@@ -248,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         name=args.name or f"{socket.gethostname()}-{os.getpid()}",
         memory_bytes=memory_bytes,
         runtime_bytes=held.rss,
-        runtime_file_bytes=held.shared,
+        runtime_file_bytes=held.file,
+        runtime_peak_bytes=held.peak,
         device=args.device,
         dtype=args.dtype,
         threads=args.threads,

@@ -44,6 +44,10 @@ class StageConfig:
     # Of it, pages mapped from files (the libraries' code): clean, shared by the stages of a
     # host, and more of them are mapped as kernels first run, whatever the layers.
     runtime_file_bytes: int = 0
+    # The peak before any layer (imports, parsing the checkpoint's index). The process's peak
+    # is reset after it is read (Linux), so the peak read later is that of the layers' loads
+    # and the forwards.
+    runtime_peak_bytes: int = 0
     keys: PeerKeys | None = None  # CURVE: this stage's certificate and the broker's key
     device: str = "cpu"
     dtype: str = "float32"

@@ -360,6 +360,7 @@ class Link:
             memory_bytes=cfg.memory_bytes,
             runtime_bytes=cfg.runtime_bytes,
             runtime_file_bytes=cfg.runtime_file_bytes,
+            runtime_peak_bytes=cfg.runtime_peak_bytes,
             cores=_cores(),
             threads=cfg.threads,
             max_batch=cfg.max_batch,

@@ -324,7 +324,11 @@ def test_smollm2_answers_the_demo_question_like_transformers(smollm2, smollm2_co
             f"{row['stage']}: peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB for a share of "
             f"{row['share_bytes'] / 2**20:.0f} MiB, a runtime of "
             f"{row['runtime_bytes'] / 2**20:.0f} MiB and {row['code_bytes'] / 2**20:.0f} MiB "
-            f"of code mapped since (limit {row['limit_bytes'] / 2**20:.0f} MiB)"
+            f"of code mapped since (limit {row['limit_bytes'] / 2**20:.0f} MiB); now "
+            f"{row['rss_anon_bytes'] / 2**20:.0f} MiB anonymous and "
+            f"{row['rss_file_bytes'] / 2**20:.0f} MiB from files, against "
+            f"{row['runtime_file_bytes'] / 2**20:.0f} MiB from files and a peak of "
+            f"{row['runtime_peak_bytes'] / 2**20:.0f} MiB before the first layer"
         )
 
 

@@ -299,6 +299,8 @@ def test_ready_and_loaded(llama_stage, checkpoints):
     assert 100 * 2**20 < caps.runtime_bytes < rss_now
     # Of it, the libraries' pages mapped from files: torch's code alone is tens of MiB.
     assert 10 * 2**20 < caps.runtime_file_bytes < caps.runtime_bytes
+    # Its peak until then is at least what it held then.
+    assert caps.runtime_peak_bytes >= caps.runtime_bytes
     assert (loaded.epoch, loaded.start, loaded.end) == (EPOCH, 0, 5)
     assert loaded.weight_bytes > 0 and loaded.load_s >= 0
     # The digest of every tensor it read: all of them, each the broker's.
@@ -970,3 +972,22 @@ def test_a_one_thread_stage_loads_the_row_kernel_at_start_unless_told_not_to(che
     finally:
         for b in brokers.values():
             b.close()
+
+
+def test_the_peak_restarts_from_what_the_process_holds():
+    """A stage reports the peak of its loads and forwards, not that of its imports: the peak
+    restarts when it registers (stage.resident.reset_peak)."""
+    script = (
+        "from stage.resident import reset_peak, resident\n"
+        "block = bytearray(256 * 2**20); block[::4096] = b'x' * len(block[::4096]); del block\n"
+        "before = resident()\n"
+        "assert reset_peak()\n"
+        "after = resident()\n"
+        "print(before.peak, after.peak, after.rss)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    before_peak, after_peak, after_rss = map(int, out.stdout.split())
+    assert before_peak > 256 * 2**20  # the freed block was resident once
+    assert after_peak < 128 * 2**20 and after_peak >= after_rss - 2**20
