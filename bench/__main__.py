@@ -7,6 +7,7 @@ Examples:
   python -m bench --threads 1,2 --omp-wait-policy default,PASSIVE --rounds 3
   python -m bench --scenario broker-cpu,memory
   python -m bench --scenario curve,network --concurrency 1,16 --rounds 3   # network: root
+  python -m bench --scenario weights --llamacpp-python /opt/llamacpp/bin/python
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ SMOKE = {
     "gateway_preset": "demo",
     "gateway_concurrency": (1, 2),
     "gateway_gen_len": 8,
+    "weights_presets": ("demo",),
+    "weights_kinds": ("float32", "q4"),
+    "weights_stages": 2,
+    "weights_streams": 2,
+    "weights_requests": 2,
+    "agreement_prompts": 2,
+    "agreement_prompt_len": 8,
+    "agreement_gen_len": 4,
+    "agreement_ppl_tokens": 64,
 }
 
 
@@ -82,6 +92,24 @@ def _policies(text: str) -> tuple[str, ...]:
     bad = [v for v in values if v not in ("default", "PASSIVE", "ACTIVE")]
     if not values or bad:
         raise argparse.ArgumentTypeError("OpenMP wait policies are default, PASSIVE or ACTIVE")
+    return values
+
+
+def _presets(text: str) -> tuple[str, ...]:
+    values = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [v for v in values if v not in PRESETS]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"presets are {', '.join(PRESETS)}; got {text!r}")
+    return values
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    from common.weights import WEIGHT_KINDS
+
+    values = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [v for v in values if v not in WEIGHT_KINDS]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"--weights kinds are {', '.join(WEIGHT_KINDS)}")
     return values
 
 
@@ -228,6 +256,38 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path]:
         help=f"token cap per request, gateway scenario (default {d.gateway_gen_len})",
     )
     p.add_argument(
+        "--weights-presets",
+        type=_presets,
+        help=f"models of the weights scenario (default {','.join(d.weights_presets)})",
+    )
+    p.add_argument(
+        "--weights-kinds",
+        type=_kinds,
+        help="--weights of the weights scenario's stages "
+        f"(default {','.join(d.weights_kinds)}; native only on a GGUF preset)",
+    )
+    p.add_argument(
+        "--weights-streams",
+        type=int,
+        help=f"streams beside batch 1, weights scenario (default {d.weights_streams})",
+    )
+    p.add_argument(
+        "--no-agreement",
+        dest="weights_agreement",
+        action="store_false",
+        default=None,
+        help="skip the agreement figures of the weights scenario",
+    )
+    p.add_argument(
+        "--agreement-prompts",
+        type=int,
+        help=f"prompts of the agreement figures (default {d.agreement_prompts})",
+    )
+    p.add_argument(
+        "--llamacpp-python",
+        help="a Python with llama-cpp-python: llama.cpp on the same GGUF as the anchor",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=Path("bench-results"),
@@ -269,6 +329,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path]:
         "gateway_preset",
         "gateway_concurrency",
         "gateway_gen_len",
+        "weights_presets",
+        "weights_kinds",
+        "weights_streams",
+        "weights_agreement",
+        "agreement_prompts",
+        "llamacpp_python",
     ):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -284,6 +350,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path]:
         "prefill_chunk",
         "network_gen_len",
         "gateway_gen_len",
+        "weights_streams",
+        "agreement_prompts",
     ):
         if key in values and values[key] < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")

@@ -50,6 +50,7 @@ class Cluster(launcher.Cluster):
         omp_wait_policy: str | None = None,
         log_dir: Path | None = None,
         broker_args: tuple[str, ...] = (),
+        stage_args: tuple[str, ...] = (),
         keys: Path | None = None,
     ):
         super().__init__(
@@ -61,6 +62,7 @@ class Cluster(launcher.Cluster):
             device=device,
             log_level="warning",
             broker_args=broker_args,
+            stage_args=stage_args,
             env=bench_env(omp_wait_policy),
             log_dir=log_dir,
             ready_timeout_s=READY_TIMEOUT_S,

@@ -280,6 +280,7 @@ def text(rep: dict) -> str:
                 rows,
             )
         )
+    parts += _weights_text(rep.get("weights"))
     if rep["targets"]:
         parts.append("\ntargets")
         parts.append(
@@ -298,6 +299,73 @@ def text(rep: dict) -> str:
             )
         )
     return "\n".join(parts)
+
+
+def _weights_text(result: dict | None) -> list[str]:
+    """One table per preset: speed and memory of each --weights kind; then its agreement."""
+    parts: list[str] = []
+    for entry in (result or {}).get("presets", []):
+        rows = []
+        for r in entry["records"]:
+            one, many = r["phases"].get(1), r["phases"].get(max(r["phases"]))
+            mem = r["stage_memory"]
+            rows.append(
+                [
+                    r["weights"],
+                    _num(one["request_tokens_per_s"] if one else None),
+                    _num(many["tokens_per_s"] if many else None),
+                    " / ".join(f"{m['share_bytes'] / 2**20:.0f}" for m in mem),
+                    " / ".join(f"{m['held_ratio']:.3f}" for m in mem),
+                    " / ".join(f"{(m['peak_rss_bytes'] or 0) / 2**20:.0f}" for m in mem),
+                ]
+            )
+        anchor = entry.get("llamacpp")
+        if anchor:
+            rows.append(["llama.cpp", _num(anchor["tokens_per_s"]), "", "", "", ""])
+        streams = max((max(r["phases"]) for r in entry["records"]), default=1)
+        parts.append(
+            f"\nweights {entry['preset']}: batch-1 request tokens/s (p50), {streams} streams "
+            "tokens/s, each stage's weights (MiB), their share of float32, peak RSS (MiB)"
+        )
+        parts.append(
+            _table(
+                ["weights", "batch 1", f"{streams} streams", "weights MiB", "x float32", "peak RSS"],
+                rows,
+            )
+        )
+        agreement = entry.get("agreement")
+        if agreement:
+            ref = agreement["reference"]
+            rows = [
+                [
+                    "float32",
+                    "",
+                    "",
+                    "",
+                    _num(ref["perplexity"], ".3f") if ref["perplexity"] else "",
+                ]
+            ]
+            for kind, k in agreement["kinds"].items():
+                rows.append(
+                    [
+                        kind,
+                        _num(k["max_abs_logit_error"], ".4f"),
+                        _num(k["mean_abs_logit_error"], ".5f"),
+                        _num(k["greedy_agreement"], ".3f"),
+                        _num(k["perplexity"], ".3f") if k["perplexity"] else "",
+                    ]
+                )
+            parts.append(
+                f"agreement with float32 over {agreement['prompts']} prompts of "
+                f"{agreement['prompt_len']} tokens, {agreement['gen_len']} greedy positions each"
+            )
+            parts.append(
+                _table(
+                    ["weights", "max |logit err|", "mean", "greedy agreement", "perplexity"],
+                    rows,
+                )
+            )
+    return parts
 
 
 def write_json(rep: dict, path: Path) -> None:

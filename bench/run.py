@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from bench import brokercpu, gateway, longprompt, network, pipeline, presets
+from bench import brokercpu, gateway, longprompt, network, pipeline, presets, weights
 from bench.cluster import Cluster, bench_env, proc_status
 from bench.stats import median, ratio, summary
 from broker.messages import DTYPE_SIZES
@@ -40,6 +40,7 @@ SCENARIOS = (
     "curve",
     "network",
     "gateway",
+    "weights",
 )
 DEFAULT_SCENARIOS = ("pipeline", "monolithic", "zmq")
 
@@ -58,6 +59,11 @@ LONG_P99_TARGET = 3.0  # others' p99 time per token during a long prefill / with
 # its first layer: the interpreter, torch, transformers, the row kernel, the checkpoint's index;
 # STATUS's `runtime_bytes`) and the library pages mapped since (see `stage_memory`).
 MEMORY_FACTOR = 1.15
+# Quantized weights (the weights scenario).
+WEIGHTS_Q4_BYTES_TARGET = 0.2  # a tinyllama-shape q4 stage's weights / their float32 bytes
+WEIGHTS_SPEEDUP_TARGET = 2.0  # batch-1 decode through q4 stages / through float32 stages
+WEIGHTS_AGREEMENT_TARGET = 0.9  # SmolLM2's native Q4_1 greedy tokens equal to float32's
+WEIGHTS_LLAMACPP_TARGET = 0.35  # native stages' batch 1 / llama.cpp's, same GGUF, same run
 CURVE_TARGET = 0.95  # tokens/s with CURVE on / off, batch 1 and 16 streams
 DELAY_TARGET = 0.8  # 16 streams' tokens/s at 5 ms one-way per hop / without added delay
 GATEWAY_RATIO_TARGET = 0.95  # 16 streaming requests' tokens/s, gateway + SDK / AsyncClient
@@ -101,6 +107,19 @@ class Options:
     gateway_preset: str = "smollm2"  # the gateway speaks text: a checkpoint with a tokenizer
     gateway_concurrency: tuple[int, ...] = (1, 8, 16)
     gateway_gen_len: int = 32
+    weights_presets: tuple[str, ...] = ("small", "tinyllama", "smollm2")
+    weights_kinds: tuple[str, ...] = ("float32", "bfloat16", "int8", "q4", "native")
+    weights_stages: int = 3
+    weights_streams: int = 16
+    weights_requests: int = 4
+    weights_agreement: bool = True
+    agreement_prompts: int = 32
+    agreement_prompt_len: int = 64
+    agreement_gen_len: int = 64
+    agreement_ppl_tokens: int = 4096
+    agreement_threads: int = 2
+    llamacpp_python: str | None = None
+    llamacpp_threads: int = 2
     smoke: bool = False
 
 
@@ -169,13 +188,16 @@ def _gpu() -> str | None:
         return None
 
 
-def stage_shares(model_path: Path, layer_map: list[dict], dtype: str) -> dict[str, int]:
+def stage_shares(
+    model_path: Path, layer_map: list[dict], dtype: str, weights: str | None = None
+) -> dict[str, int]:
     """Bytes of weights each stage of the map must hold: its layers, plus embeddings if
-    first and final norm + head if last, at the run's dtype."""
+    first and final norm + head if last, at the run's dtype (the matrices held as `weights`:
+    what the broker's memory plan counts, and the stage holds)."""
     from stage.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(model_path)
-    layers, first, last = ckpt.role_bytes(DTYPE_SIZES[dtype])
+    layers, first, last = ckpt.role_bytes(DTYPE_SIZES[dtype], weights)
     out = {}
     for r in layer_map:
         share = sum(layers.get(i, 0) for i in range(r["start"], r["end"]))
@@ -185,8 +207,10 @@ def stage_shares(model_path: Path, layer_map: list[dict], dtype: str) -> dict[st
     return out
 
 
-def stage_memory(cluster: Cluster, status: dict, model_path: Path, dtype: str) -> list[dict]:
-    shares = stage_shares(model_path, status["map"], dtype)
+def stage_memory(
+    cluster: Cluster, status: dict, model_path: Path, dtype: str, weights: str | None = None
+) -> list[dict]:
+    shares = stage_shares(model_path, status["map"], dtype, weights)
     stage_status = {s["name"]: s for s in status["stages"]}
     rows = []
     for r in status["map"]:
@@ -645,6 +669,8 @@ def execute(opts: Options, out: Path) -> dict:
         )
     if "memory" in opts.scenarios:
         rep["memory"] = run_memory(run, opts.threads[0], opts.omp_wait_policy[0])
+    if "weights" in opts.scenarios:
+        rep["weights"] = weights.run_weights(run, opts.threads[0], opts.omp_wait_policy[0])
     rep["load_average_end"] = os.getloadavg()
     rep["elapsed_s"] = time.monotonic() - run.started
     derive(rep)
@@ -808,6 +834,7 @@ def targets(rep: dict) -> list[dict]:
                     "met": bc["flatness"] <= BROKER_FLAT_TARGET,
                 }
             )
+    out += _weights_targets(rep.get("weights"))
     mem = rep.get("memory")
     if mem:
         worst = max(mem["stages"], key=lambda r: (r["peak_rss_bytes"] or 0) / r["limit_bytes"])
@@ -993,3 +1020,84 @@ def _config(s: dict) -> str:
     return (
         f"{s['preset']}, {s['stages']} stages, threads {s['threads']}, OMP {s['omp_wait_policy']}"
     )
+
+
+def _weights_targets(result: dict | None) -> list[dict]:
+    """The quantized-weights targets, from one run of the weights scenario."""
+    if not result:
+        return []
+    out = []
+    for entry in result["presets"]:
+        by_kind = {r["weights"]: r for r in entry["records"]}
+        preset = entry["preset"]
+        q4 = by_kind.get("q4")
+        if q4 and preset == "tinyllama":
+            worst = max(r["held_ratio"] for r in q4["stage_memory"])
+            out.append(
+                {
+                    "target": "q4 stage weights / float32 bytes, worst stage",
+                    "config": preset,
+                    "figure": worst,
+                    "limit": WEIGHTS_Q4_BYTES_TARGET,
+                    "met": worst <= WEIGHTS_Q4_BYTES_TARGET,
+                }
+            )
+        for kind in ("q4", "native"):
+            rec = by_kind.get(kind)
+            if rec is None:
+                continue
+            worst = max(
+                (r["peak_rss_bytes"] or 0) / r["quantized_limit_bytes"] for r in rec["stage_memory"]
+            )
+            out.append(
+                {
+                    "target": f"{kind} stage peak RSS / (0.35 x float32 share + runtime + code)",
+                    "config": preset,
+                    "figure": worst,
+                    "limit": 1.0,
+                    "met": worst <= 1.0,
+                }
+            )
+        plain = by_kind.get("float32")
+        for kind in ("q4", "native"):
+            rec = by_kind.get(kind)
+            if rec is None or plain is None:
+                continue
+            figure = ratio(
+                rec["phases"][1]["request_tokens_per_s"], plain["phases"][1]["request_tokens_per_s"]
+            )
+            out.append(
+                {
+                    "target": f"batch-1 decode, {kind} vs float32 stages",
+                    "config": preset,
+                    "figure": figure,
+                    "limit": WEIGHTS_SPEEDUP_TARGET,
+                    "met": figure is not None and figure >= WEIGHTS_SPEEDUP_TARGET,
+                }
+            )
+        agreement = (entry.get("agreement") or {}).get("kinds", {})
+        if preset == "smollm2" and "native" in agreement:
+            figure = agreement["native"]["greedy_agreement"]
+            out.append(
+                {
+                    "target": "greedy agreement with float32, native Q4_1 weights",
+                    "config": preset,
+                    "figure": figure,
+                    "limit": WEIGHTS_AGREEMENT_TARGET,
+                    "met": figure >= WEIGHTS_AGREEMENT_TARGET,
+                }
+            )
+        anchor = entry.get("llamacpp")
+        native = by_kind.get("native")
+        if anchor and native:
+            figure = ratio(native["phases"][1]["request_tokens_per_s"], anchor["tokens_per_s"])
+            out.append(
+                {
+                    "target": "batch-1 decode, native stages vs llama.cpp in one process",
+                    "config": preset,
+                    "figure": figure,
+                    "limit": WEIGHTS_LLAMACPP_TARGET,
+                    "met": figure is not None and figure >= WEIGHTS_LLAMACPP_TARGET,
+                }
+            )
+    return out

@@ -110,10 +110,8 @@ class Broker(Membership, Clients, Routing, Recovery, Views, TokenizerFiles):
                 raise
         self.next_feed = 0.0
 
-        wb = checkpoint.weight_bytes(P.DTYPE_SIZES[config.dtype])
-        self.cost = LayerCost(
-            layer_bytes=wb["layer"], first_extra_bytes=wb["first"], last_extra_bytes=wb["last"]
-        )
+        self.costs: dict[str, LayerCost] = {}
+        self.cost = self.cost_of(config.dtype)
 
         self.stages: dict[str, StageRecord] = {}  # insertion order is the pipeline order
         self.by_ident: dict[bytes, str] = {}
@@ -166,6 +164,16 @@ class Broker(Membership, Clients, Routing, Recovery, Views, TokenizerFiles):
             Cmd.DRAIN: self.on_drain,
             Cmd.TOKENIZER: self.on_tokenizer,
         }
+
+    def cost_of(self, weights: str) -> LayerCost:
+        """Bytes per layer, and of the embeddings and the head, for a stage that holds its
+        weights as `weights` (common/weights.py), in the cluster's compute dtype."""
+        if weights not in self.costs:
+            wb = self.checkpoint.weight_bytes(P.DTYPE_SIZES[self.config.dtype], weights)
+            self.costs[weights] = LayerCost(
+                layer_bytes=wb["layer"], first_extra_bytes=wb["first"], last_extra_bytes=wb["last"]
+            )
+        return self.costs[weights]
 
     # --- the loop ----------------------------------------------------------------------------
 

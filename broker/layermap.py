@@ -22,6 +22,9 @@ class StageCapacity:
 
     name: str
     memory_bytes: int  # budget the stage offers for weights + cache
+    # What its layers cost it, where that differs from the cluster's (a stage that holds its
+    # weights in 4-bit blocks takes several times as many layers in the same memory).
+    cost: LayerCost | None = None
 
     def __post_init__(self) -> None:
         if self.memory_bytes < 0:
@@ -178,7 +181,7 @@ def assign_capacity(
     primary = _largest_budgets(candidates, num_layers)
     names = [s.name for s in primary]
     counts = _apportion(
-        [s.memory_bytes for s in primary],
+        _budgets(primary, cost),
         num_layers,
         [1] * len(primary),
         [num_layers] * len(primary),
@@ -318,6 +321,11 @@ def _largest_budgets(stages: Sequence[StageCapacity], keep: int) -> list[StageCa
     return [stages[i] for i in sorted(ranked[:keep])]
 
 
+def _budgets(stages: Sequence[StageCapacity], cost: LayerCost | None) -> list[int]:
+    """Each stage's memory in the cluster's layers (see `_layer_budget`), as integers."""
+    return [round(_layer_budget(s, cost)) for s in stages]
+
+
 def _apportion(weights: list[int], total: int, lo: list[int], hi: list[int]) -> list[int]:
     """Largest-remainder split of `total` by `weights`, each count within [lo, hi]."""
     # Quotas are lam * weight clamped to [lo, hi], with lam chosen so they sum to `total`; with
@@ -348,6 +356,20 @@ def _apportion(weights: list[int], total: int, lo: list[int], hi: list[int]) -> 
     return counts
 
 
+def _own(stage: StageCapacity, cost: LayerCost) -> LayerCost:
+    """The cost of `stage`'s layers: its own, or the cluster's."""
+    return stage.cost if stage.cost is not None else cost
+
+
+def _layer_budget(stage: StageCapacity, cost: LayerCost | None) -> float:
+    """A stage's memory in the cluster's layers: what layers are apportioned by, so a stage
+    whose layers cost it less takes proportionally more of them."""
+    own = stage.cost
+    if cost is None or own is None or not own.layer_bytes or not cost.layer_bytes:
+        return stage.memory_bytes
+    return stage.memory_bytes * cost.layer_bytes / own.layer_bytes
+
+
 def _max_layers(budget: int, cost: LayerCost, first: bool, last: bool, limit: int) -> int:
     """Most layers (up to `limit`) a stage can hold in the given position."""
     overhead = (
@@ -366,7 +388,7 @@ def _caps(chosen: Sequence[StageCapacity], num_layers: int, cost: LayerCost) -> 
     """Layer capacity of each chosen stage, the first holding embeddings and the last the head."""
     last = len(chosen) - 1
     return [
-        _max_layers(s.memory_bytes, cost, i == 0, i == last, num_layers)
+        _max_layers(s.memory_bytes, _own(s, cost), i == 0, i == last, num_layers)
         for i, s in enumerate(chosen)
     ]
 
@@ -378,7 +400,7 @@ def _fit(chosen: Sequence[StageCapacity], num_layers: int, cost: LayerCost) -> l
     caps = _caps(chosen, num_layers, cost)
     if not _caps_fit(caps, num_layers):
         return None
-    return _apportion([s.memory_bytes for s in chosen], num_layers, [1] * len(chosen), caps)
+    return _apportion(_budgets(chosen, cost), num_layers, [1] * len(chosen), caps)
 
 
 def _even_fit(caps: Sequence[int], num_layers: int, offsets: Sequence[float]) -> list[int]:
@@ -405,7 +427,9 @@ def _best_subset(
     """The subset (in order) that fits with the most stages, then the most memory; or None."""
     # Try each (first, last) pair; between them, every stage that can hold one plain layer only
     # adds capacity, so keep the most capable ones that the layer count allows.
-    inner_caps = [_max_layers(s.memory_bytes, cost, False, False, num_layers) for s in stages]
+    inner_caps = [
+        _max_layers(s.memory_bytes, _own(s, cost), False, False, num_layers) for s in stages
+    ]
     best, best_key = None, None
     for first in range(len(stages)):
         for last in range(first, len(stages)):
@@ -430,11 +454,12 @@ def _shortfalls(
 ) -> list[tuple[StageRange, int, int]]:
     """(range, needed, offered) of every stage in the map that needs more than it offers."""
     offered = {s.name: s.memory_bytes for s in stages}
+    costs = {s.name: _own(s, cost) for s in stages}
     short = []
     for r in layer_map.ranges:
         if r.name not in offered:
             raise ValueError(f"layer map names stage {r.name}, which is not among the stages")
-        needed = cost.stage_bytes(r.start, r.end, layer_map.num_layers)
+        needed = costs[r.name].stage_bytes(r.start, r.end, layer_map.num_layers)
         if needed > offered[r.name]:
             short.append((r, needed, offered[r.name]))
     return short

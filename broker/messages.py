@@ -97,6 +97,8 @@ PrefixHash = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
 Dim = Annotated[int, Meta(ge=0, lt=1 << 31)]
 DType = Literal["float32", "float16", "bfloat16", "int64", "int32", "uint8"]
 ComputeDType = Literal["float32", "bfloat16", "float16"]
+# How a stage holds its weight matrices (common/weights.py WEIGHT_KINDS, and float16).
+WeightKind = Literal["float32", "bfloat16", "float16", "int8", "q4", "native"]
 
 # Bytes per element of each dtype a tensor frame may carry. The broker checks frame lengths
 # with these alone; tensorframes turns frames into torch tensors where a role computes.
@@ -164,6 +166,7 @@ class Caps(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     device: str = "cpu"
     dtype: ComputeDType = "float32"
+    weights: WeightKind = "float32"  # held as: the memory plan counts its bytes per layer
     memory_bytes: Count = 0
     runtime_bytes: Count = 0  # resident before any layer: interpreter, libraries, kernel, index
     runtime_file_bytes: Count = 0  # of it, pages mapped from files (libraries' code)
@@ -483,6 +486,7 @@ class StageStatus(msgspec.Struct, frozen=True, kw_only=True):
     host: str = ""
     pid: int = 0
     device: str = "cpu"
+    weights: WeightKind = "float32"
     credits: Count = 0
     inflight: Count = 0
     queued: Count = 0

@@ -64,7 +64,9 @@ class Recovery:
         self.last_reshard = time.monotonic()
         self.rebalance_at = None
         self.metrics.reshards.labels(cause).inc()
-        caps = [StageCapacity(s.name, s.caps.memory_bytes) for s in order]
+        caps = [
+            StageCapacity(s.name, s.caps.memory_bytes, self.cost_of(s.caps.weights)) for s in order
+        ]
         try:
             if not caps:
                 raise SchedulerError(
@@ -81,8 +83,8 @@ class Recovery:
             )
             self.log.warning("not_ready", reason=self.not_ready_reason)
             self.publish("not_ready", reason=self.not_ready_reason)
-        useful = one_layer_anywhere(self.cost)
         for c in caps:
+            useful = one_layer_anywhere(c.cost or self.cost)
             if c.memory_bytes < useful and (new is None or new.range_of(c.name) is None):
                 self.log.warning(
                     "stage_too_small",

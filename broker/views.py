@@ -111,6 +111,7 @@ class Views:
             host=stage.caps.host,
             pid=stage.caps.pid,
             device=stage.caps.device,
+            weights=stage.caps.weights,
             state=shown_state(stage),
             start=stage.start,
             end=stage.end,

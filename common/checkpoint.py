@@ -19,6 +19,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from common.weights import matrix_bytes
+
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -253,19 +255,36 @@ class CheckpointMeta:
             total += info.numel * (dtype_bytes or DTYPE_BYTES.get(info.dtype, 4))
         return total
 
-    def weight_bytes(self, dtype_bytes: int | None = None) -> dict[str, int]:
+    def weight_bytes(
+        self, dtype_bytes: int | None = None, weights: str | None = None
+    ) -> dict[str, int]:
         """Bytes of weights per role: 'layer' (largest layer), 'first' and 'last' extras."""
-        layers, first, last = self.role_bytes(dtype_bytes)
+        layers, first, last = self.role_bytes(dtype_bytes, weights)
         return {"layer": max(layers.values(), default=0), "first": first, "last": last}
 
-    def role_bytes(self, dtype_bytes: int | None = None) -> tuple[dict[int, int], int, int]:
+    def role_bytes(
+        self, dtype_bytes: int | None = None, weights: str | None = None
+    ) -> tuple[dict[int, int], int, int]:
         """Bytes of each layer's weights, of the first stage's extras (embeddings) and of the
         last's (final norm, head; a tied head counts as a copy of the embedding), at
-        `dtype_bytes` per element (None: as stored)."""
+        `dtype_bytes` per element (None: as stored), with the weight matrices held as
+        `weights` asks (common/weights.py; None: in that dtype too)."""
+
+        def held(key: str, info: TensorInfo) -> int:
+            float_bytes = dtype_bytes or DTYPE_BYTES.get(info.dtype, 4)
+            matrix = self.layer_of(key) is not None or any(
+                k in key for k in _TIED_EMBEDDING_KEYS + _HEAD_KEYS
+            )
+            if weights is None or not matrix or len(info.shape) != 2:
+                return info.numel * float_bytes
+            if weights == "bfloat16":
+                return info.numel * 2
+            return matrix_bytes(info.shape, weights, info.dtype, float_bytes)
+
         per_layer: dict[int, int] = {}
         first = last = 0
         for key, info in self.tensors.items():
-            nbytes = info.numel * (dtype_bytes or DTYPE_BYTES.get(info.dtype, 4))
+            nbytes = held(key, info)
             layer = self.layer_of(key)
             if layer is not None:
                 per_layer[layer] = per_layer.get(layer, 0) + nbytes
@@ -278,7 +297,7 @@ class CheckpointMeta:
         ):
             last += max(
                 (
-                    info.numel * (dtype_bytes or DTYPE_BYTES.get(info.dtype, 4))
+                    held(k, info)
                     for k, info in self.tensors.items()
                     if any(t in k for t in _TIED_EMBEDDING_KEYS)
                 ),

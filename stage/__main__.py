@@ -19,6 +19,7 @@ from broker.messages import COMPUTE_DTYPES, MAX_BATCH, MAX_CREDITS, MAX_NAME_LEN
 from common.defaults import DEAD_AFTER_S, DEFAULT_DEMO_DIR, HEARTBEAT_S
 from common.keys import KeyFileError, peer_keys
 from common.models import builtin_model
+from common.weights import QUANTIZED_KINDS, WEIGHT_KINDS
 from stage.config import (
     DEFAULT_CREDITS,
     DEFAULT_DRAIN_TIMEOUT_S,
@@ -87,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", choices=DEVICE_CHOICES)
     p.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES)
+    p.add_argument(
+        "--weights",
+        choices=WEIGHT_KINDS,
+        default=None,
+        help="how the weight matrices are held: float32 or bfloat16, or int8 or q4 blocks "
+        "(quantized at load), or native (a GGUF file's own blocks); the products of the last "
+        "three are not bit-exact (default: as --dtype, exact)",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -211,12 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     from stage.devices import check_device, resolve_dtype
     from stage.resident import reset_peak, resident
     from stage.shard import ShardError
+    from stage.weights import held_weights
     from stage.worker import StageWorker
 
     try:
-        check_device(args.device, resolve_dtype(args.dtype))
+        device = check_device(args.device, resolve_dtype(args.dtype))
+        held, convert = held_weights(args.weights or args.dtype, resolve_dtype(args.dtype), device)
     except ShardError as e:
         _fail(str(e))
+    args.weights = held
     model = args.model
     try:
         if model == DEFAULT_DEMO_DIR:
@@ -230,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # The row kernel runs on one thread only; with more, BLAS's products use them all.
     row_kernel = args.row_kernel and args.device == "cpu" and args.threads == 1
+    if convert in QUANTIZED_KINDS:
+        from stage import quant  # noqa: F401  (its kernels compiled or loaded now, as below)
     if row_kernel:
         # Compiled or loaded from its cache now: before the memory on offer is measured, and
         # before the stage registers, so that no ASSIGN waits for it.
@@ -256,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime_peak_bytes=held.peak,
         device=args.device,
         dtype=args.dtype,
+        weights=args.weights,
         threads=args.threads,
         credits=args.credits,
         max_batch=args.max_batch,

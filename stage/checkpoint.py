@@ -69,6 +69,11 @@ class Checkpoint(CheckpointMeta):
                 raise CheckpointError(f"cannot read tensors from {path}: {e}") from e
         return out
 
+    def read_blocks(self, key: str, digests: dict[str, bytes] | None = None):
+        """A matrix in the file's own quantized blocks (a stage/quant.QuantWeight), or None
+        where the file holds it otherwise: only GGUF files have blocks."""
+        return None
+
 
 def tensor_digest(stored: torch.Tensor) -> bytes:
     """The digest of a tensor's bytes as the file stores them (safetensors: little-endian, in

@@ -560,6 +560,7 @@ class Compute:
                     device=self.device,
                     reuse=old,
                     row_kernel=self.config.row_kernel,
+                    weights=self.config.weights,
                 )
             except Exception as e:
                 # A reused layer may already have been renumbered for the new shard: the old

@@ -23,6 +23,7 @@ from transformers import PretrainedConfig
 
 from common.checkpoint import DIGEST_BYTES, CheckpointError, new_digest
 from common.gguf import GGUFFile, GGUFMeta, GGUFTensor
+from common.weights import LOSSLESS_NATIVE
 from stage.checkpoint import Checkpoint, check_finite
 
 
@@ -74,6 +75,37 @@ class GGUFCheckpoint(Checkpoint):
                     digests[key] = blocks.digest()[:DIGEST_BYTES]
                 out[local] = self._to_torch(key, weights, dtype, device)
         return out
+
+    def read_blocks(self, key: str, digests: dict[str, bytes] | None = None):
+        """The matrix `key` in the file's own blocks, where a block format holds its GGML type
+        without loss and transformers' processor only reorders its rows (stage.weights), with
+        the digest of its bytes in `digests`; None otherwise (the caller dequantizes)."""
+        from gguf import GGMLQuantizationType
+
+        from stage import quant
+        from stage.weights import row_permutation
+
+        info = self.gguf.tensors[key]
+        kind = GGMLQuantizationType(info.ggml_type).name
+        if kind not in LOSSLESS_NATIVE or len(info.shape) != 2:
+            return None
+        order = row_permutation(self._processor, key, info.shape[0], self._mapping)
+        if order is None or tuple(info.shape) != tuple(self._shapes[key]):
+            return None
+        blocks = new_digest()
+        with open(self.path, "rb") as f:
+            raw = _read(f, info, 0, info.nbytes, blocks)
+        held = quant.from_gguf(raw, kind, tuple(info.shape))
+        del raw
+        if held is None:
+            return None
+        if not np.array_equal(order, np.arange(info.shape[0])):
+            held = held.select_rows(torch.from_numpy(order))
+        for part in (held.scales, held.offsets):
+            check_finite(self.path, key, part, part)
+        if digests is not None:
+            digests[key] = blocks.digest()[:DIGEST_BYTES]
+        return held
 
     def _to_torch(
         self, key: str, weights: np.ndarray, dtype: torch.dtype, device: torch.device

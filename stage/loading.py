@@ -29,6 +29,7 @@ from stage.checkpoint import Checkpoint, open_checkpoint
 from stage.devices import check_device, resolve_dtype
 from stage.products import load_row_kernel, skinny_linears
 from stage.shard import Shard, ShardError
+from stage.weights import block_matrices, held_weights, install, read_matrix, tied_head
 
 
 def load_shard(
@@ -40,13 +41,16 @@ def load_shard(
     device: str | torch.device = "cpu",
     reuse: Shard | None = None,
     row_kernel: bool = True,
+    weights: str = "float32",
 ) -> Shard:
     """Build layers [start, end) of a checkpoint, reading only their own tensors.
 
     With `reuse`, layers (and embeddings or head) that shard already holds are moved over
     instead of read again: a reshard loads only what is new. With `row_kernel`, a float32
     CPU shard multiplies decode groups with stage.kernels' row kernel when it runs on one
-    thread (see RowKernelLinear); it costs the process numba's runtime, once.
+    thread (see RowKernelLinear); it costs the process numba's runtime, once. `weights`
+    (common/weights.py) holds the weight matrices in bfloat16 or in quantized blocks; the
+    compute dtype stays `dtype`.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     num_layers = ckpt.num_layers
@@ -60,6 +64,8 @@ def load_shard(
         )
     torch_dtype = resolve_dtype(dtype)
     dev = check_device(device, torch_dtype)
+    # The kind the stage holds, and the conversion its matrices take ("float32": none).
+    weights, convert = held_weights(weights, torch_dtype, dev)
     adapter = adapter_for(ckpt.config)
 
     # The skeleton has end - start layers: local layer i is global layer start + i, and the
@@ -74,6 +80,7 @@ def load_shard(
         reuse.checkpoint.fingerprint != ckpt.fingerprint
         or reuse.dtype != torch_dtype
         or reuse.device != dev
+        or reuse.weights != weights
     ):
         reuse = None
     skinny = dev.type == "cpu" and torch_dtype == torch.float32
@@ -93,7 +100,16 @@ def load_shard(
             _keep_digests(layer, f"{adapter.layers}.{g}", ckpt, reuse, digests)
         else:
             layer = build_layer(layer_cls, full_config, g)
-            _fill(layer, f"layers.{i}", f"{adapter.layers}.{g}", ckpt, torch_dtype, dev, digests)
+            layer = _fill(
+                layer,
+                f"layers.{i}",
+                f"{adapter.layers}.{g}",
+                ckpt,
+                torch_dtype,
+                dev,
+                digests,
+                weights=convert,
+            )
             if skinny:
                 skinny_linears(layer, row_kernel)
         rebuilt.append(layer)
@@ -111,8 +127,16 @@ def load_shard(
                 parts[role] = getattr(reuse, role)
                 _keep_digests(parts[role], getattr(adapter, role), ckpt, reuse, digests)
             elif module is not None:
-                _fill(module, role, getattr(adapter, role), ckpt, torch_dtype, dev, digests)
-                parts[role] = module
+                parts[role] = _fill(
+                    module,
+                    role,
+                    getattr(adapter, role),
+                    ckpt,
+                    torch_dtype,
+                    dev,
+                    digests,
+                    weights=convert if role == "embed" else "float32",
+                )
     tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
     fallback = {"weight": ckpt.key_for(f"{adapter.embed}.weight")} if tied else None
     if end == num_layers and reuse is not None and reuse.last:
@@ -124,9 +148,19 @@ def load_shard(
         _fill(parts["norm"], "norm", adapter.norm, ckpt, torch_dtype, dev, digests)
         head = adapter.module(skeleton, "head")
         if tied and parts["embed"] is not None and ckpt.key_for(f"{adapter.head}.weight") is None:
-            head.weight = parts["embed"].weight  # one matrix, as in the monolithic model
+            head = tied_head(head, parts["embed"])  # one matrix, as in the monolithic model
         else:
-            _fill(head, "head", adapter.head, ckpt, torch_dtype, dev, digests, fallback)
+            head = _fill(
+                head,
+                "head",
+                adapter.head,
+                ckpt,
+                torch_dtype,
+                dev,
+                digests,
+                fallback,
+                weights=convert,
+            )
         parts["head"] = head
 
     # Cache slots are renumbered only now: a load that failed above leaves `reuse` intact.
@@ -152,6 +186,7 @@ def load_shard(
         max_positions=ckpt.context_length,
         vocab_size=int(ckpt.config.vocab_size),
         row_kernel=row_kernel,
+        weights=weights,
         digests=digests,
         **parts,
     )
@@ -214,17 +249,33 @@ def _fill(
     device: torch.device,
     digests: dict[str, bytes],
     fallback: dict[str, str] | None = None,
-) -> None:
+    *,
+    weights: str = "float32",
+) -> nn.Module:
+    """Fill `module` from the checkpoint; with `weights`, its weight matrices are read one at a
+    time into their held form (stage.weights) and put in place of their float submodules.
+    Returns the module (a new one where `module` itself was such a matrix)."""
     wanted = _wanted(module, local_prefix, ckpt_prefix, checkpoint, fallback)
-    tensors = checkpoint.read_tensors(wanted, dtype, device, digests)
+    matrices = block_matrices(module, weights, checkpoint, wanted)
+    tensors = checkpoint.read_tensors(
+        {name: key for name, key in wanted.items() if name not in matrices}, dtype, device, digests
+    )
     try:
-        module.load_state_dict(tensors, strict=True, assign=True)
+        missing, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
+        if set(missing) != set(matrices) or unexpected:
+            module.load_state_dict(tensors, strict=True, assign=True)  # raises, naming them
     except RuntimeError as e:
         raise CheckpointError(
             f"{checkpoint.path}: tensors for {ckpt_prefix} do not fit: {e}"
         ) from e
+    for local, (name, role, bits) in matrices.items():
+        held = read_matrix(checkpoint, wanted[local], role, bits, weights == "native", digests)
+        bias = getattr(module.get_submodule(name) if name else module, "bias", None)
+        module = install(module, name, role, held, bias)
+        _trim_heap()
     _materialize_buffers(module, device)
     _trim_heap()
+    return module
 
 
 def _materialize_buffers(module: nn.Module, device: torch.device) -> None:

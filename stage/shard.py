@@ -87,6 +87,9 @@ class Shard:
     vocab_size: int = 0
     # A decode group's products take stage.kernels' row kernel (see RowKernelLinear).
     row_kernel: bool = False
+    # How the weight matrices are held (common/weights.py): the compute dtype's name, or a
+    # bfloat16 or block form.
+    weights: str = "float32"
     # The digest of each checkpoint tensor the shard holds, of its bytes as the file stores
     # them (`stage.checkpoint.tensor_digest`): what LOADED reports.
     digests: dict[str, bytes] = field(default_factory=dict, repr=False)
@@ -119,13 +122,19 @@ class Shard:
         return [m for m in parts if m is not None]
 
     def weight_bytes(self) -> int:
+        """Bytes of the weights held: parameters, and the buffers of matrices held in blocks
+        (stage/quant.py); a tensor shared by two modules (a tied head) counts once."""
         seen: set[int] = set()
         total = 0
         for module in self.modules():
-            for p in module.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    total += p.numel() * p.element_size()
+            tensors = list(module.parameters())
+            for sub in module.modules():
+                if getattr(sub, "holds_blocks", False):
+                    tensors.extend(sub.buffers(recurse=False))
+            for t in tensors:
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
         return total
 
     def new_cache(self) -> KVState:

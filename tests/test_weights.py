@@ -1,0 +1,196 @@
+"""`--weights`: a stage holds its weight matrices in float32, bfloat16, or 8- or 4-bit blocks
+(a GGUF file's own, `native`), the broker's memory plan counts those bytes, and stages holding
+different kinds serve one model through real processes."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from broker.layermap import LayerCost, StageCapacity, plan
+from client import Client
+from common.checkpoint import read_checkpoint
+from common.weights import block_bytes
+from stage.checkpoint import open_checkpoint
+from stage.loading import load_shard
+from tests.cluster import Cluster
+from tests.test_e2e import prompt_ids
+from tests.tiny_gguf import make_gguf
+
+KINDS = ("float32", "bfloat16", "int8", "q4")
+TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tmp_path_factory) -> Path:
+    """A tiny llama GGUF whose matrices are Q4_0 blocks (its embedding too)."""
+    return make_gguf("llama", tmp_path_factory.mktemp("w") / "tiny-q4.gguf", "Q4_0", seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_q8(tmp_path_factory) -> Path:
+    return make_gguf("llama", tmp_path_factory.mktemp("w") / "tiny-q8.gguf", "Q8_0", seed=4)
+
+
+def _plan_bytes(path: Path, start: int, end: int, kind: str) -> int:
+    """What the broker's plan counts for layers [start, end) held as `kind`."""
+    meta = read_checkpoint(path)
+    layers, first, last = meta.role_bytes(4, kind)
+    n = meta.num_layers
+    total = sum(layers[i] for i in range(start, end))
+    return total + (first if start == 0 else 0) + (last if end == n else 0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("span", [(0, 2), (1, 3), (2, 5)])
+def test_the_plan_counts_the_bytes_a_float_checkpoint_stage_holds(checkpoints, kind, span):
+    """The broker plans with the bytes the stage will hold: the loaded shard's weights are
+    exactly what `role_bytes` counts for its range, in every kind."""
+    start, end = span
+    shard = load_shard(checkpoints["llama"], start, end, weights=kind)
+    assert shard.weights == kind
+    assert shard.weight_bytes() == _plan_bytes(checkpoints["llama"], start, end, kind)
+
+
+@pytest.mark.parametrize("kind", ("float32", "int8", "q4", "native"))
+@pytest.mark.parametrize("fixture", ["tiny_q4", "tiny_q8"])
+def test_the_plan_counts_the_bytes_a_gguf_stage_holds(request, fixture, kind):
+    path = request.getfixturevalue(fixture)
+    n = read_checkpoint(path).num_layers
+    for start, end in ((0, 2), (2, n), (0, n)):
+        shard = load_shard(path, start, end, weights=kind)
+        assert shard.weight_bytes() == _plan_bytes(path, start, end, kind), (start, end)
+
+
+def test_block_kinds_hold_a_fraction_of_float32(checkpoints):
+    """4-bit blocks of 32 weights take 16 bytes of codes and 8 of scale and offset: 24 bytes
+    for 128 of float32 (0.1875); 8-bit ones 40 (0.3125). Norms and biases stay float32, so
+    a layer's share is a little above those ratios."""
+    assert block_bytes(4) == 24 and block_bytes(8) == 40
+    path = checkpoints["llama"]
+    f32 = _plan_bytes(path, 1, 3, "float32")
+    assert 0.1875 < _plan_bytes(path, 1, 3, "q4") / f32 < 0.2
+    assert 0.3125 < _plan_bytes(path, 1, 3, "int8") / f32 < 0.33
+    assert _plan_bytes(path, 1, 3, "bfloat16") / f32 < 0.51
+
+
+def test_native_keeps_the_files_blocks_and_their_values(tiny_q4):
+    """`native` holds the GGUF's Q4_0 blocks as they are: every weight the same value as the
+    file's dequantized float32, so the products differ from float32's only in their order of
+    summation (no requantization error)."""
+    native = load_shard(tiny_q4, 0, 2, weights="native")
+    plain = load_shard(tiny_q4, 0, 2, weights="float32")
+    q = native.layers[0].self_attn.q_proj
+    assert torch.equal(q.held.dequantize(), plain.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(native.embed.held.dequantize(), plain.embed.weight)
+    # The same digests as a float32 stage: the bytes read are the file's either way.
+    assert native.digests == plain.digests
+
+
+def test_a_stage_holding_blocks_takes_more_layers():
+    """Two stages offering the same memory: the one holding 4-bit blocks takes as many more
+    layers as its layers cost it less."""
+    dense = LayerCost(layer_bytes=100, first_extra_bytes=50, last_extra_bytes=50)
+    small = LayerCost(layer_bytes=20, first_extra_bytes=10, last_extra_bytes=10)
+    stages = [StageCapacity("a", 1000), StageCapacity("b", 1000, small)]
+    layer_map = plan(stages, 24, "capacity", dense)
+    a, b = layer_map.range_of("a"), layer_map.range_of("b")
+    assert (a.end - a.start, b.end - b.start) == (4, 20)
+    # With the float32 cost for both, the same memory takes the same layers.
+    counts = plan([StageCapacity("a", 1000), StageCapacity("b", 1000)], 18, "capacity", dense)
+    assert [r.end - r.start for r in counts.ranges] == [9, 9]
+
+
+def _in_process(path: Path, spans, kinds, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens of shards held as `kinds`, one after the other in this process."""
+    ckpt = open_checkpoint(path)
+    shards = [
+        load_shard(ckpt, start, end, weights=kind)
+        for (start, end), kind in zip(spans, kinds, strict=True)
+    ]
+    states = [s.new_cache() for s in shards]
+    ids, out = torch.tensor([prompt]), []
+    for _ in range(n):
+        x = ids
+        for shard, state in zip(shards, states, strict=True):
+            x = shard.forward(x, state)
+        token = int(x[0, -1].argmax())
+        out.append(token)
+        ids = torch.tensor([[token]])
+    return out
+
+
+@pytest.mark.timeout(240)
+def test_stages_of_different_kinds_serve_one_model(tiny_q4):
+    """Three stage processes, each holding its weights its own way, generate what the same
+    shards generate in one process: the block products are deterministic, and the held
+    form crosses no process boundary. STATUS shows each stage's kind, and each loaded the
+    bytes the plan counted for it."""
+    kinds = {"s0": "native", "s1": "q4", "s2": "int8"}
+    prompt = prompt_ids(31)
+    with _mixed_cluster(tiny_q4, kinds) as (cluster, status):
+        spans = [(r["start"], r["end"]) for r in status["map"]]
+        order = [kinds[r["stage"]] for r in status["map"]]
+        with Client(cluster.url) as client:
+            result = client.generate(prompt, max_new_tokens=TOKENS, ignore_eos=True)
+    assert result.token_ids == _in_process(tiny_q4, spans, order, prompt, TOKENS)
+
+
+@contextlib.contextmanager
+def _mixed_cluster(path: Path, kinds: dict[str, str]):
+    """A broker and one stage per name, each started with its own --weights; the first
+    ready STATUS, after checking it shows each stage's kind."""
+    cluster = Cluster(path, 0, broker_args=("--expect-stages", str(len(kinds))))
+    try:
+        cluster.start_broker()
+        for name, kind in kinds.items():
+            cluster.start_stage(name, "--weights", kind)
+        status = cluster.wait_ready(stages=len(kinds))
+        assert {s["name"]: s["weights"] for s in status["stages"]} == kinds
+        yield cluster, status
+    finally:
+        cluster.close()
+
+
+@pytest.mark.timeout(240)
+def test_bfloat16_and_float32_stages_serve_one_model(checkpoints):
+    kinds = {"s0": "bfloat16", "s1": "float32"}
+    path = checkpoints["llama"]
+    prompt = prompt_ids(32)
+    with _mixed_cluster(path, kinds) as (cluster, status):
+        spans = [(r["start"], r["end"]) for r in status["map"]]
+        order = [kinds[r["stage"]] for r in status["map"]]
+        with Client(cluster.url) as client:
+            result = client.generate(prompt, max_new_tokens=TOKENS, ignore_eos=True)
+    assert result.token_ids == _in_process(path, spans, order, prompt, TOKENS)
+
+
+def test_blocks_need_a_float32_stage(checkpoints):
+    """Block products compute in float32: a bfloat16 stage asked for blocks says what to do,
+    before it loads anything."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stage",
+            "--broker",
+            "tcp://127.0.0.1:9",
+            "--model",
+            str(checkpoints["llama"]),
+            "--dtype",
+            "bfloat16",
+            "--weights",
+            "q4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "--weights q4 needs a float32 stage" in done.stderr
+    assert "--weights bfloat16, or --dtype float32" in done.stderr
