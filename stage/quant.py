@@ -222,37 +222,56 @@ _FROM_GGUF = {
 
 # Dequantization is compiled without fastmath: scale * code + offset must round twice, as
 # gguf's numpy does, so that GGUF blocks dequantize bit for bit (a fused multiply-add would not).
+# The block loops run to a length read from the array, not a literal 16 or 32: with a literal,
+# LLVM unrolls them and vectorizes across blocks with scattered stores (0.37 ms against 0.23 ms
+# per 256 rows of 2048 weights, 4 bits).
+_DEQUANTIZE = dict(cache=True, nogil=True, boundscheck=False)
+
+
 @numba.njit(
-    [
-        "void(uint8[:, :, ::1], float32[:, ::1], float32[:, ::1], int64, float32[:, ::1])",
-        "void(int8[:, :, ::1], float32[:, ::1], float32[:, ::1], int64, float32[:, ::1])",
-    ],
-    cache=True,
-    nogil=True,
-    boundscheck=False,
+    "void(uint8[:, :, ::1], float32[:, ::1], float32[:, ::1], int64, float32[:, ::1])",
+    **_DEQUANTIZE,
 )
-def _dequantize_rows(codes, scales, offsets, start, out):
-    four_bit = codes.shape[2] == 16
+def _dequantize4(codes, scales, offsets, start, out):
+    half = codes.shape[2]
     for r in range(out.shape[0]):
         j = start + r
+        cj = codes[j]
+        row = out[r]
         for b in range(codes.shape[1]):
             s = scales[j, b]
             o = offsets[j, b]
-            k = b * 32
-            if four_bit:
-                for i in range(16):
-                    c = codes[j, b, i]
-                    out[r, k + i] = s * np.float32(c & 15) + o
-                    out[r, k + 16 + i] = s * np.float32(c >> 4) + o
-            else:
-                for i in range(32):
-                    out[r, k + i] = s * np.float32(codes[j, b, i]) + o
+            cb = cj[b]
+            lo = row[b * 32 : b * 32 + 16]
+            hi = row[b * 32 + 16 : b * 32 + 32]
+            for i in range(half):
+                c = cb[i]
+                lo[i] = s * np.float32(np.uint8(c & np.uint8(15))) + o
+                hi[i] = s * np.float32(np.uint8(c >> np.uint8(4))) + o
+
+
+@numba.njit(
+    "void(int8[:, :, ::1], float32[:, ::1], float32[:, ::1], int64, float32[:, ::1])",
+    **_DEQUANTIZE,
+)
+def _dequantize8(codes, scales, offsets, start, out):
+    width = codes.shape[2]
+    for r in range(out.shape[0]):
+        j = start + r
+        cj = codes[j]
+        row = out[r]
+        for b in range(codes.shape[1]):
+            s = scales[j, b]
+            o = offsets[j, b]
+            cb = cj[b]
+            block = row[b * 32 : b * 32 + 32]
+            for i in range(width):
+                block[i] = s * np.float32(cb[i]) + o
 
 
 def _dequantize_into(w: QuantWeight, start: int, stop: int, out: torch.Tensor) -> None:
-    _dequantize_rows(
-        w.codes.numpy(), w.scales.numpy(), w.offsets.numpy(), start, out[: stop - start].numpy()
-    )
+    kernel = _dequantize4 if w.bits == 4 else _dequantize8
+    kernel(w.codes.numpy(), w.scales.numpy(), w.offsets.numpy(), start, out[: stop - start].numpy())
 
 
 _KERNEL = dict(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc", "contract"})
