@@ -12,6 +12,7 @@ from gguf.quants import quantize as gguf_quantize
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from stage import quant
 from stage.quant import (
     KERNEL_ROWS,
     QuantEmbedding,
@@ -151,7 +152,10 @@ def _summation_bound(x: torch.Tensor, q: QuantWeight) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17, 64])
 @pytest.mark.parametrize("shape", [(96, 256), (7, 32), (130, 96)])
-def test_matmul_matches_the_dequantized_product(bits, rows, shape):
+@pytest.mark.parametrize("kernel_rows", [quant.KERNEL_ROWS, 64])
+def test_matmul_matches_the_dequantized_product(bits, rows, shape, kernel_rows, monkeypatch):
+    # kernel_rows 64 sends every batch through the block kernels, tiles never.
+    monkeypatch.setattr(quant, "KERNEL_ROWS", kernel_rows)
     out, width = shape
     q = quantize(_random(out, width, seed=rows), bits)
     x = _random(rows, width, seed=100 + rows)
@@ -205,7 +209,7 @@ def test_products_build_no_float_copy_of_the_weight(bits):
     # The measure can fail: dequantizing the matrix shows up as the copy it is.
     assert _peak_rss_growth(q.dequantize) > copy * 0.9
     # Beyond KERNEL_ROWS, one tile of rows is dequantized at a time.
-    for rows in (1, 4, KERNEL_ROWS, KERNEL_ROWS + 1):
+    for rows in (1, 2, KERNEL_ROWS, KERNEL_ROWS + 1, 64):
         x = _random(rows, width)
         assert _peak_rss_growth(lambda x=x: matmul(x, q)) < copy / 8
 
