@@ -31,7 +31,6 @@ TILE_ROWS = 256
 # Rows quantized at a time, so `quantize` holds at most this many float32 rows of temporaries.
 QUANTIZE_ROWS = 1024
 _HALF = BLOCK // 2
-_QK_K = 256
 
 
 @dataclass
