@@ -452,6 +452,9 @@ def matmul(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) ->
 class QuantLinear(nn.Module):
     """`nn.Linear` over a QuantWeight: y = x w^T + bias, float32."""
 
+    # Its buffers are weights (Shard.weight_bytes counts them).
+    holds_blocks = True
+
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None):
         super().__init__()
         self.bits = weight.bits
@@ -468,6 +471,11 @@ class QuantLinear(nn.Module):
         return QuantWeight(
             self.bits, self.codes, self.scales, self.offsets, (self.out_features, self.in_features)
         )
+
+    @classmethod
+    def tied_to(cls, embedding: QuantEmbedding) -> QuantLinear:
+        """The head of a model whose head is its token embedding: the same blocks."""
+        return cls(embedding.weight)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int) -> QuantLinear:
@@ -488,6 +496,8 @@ class QuantLinear(nn.Module):
 
 class QuantEmbedding(nn.Module):
     """`nn.Embedding` over a QuantWeight [vocab, dim]: only the looked-up rows are dequantized."""
+
+    holds_blocks = True
 
     def __init__(self, weight: QuantWeight):
         super().__init__()

@@ -86,8 +86,8 @@ def test_native_keeps_the_files_blocks_and_their_values(tiny_q4):
     native = load_shard(tiny_q4, 0, 2, weights="native")
     plain = load_shard(tiny_q4, 0, 2, weights="float32")
     q = native.layers[0].self_attn.q_proj
-    assert torch.equal(q.held.dequantize(), plain.layers[0].self_attn.q_proj.weight)
-    assert torch.equal(native.embed.held.dequantize(), plain.embed.weight)
+    assert torch.equal(q.weight.dequantize(), plain.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(native.embed.weight.dequantize(), plain.embed.weight)
     # The same digests as a float32 stage: the bytes read are the file's either way.
     assert native.digests == plain.digests
 
