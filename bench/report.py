@@ -329,7 +329,14 @@ def _weights_text(result: dict | None) -> list[str]:
         )
         parts.append(
             _table(
-                ["weights", "batch 1", f"{streams} streams", "weights MiB", "x float32", "peak RSS"],
+                [
+                    "weights",
+                    "batch 1",
+                    f"{streams} streams",
+                    "weights MiB",
+                    "x float32",
+                    "peak RSS",
+                ],
                 rows,
             )
         )

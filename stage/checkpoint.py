@@ -5,6 +5,7 @@ it reads and refuses weights that are not finite."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from common.checkpoint import (
     new_digest,
     read_checkpoint,
 )
+
+# Safetensors dtypes a matrix may be converted from, read a block of rows at a time.
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 # Elements summed at a time by the check for NaN and infinity (`_all_finite`).
 FINITE_CHUNK = 1 << 22
@@ -68,6 +72,49 @@ class Checkpoint(CheckpointMeta):
             except (OSError, RuntimeError, ValueError) as e:
                 raise CheckpointError(f"cannot read tensors from {path}: {e}") from e
         return out
+
+    def read_rows(
+        self, key: str, rows: int, digests: dict[str, bytes] | None = None
+    ) -> Iterator[torch.Tensor] | None:
+        """A 2-D tensor as float32 blocks of `rows` rows, read one block at a time (the digest
+        of its stored bytes goes into `digests` once the last block is read), so that it can
+        be converted without a float copy of the whole; None where it cannot be read so."""
+        info = self.tensors[key]
+        if len(info.shape) != 2 or info.dtype not in _SAFETENSORS_DTYPES:
+            return None
+        return self._rows(key, rows, digests)
+
+    def _rows(
+        self, key: str, rows: int, digests: dict[str, bytes] | None
+    ) -> Iterator[torch.Tensor]:
+        """Plain reads of the tensor's bytes (a memory map's pages would count in the stage's
+        memory while mapped), `rows` rows at a time."""
+        info = self.tensors[key]
+        dtype = _SAFETENSORS_DTYPES[info.dtype]
+        path = self.path / info.file
+        begin, end = info.span
+        row_bytes = (end - begin) // info.shape[0]
+        digest = new_digest()
+        try:
+            with open(path, "rb") as f:
+                f.seek(begin)
+                for at in range(0, info.shape[0], rows):
+                    count = min(rows, info.shape[0] - at)
+                    data = f.read(count * row_bytes)
+                    if len(data) != count * row_bytes:
+                        raise CheckpointError(
+                            f"{path} ends inside tensor {key}; the file is truncated: "
+                            "download or convert it again"
+                        )
+                    digest.update(data)
+                    stored = torch.frombuffer(bytearray(data), dtype=dtype).view(count, -1)
+                    block = stored.to(torch.float32)
+                    check_finite(self.path, key, stored, block)
+                    yield block
+        except OSError as e:
+            raise CheckpointError(f"cannot read tensor {key} from {path}: {e}") from e
+        if digests is not None:
+            digests[key] = digest.digest()[:DIGEST_BYTES]
 
     def read_blocks(self, key: str, digests: dict[str, bytes] | None = None):
         """A matrix in the file's own quantized blocks (a stage/quant.QuantWeight), or None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, BinaryIO
@@ -25,6 +26,7 @@ from common.checkpoint import DIGEST_BYTES, CheckpointError, new_digest
 from common.gguf import GGUFFile, GGUFMeta, GGUFTensor
 from common.weights import LOSSLESS_NATIVE
 from stage.checkpoint import Checkpoint, check_finite
+from stage.weights import row_permutation
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,42 @@ class GGUFCheckpoint(Checkpoint):
                 out[local] = self._to_torch(key, weights, dtype, device)
         return out
 
+    def read_rows(
+        self, key: str, rows: int, digests: dict[str, bytes] | None = None
+    ) -> Iterator[torch.Tensor] | None:
+        """A matrix dequantized `rows` rows at a time, where transformers' processor leaves it
+        as the file has it (not the llama family's Q/K, whose rows it reorders)."""
+        info = self.gguf.tensors[key]
+        if len(info.shape) != 2 or tuple(info.shape) != tuple(self._shapes[key]):
+            return None
+        order = row_permutation(self._processor, key, info.shape[0], self._mapping)
+        if order is None or not np.array_equal(order, np.arange(info.shape[0])):
+            return None
+        return self._rows(key, info, rows, digests)
+
+    def _rows(self, key: str, info: GGUFTensor, rows: int, digests) -> Iterator[torch.Tensor]:
+        from gguf import GGMLQuantizationType, dequantize
+
+        kind = GGMLQuantizationType(info.ggml_type)
+        row_bytes = info.nbytes // info.shape[0]
+        blocks = new_digest()
+        with open(self.path, "rb") as f:
+            for at in range(0, info.shape[0], rows):
+                count = min(rows, info.shape[0] - at)
+                raw = _read(f, info, at * row_bytes, count * row_bytes, blocks)
+                try:
+                    values = dequantize(raw.reshape(count, -1), kind)
+                except (NotImplementedError, ValueError) as e:
+                    raise CheckpointError(
+                        f"{self.path}: cannot dequantize {key} ({kind.name}): {e}; "
+                        "convert the file to a common quant type (Q8_0, Q4_K_M, ...)"
+                    ) from None
+                block = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+                check_finite(self.path, key, block, block)
+                yield block
+        if digests is not None:
+            digests[key] = blocks.digest()[:DIGEST_BYTES]
+
     def read_blocks(self, key: str, digests: dict[str, bytes] | None = None):
         """The matrix `key` in the file's own blocks, where a block format holds its GGML type
         without loss and transformers' processor only reorders its rows (stage.weights), with
@@ -83,7 +121,6 @@ class GGUFCheckpoint(Checkpoint):
         from gguf import GGMLQuantizationType
 
         from stage import quant
-        from stage.weights import row_permutation
 
         info = self.gguf.tensors[key]
         kind = GGMLQuantizationType(info.ggml_type).name

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 import torch
-from common.weights import BLOCK
 from torch import nn
+
+from common.weights import BLOCK
 
 # Batches of at most this many rows take the block kernels; larger ones dequantize tiles for
 # BLAS, which amortizes the dequantization over the rows. Measured single-thread on 5632x2048,

@@ -60,6 +60,11 @@ def tied_head(head: nn.Module, embed: nn.Module) -> nn.Module:
     return head
 
 
+# Float32 bytes of a matrix read at a time when it is converted to its held form: a stage
+# never holds a float copy of a whole embedding (250 MiB for TinyLlama's).
+CONVERT_BYTES = 1 << 20
+
+
 class HalfLinear(nn.Module):
     """A linear layer whose weight is held in bfloat16 in a float32 stage: the input is cast
     for the product and the output cast back (bfloat16 products: half the bytes read)."""
@@ -127,6 +132,12 @@ def read_matrix(checkpoint, key: str, role: str, bits: int | None, native: bool,
         blocks = checkpoint.read_blocks(key, digests)
         if blocks is not None:
             return blocks
+    if role != "conv1d":
+        shape = tuple(checkpoint.tensors[key].shape)
+        rows = max(1, CONVERT_BYTES // (4 * shape[-1]))
+        chunks = checkpoint.read_rows(key, rows, digests)
+        if chunks is not None:
+            return _convert_rows(chunks, shape, bits)
     dense = checkpoint.read_tensors({"w": key}, torch.float32, torch.device("cpu"), digests)["w"]
     if role == "conv1d":
         dense = dense.t()
@@ -139,6 +150,41 @@ def read_matrix(checkpoint, key: str, role: str, bits: int | None, native: bool,
     return held
 
 
+def _convert_rows(chunks, shape: tuple[int, ...], bits: int | None):
+    """A matrix converted block of rows by block of rows into its held form."""
+    if bits is None:
+        out = torch.empty(shape, dtype=torch.bfloat16)
+        at = 0
+        for chunk in chunks:
+            out[at : at + chunk.shape[0]] = chunk
+            at += chunk.shape[0]
+        return out
+    from stage import quant
+
+    # Every chunk is taken, the last included: the reader records the digest after it.
+    held = None
+    at = 0
+    for chunk in chunks:
+        part = quant.quantize(chunk, bits)
+        if held is None and part.shape[0] == shape[0]:
+            held, at = part, shape[0]
+            continue
+        if held is None:
+            held = quant.QuantWeight(
+                bits,
+                part.codes.new_empty((shape[0], *part.codes.shape[1:])),
+                part.scales.new_empty((shape[0], *part.scales.shape[1:])),
+                part.offsets.new_empty((shape[0], *part.offsets.shape[1:])),
+                (shape[0], shape[1]),
+            )
+        rows = part.shape[0]
+        held.codes[at : at + rows] = part.codes
+        held.scales[at : at + rows] = part.scales
+        held.offsets[at : at + rows] = part.offsets
+        at += rows
+    return held
+
+
 def install(module: nn.Module, name: str, role: str, held, bias: torch.Tensor | None) -> nn.Module:
     """Put the held matrix in place of submodule `name` (its float weight never loaded)."""
     if isinstance(held, torch.Tensor):
@@ -146,9 +192,7 @@ def install(module: nn.Module, name: str, role: str, held, bias: torch.Tensor | 
     else:
         from stage import quant
 
-        new = (
-            quant.QuantEmbedding(held) if role == "embedding" else quant.QuantLinear(held, bias)
-        )
+        new = quant.QuantEmbedding(held) if role == "embedding" else quant.QuantLinear(held, bias)
     if not name:
         return new
     parent_name, _, child = name.rpartition(".")

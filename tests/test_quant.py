@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from common.weights import BLOCK, quantized_bytes
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from common.weights import BLOCK, quantized_bytes
 from stage import quant
 from stage.quant import (
     KERNEL_ROWS,

@@ -194,3 +194,45 @@ def test_blocks_need_a_float32_stage(checkpoints):
     assert done.returncode == 2
     assert "--weights q4 needs a float32 stage" in done.stderr
     assert "--weights bfloat16, or --dtype float32" in done.stderr
+
+
+@pytest.mark.parametrize("kind", ("bfloat16", "int8", "q4", "native"))
+@pytest.mark.parametrize("source", ["llama", "tiny_q8"])
+def test_a_converted_stage_reports_the_files_digests(request, checkpoints, source, kind):
+    """Matrices converted a block of rows at a time are digested over the same bytes, in the
+    same order, as a float32 stage reads them: the broker checks them against its own."""
+    path = checkpoints["llama"] if source == "llama" else request.getfixturevalue(source)
+    n = read_checkpoint(path).num_layers
+    converted = load_shard(path, 0, n, weights=kind)
+    assert converted.digests == load_shard(path, 0, n, weights="float32").digests
+
+
+def test_a_matrix_is_converted_without_its_float_copy(tmp_path):
+    """A float32 embedding of 64 MiB, held as 4-bit blocks, is read in blocks of rows: the
+    load's peak stays far below the float copy it never makes."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import CONFIGS
+
+    config = CONFIGS["llama"]()
+    config.vocab_size = 1 << 18
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "wide")
+    script = f"""
+from stage.loading import load_shard
+from stage.resident import reset_peak, resident
+load_shard({str(tmp_path / "wide")!r}, 1, 2, weights="q4")  # imports the model's code
+before = resident()
+assert reset_peak()
+shard = load_shard({str(tmp_path / "wide")!r}, 0, 1, weights="q4")
+print(resident().peak - before.rss, shard.embed.weight.nbytes())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+    )
+    grown, held = map(int, done.stdout.split())
+    dense = (1 << 18) * config.hidden_size * 4
+    assert dense == 64 << 20
+    assert held < dense / 5
+    # The embedding's blocks, one 1 MiB block of float rows at a time and its blocks, and the
+    # layer's few tensors: well under a quarter of the float copy on top of what it holds.
+    assert grown < held + dense / 4, (grown, held, dense)
