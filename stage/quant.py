@@ -6,8 +6,9 @@ A block is BLOCK consecutive weights of a row with a float32 scale and offset: w
 the low nibble, element i + 16 in the high one); 8-bit codes are signed, one per byte.
 
 `matmul` takes small decode batches (up to KERNEL_ROWS rows) through numba kernels that stream
-each block once and build no float copy of the weight; larger batches dequantize a tile of
-output rows at a time into one scratch buffer and hand it to BLAS.
+each block once and build no float copy of the weight: on AVX2 they quantize x per block to
+int8 and sum in integers (QUANTIZE_X), otherwise they multiply floats. Larger batches dequantize
+a tile of output rows at a time into one scratch buffer and hand it to BLAS.
 """
 
 from __future__ import annotations
@@ -433,7 +434,8 @@ def _q8_rows(x, xsum, codes, scales, offsets, out):
 # Each output is sum_b (scale_b * dx_b * isum_b + offset_b * xsum_b), where isum_b = sum of code *
 # qx over block b is exact in integers and xsum_b is the float sum of x over the block. A block's
 # 32 products go through vpmaddubsw (unsigned by signed bytes, pairs summed to int16) and vpmaddwd
-# (pairs to int32), into 8 float lanes scaled per block; one horizontal sum per output. numba has
+# (pairs to int32; no pair saturates: |code| <= 128 and |qx| <= 127, and 2 * 128 * 127 < 2^15),
+# into 8 float lanes scaled per block; one horizontal sum per output. numba has
 # no vector types and LLVM did not find these instructions in plain loops (it widened the bytes to
 # int32 or int64 and multiplied with vpmulld: slower than the float kernels), so the block loop is
 # written in LLVM IR below.
