@@ -8,12 +8,14 @@ memory is its own; prints one JSON object. Each model is one whole-model shard b
 - prompts: `--prompts` windows of `--prompt-len` tokens of the shipped text (token ids drawn
   from the vocabulary for a model without a tokenizer);
 - the float32 reference continues each prompt greedily for `--gen-len` tokens;
-- each held form then reads the same prompt + continuation in one forward (teacher forcing),
-  and at each continuation position its logits are compared with the reference's: the
+- each held form then reads the same prompt, and the continuation one decode step at a time
+  (teacher forcing, on the path a stage decodes with: the block kernels quantize activations
+  too), and at each continuation position its logits are compared with the reference's: the
   largest and the mean absolute error, and whether its greedy choice is the reference's
   (greedy agreement: the share of positions where it is);
 - perplexity: the mean negative log-likelihood of the shipped text, in windows of
-  `--window` tokens, up to `--ppl-tokens` tokens, exponentiated.
+  `--window` tokens (prompt forwards: float activations against the held weights), up to
+  `--ppl-tokens` tokens, exponentiated.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = _load(ckpt, "float32")
     sequences, ref_logits = [], []
     for prompt in prompts:
-        seq, logits = _greedy(reference, prompt, args.gen_len)
+        seq, logits = greedy(reference, prompt, args.gen_len)
         sequences.append(seq)
         ref_logits.append(logits)
     out = {
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         err_sum = 0.0
         count = agree = 0
         for seq, ref in zip(sequences, ref_logits, strict=True):
-            logits = _all_logits(shard, seq)[-args.gen_len - 1 : -1]
+            logits = forced(shard, seq, args.prompt_len)
             diff = (logits - ref).abs()
             max_err = max(max_err, float(diff.max()))
             err_sum += float(diff.mean()) * diff.shape[0]
@@ -140,7 +142,23 @@ def _all_logits(shard, ids: list[int]):
         return shard.forward(torch.tensor([ids]), state, logits="all")[0].float()
 
 
-def _greedy(shard, prompt: list[int], gen_len: int):
+def forced(shard, seq: list[int], prompt_len: int):
+    """The logits `shard` gives at each continuation position of `seq`, run as a stage runs a
+    request: the prompt in one forward, then one decode step per token (the block kernels'
+    path, where activations are quantized too)."""
+    import torch
+
+    state = shard.new_cache()
+    out = []
+    with torch.inference_mode():
+        logits = shard.forward(torch.tensor([seq[:prompt_len]]), state)[0, -1].float()
+        for token in seq[prompt_len:]:
+            out.append(logits)
+            logits = shard.forward(torch.tensor([[token]]), state)[0, -1].float()
+    return torch.stack(out)
+
+
+def greedy(shard, prompt: list[int], gen_len: int):
     """The prompt continued greedily by `shard` (one position at a time, as a stage decodes),
     and the logits that chose each continuation token."""
     import torch

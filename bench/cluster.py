@@ -62,7 +62,9 @@ class Cluster(launcher.Cluster):
             device=device,
             log_level="warning",
             broker_args=broker_args,
-            stage_args=stage_args,
+            # The scenarios compare against transformers' float model: stages hold what it
+            # computes with, unless a scenario says otherwise (the weights scenario).
+            stage_args=stage_args if "--weights" in stage_args else ("--weights", dtype),
             env=bench_env(omp_wait_policy),
             log_dir=log_dir,
             ready_timeout_s=READY_TIMEOUT_S,

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="how the weight matrices are held: float32 or bfloat16, or int8 or q4 blocks "
         "(quantized at load), or native (a GGUF file's own blocks); the products of the last "
-        "three are not bit-exact (default: as --dtype, exact)",
+        "three are not bit-exact (default: native for a GGUF file on a float32 CPU stage, "
+        "otherwise as --dtype, exact)",
     )
     p.add_argument(
         "--threads",
@@ -220,15 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     from stage.devices import check_device, resolve_dtype
     from stage.resident import reset_peak, resident
     from stage.shard import ShardError
-    from stage.weights import held_weights
+    from stage.weights import default_weights, held_weights
     from stage.worker import StageWorker
 
     try:
         device = check_device(args.device, resolve_dtype(args.dtype))
-        held, convert = held_weights(args.weights or args.dtype, resolve_dtype(args.dtype), device)
+        if args.weights is not None:  # refused before seconds of opening the checkpoint
+            held_weights(args.weights, resolve_dtype(args.dtype), device)
     except ShardError as e:
         _fail(str(e))
-    args.weights = held
     model = args.model
     try:
         if model == DEFAULT_DEMO_DIR:
@@ -239,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         adapter_for(checkpoint.config)
     except (CheckpointError, UnsupportedArchitecture, OSError) as e:
         _fail(str(e))
+    requested = args.weights or default_weights(checkpoint, args.dtype, device)
+    args.weights, convert = held_weights(requested, resolve_dtype(args.dtype), device)
 
     # The row kernel runs on one thread only; with more, BLAS's products use them all.
     row_kernel = args.row_kernel and args.device == "cpu" and args.threads == 1

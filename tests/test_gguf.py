@@ -59,6 +59,9 @@ CASES = [
 RANGES = [(0, 5), (0, 2), (2, 4), (3, 5)]
 DECODE_STEPS = 8
 E2E_TOKENS = 8
+# Stages that hold the file's tensors dequantized to float32, which is transformers' own math
+# (a GGUF file's default is its own blocks, whose products are not bit-exact).
+EXACT = ("--weights", "float32")
 SMOL_TOKENS = 12
 
 
@@ -270,7 +273,7 @@ def test_prefill_and_decode_bit_exact(gguf_file, reference, arch, quant, split):
 
 @pytest.fixture(scope="module")
 def llama_q8_cluster(gguf_file):
-    with Cluster(gguf_file("llama", "Q8_0"), 3) as cluster:
+    with Cluster(gguf_file("llama", "Q8_0"), 3, stage_args=EXACT) as cluster:
         yield cluster
 
 
@@ -289,7 +292,7 @@ def _check_greedy(cluster: Cluster, model: torch.nn.Module, prompt: list[int]) -
 def test_greedy_through_three_stages(gguf_file, reference, arch, quant, seed):
     """A third architecture and a second quant type through real stage processes (llama Q8_0
     has its own cluster, below): learned positions and fused qkv; biases and a tied head."""
-    with Cluster(gguf_file(arch, quant), 3) as cluster:
+    with Cluster(gguf_file(arch, quant), 3, stage_args=EXACT) as cluster:
         _check_greedy(cluster, reference(arch, quant), prompt_ids(seed))
 
 
@@ -304,7 +307,7 @@ def test_smollm2_answers_the_demo_question_like_transformers(smollm2, smollm2_co
     expected = _greedy_generate(model, prompt, SMOL_TOKENS)
     del model
 
-    cluster = Cluster(smollm2, 3)
+    cluster = Cluster(smollm2, 3, stage_args=EXACT)
     cluster.ready_timeout_s = 300  # three processes load a real model on a shared machine
     with cluster, Client(cluster.url, tokenizer=tokenizer) as client:
         assert len(cluster.status()["map"]) == 3

@@ -238,16 +238,13 @@ print(resident().peak - before.rss, shard.embed.weight.nbytes())
     assert grown < held + dense / 4, (grown, held, dense)
 
 
-@pytest.mark.timeout(300)
-def test_smollm2_native_blocks_agree_with_float32():
-    """SmolLM2's own Q4_1 blocks (`native`) hold exactly the values float32 dequantizes
-    (checked above for Q4_0), so its logits differ from float32's only by the order of
-    summation: bench.agreement measured at most 6.4e-5 over 512 positions. The bound below is
-    15 times that, and far under what one quantization step of the weights moves (q4 blocks
-    requantized from the same values: mean 0.44, max 5.3). Every greedy choice is the same
-    where float32's best two logits are further apart than twice the bound."""
+@pytest.fixture(scope="module")
+def smollm2_decode():
+    """SmolLM2 as float32 and as its own blocks, and three prompts from the shipped text each
+    continued greedily by float32 for 24 tokens, with the logits that chose each token."""
     from transformers import AutoTokenizer
 
+    from bench.agreement import forced, greedy
     from common.models import builtin_model
 
     try:
@@ -257,20 +254,44 @@ def test_smollm2_native_blocks_agree_with_float32():
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     text = (Path(__file__).parent.parent / "stage" / "demo_corpus.txt").read_text()
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    windows = [ids[at : at + 128] for at in (0, 1000, 2000)]
-    bound = 1e-3
-    logits = {}
-    for kind in ("float32", "native"):
-        shard = load_shard(path, 0, 30, weights=kind)
-        with torch.inference_mode():
-            logits[kind] = [
-                shard.forward(torch.tensor([w]), shard.new_cache(), logits="all")[0]
-                for w in windows
-            ]
-        del shard
-    for plain, native in zip(logits["float32"], logits["native"], strict=True):
-        assert float((plain - native).abs().max()) <= bound
-        top2 = plain.topk(2, dim=-1).values
-        clear = (top2[:, 0] - top2[:, 1]) > 2 * bound
-        assert clear.sum() > 0.9 * len(clear)
-        assert torch.equal(plain.argmax(-1)[clear], native.argmax(-1)[clear])
+    prompts = [ids[at : at + 48] for at in (0, 1500, 3000)]
+    plain = load_shard(path, 0, 30, weights="float32")
+    runs = [greedy(plain, prompt, 24) for prompt in prompts]
+    del plain
+    native = load_shard(path, 0, 30, weights="native")
+    return native, runs, lambda seq: forced(native, seq, 48)
+
+
+@pytest.mark.timeout(300)
+def test_smollm2_native_blocks_hold_float32s_values(smollm2_decode, monkeypatch):
+    """SmolLM2's own Q4_1 blocks (`native`) hold exactly the values float32 dequantizes
+    (checked above for Q4_0). With float activations, its decode logits then differ from
+    float32's only by the order of summation: at most 7.2e-5 over 512 positions in
+    bench.agreement. The bound is 14 times that, and far under what one quantization step of
+    the weights moves (the same weights requantized to q4 blocks: mean 0.44, max 5.3)."""
+    from stage import quant
+
+    monkeypatch.setattr(quant, "QUANTIZE_X", False)
+    _, runs, forced = smollm2_decode
+    for seq, ref in runs:
+        assert float((forced(seq) - ref).abs().max()) <= 1e-3
+
+
+@pytest.mark.timeout(300)
+def test_smollm2_native_decoding_agrees_with_float32(smollm2_decode):
+    """By default the block kernels also round each block of 32 activations to 8 bits, as
+    llama.cpp does for Q4_1 (its Q8_1 activations): each product moves by at most half an
+    activation step times the block's weights (tests/test_quant.py). The greedy choices must
+    still agree with float32's at 90 % of the positions or more, the agreement the product
+    asks of SmolLM2's own weights, and the mean logit error stay under half a logit
+    (bench.agreement measured 94 % and 0.27 over 256 positions)."""
+    _, runs, forced = smollm2_decode
+    agree = count = 0
+    errors = []
+    for seq, ref in runs:
+        logits = forced(seq)
+        agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
+        count += len(ref)
+        errors.append((logits - ref).abs().mean())
+    assert agree >= 0.9 * count
+    assert float(torch.stack(errors).mean()) < 0.5
