@@ -20,6 +20,8 @@ from bench.cluster import Cluster, bench_env
 from bench.workload import prompt
 
 LLAMACPP = Path(__file__).resolve().parent / "llamacpp.py"
+RANDOM_PROMPTS = 8
+RANDOM_GEN_LEN = 32
 
 
 def run_weights(run, threads: int, omp: str) -> dict:
@@ -65,7 +67,7 @@ def _cluster_run(run, model: presets.Model, kind: str, threads: int, omp: str) -
                 cluster.url,
                 cluster.broker.pid,
                 concurrency=c,
-                requests=max(o.weights_requests, 2 * c if c > 1 else 1),
+                requests=max(o.weights_requests, c),
                 prompt_len=o.prompt_len,
                 gen_len=o.gen_len,
                 vocab=model.vocab_size,
@@ -112,7 +114,13 @@ def _cluster_run(run, model: presets.Model, kind: str, threads: int, omp: str) -
 
 
 def _agreement(run, model: presets.Model, kinds: list[str]) -> dict | None:
+    """bench.agreement on the preset. A preset of random weights (no tokenizer, no text) says
+    only how the numbers move, so it takes at most RANDOM_PROMPTS prompts and RANDOM_GEN_LEN
+    positions each: TinyLlama's float32 reference decodes about 2 tokens/s here."""
     o = run.opts
+    trained = model.preset == "smollm2"
+    prompts = o.agreement_prompts if trained else min(o.agreement_prompts, RANDOM_PROMPTS)
+    gen_len = o.agreement_gen_len if trained else min(o.agreement_gen_len, RANDOM_GEN_LEN)
     cmd = [
         sys.executable,
         "-m",
@@ -122,11 +130,11 @@ def _agreement(run, model: presets.Model, kinds: list[str]) -> dict | None:
         "--weights",
         ",".join(kinds),
         "--prompts",
-        str(o.agreement_prompts),
+        str(prompts),
         "--prompt-len",
         str(o.agreement_prompt_len),
         "--gen-len",
-        str(o.agreement_gen_len),
+        str(gen_len),
         "--ppl-tokens",
         str(o.agreement_ppl_tokens),
         "--threads",
