@@ -91,17 +91,16 @@ class HalfLinear(nn.Module):
 
 
 class HalfEmbedding(nn.Module):
-    """A token embedding held in bfloat16 in a float32 stage: looked-up rows are cast back."""
+    """A token embedding held in bfloat16 in a float32 stage: looked-up rows are float32."""
 
     def __init__(self, weight: torch.Tensor, padding_idx: int | None = None):
         super().__init__()
         self.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
         self.num_embeddings, self.embedding_dim = weight.shape
         self.padding_idx = padding_idx
-        self.dtype = weight.dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(ids, self.weight).to(self.dtype)
+        return nn.functional.embedding(ids, self.weight).to(torch.float32)
 
 
 def block_matrices(module: nn.Module, kind: str, checkpoint, wanted: dict[str, str]) -> dict:

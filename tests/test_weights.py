@@ -295,3 +295,20 @@ def test_smollm2_native_decoding_agrees_with_float32(smollm2_decode):
         errors.append((logits - ref).abs().mean())
     assert agree >= 0.9 * count
     assert float(torch.stack(errors).mean()) < 0.5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_hands_on_the_compute_dtype(checkpoints, kind):
+    """Whatever a stage holds, the hidden states it hands on, for one request or a decode
+    batch, are float32 like a float32 stage's: the next stage, and the batch's masks, are
+    built for them."""
+    path = checkpoints["llama"]
+    first = load_shard(path, 0, 2, weights=kind)
+    states = [first.new_cache() for _ in range(3)]
+    prompts = [torch.tensor([prompt_ids(40 + i)]) for i in range(3)]
+    for x, state in zip(prompts, states, strict=True):
+        assert first.forward(x, state).dtype == torch.float32
+    steps = [torch.tensor([[5 + i]]) for i in range(3)]
+    for _ in range(2):  # a new batch, then the kept one
+        out = first.forward_batch(steps, states)
+        assert [o.dtype for o in out] == [torch.float32] * 3
