@@ -488,7 +488,56 @@ def plots(rep: dict, out: Path, stamp: str) -> dict[str, str]:
     nets = [n for n in rep.get("network", []) if n.get("records")]
     if nets:
         files["network"] = _network_plot(nets, out / f"{stamp}-network.png", plt)
+    weights = (rep.get("weights") or {}).get("presets")
+    if weights:
+        files["weights"] = _weights_plot(weights, out / f"{stamp}-weights.png", plt)
     return files
+
+
+def _weights_plot(entries: list[dict], path: Path, plt) -> str:
+    """Per preset and --weights kind: batch-1 decode speed and the weights' bytes, each
+    against float32 stages in the same run; llama.cpp's speed where it was measured."""
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    kinds = ("float32", "bfloat16", "int8", "q4", "native", "llama.cpp")
+    width = 0.8 / len(entries)
+    for i, entry in enumerate(entries):
+        by_kind = {r["weights"]: r for r in entry["records"]}
+        plain = by_kind.get("float32")
+        if plain is None:
+            continue
+        base = plain["phases"][1]["request_tokens_per_s"]
+        base_bytes = sum(m["share_bytes"] for m in plain["stage_memory"])
+        xs, ys, ms = [], [], []
+        for j, kind in enumerate(kinds):
+            if kind == "llama.cpp":
+                anchor = entry.get("llamacpp")
+                if anchor:
+                    xs.append(j)
+                    ys.append(anchor["tokens_per_s"] / base)
+                    ms.append(float("nan"))
+                continue
+            rec = by_kind.get(kind)
+            if rec is None:
+                continue
+            xs.append(j)
+            ys.append(rec["phases"][1]["request_tokens_per_s"] / base)
+            ms.append(sum(m["share_bytes"] for m in rec["stage_memory"]) / base_bytes)
+        at = [x + (i - (len(entries) - 1) / 2) * width for x in xs]
+        speed.bar(at, ys, width, label=entry["preset"])
+        memory.bar(at, ms, width, label=entry["preset"])
+    for ax, label in (
+        (speed, "batch-1 tokens/s / float32 stages'"),
+        (memory, "weights held / float32's"),
+    ):
+        ax.set_xticks(range(len(kinds)), kinds, fontsize=8)
+        ax.set_ylabel(label)
+        ax.axhline(1.0, color="gray", linestyle=":")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    speed.set_title("decode speed, 3 stages (llama.cpp: one process)", fontsize=9)
+    memory.set_title("memory of the weights, all stages", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path, plt)
 
 
 def _network_plot(nets: list[dict], path: Path, plt) -> str:

@@ -126,30 +126,36 @@ def _in_process(path: Path, spans, kinds, prompt: list[int], n: int) -> list[int
 
 
 @pytest.mark.timeout(240)
-def test_stages_of_different_kinds_serve_one_model(tiny_q4):
-    """Three stage processes, each holding its weights its own way, generate what the same
-    shards generate in one process: the block products are deterministic, and the held
-    form crosses no process boundary. STATUS shows each stage's kind, and each loaded the
-    bytes the plan counted for it."""
-    kinds = {"s0": "native", "s1": "q4", "s2": "int8"}
+@pytest.mark.parametrize(
+    ("source", "kinds"),
+    [
+        ("tiny_q4", {"s0": "native", "s1": "q4", "s2": "int8"}),
+        ("llama", {"s0": "bfloat16", "s1": "float32"}),
+    ],
+)
+def test_stages_of_different_kinds_serve_one_model(request, checkpoints, source, kinds):
+    """Stage processes, each holding its weights its own way, generate what the same shards
+    generate in one process: the block products are deterministic, and the held form crosses
+    no process boundary. STATUS shows each stage's kind."""
+    path = checkpoints["llama"] if source == "llama" else request.getfixturevalue(source)
     prompt = prompt_ids(31)
-    with _mixed_cluster(tiny_q4, kinds) as (cluster, status):
+    with _mixed_cluster(path, kinds) as (cluster, status):
         spans = [(r["start"], r["end"]) for r in status["map"]]
         order = [kinds[r["stage"]] for r in status["map"]]
         with Client(cluster.url) as client:
             result = client.generate(prompt, max_new_tokens=TOKENS, ignore_eos=True)
-    assert result.token_ids == _in_process(tiny_q4, spans, order, prompt, TOKENS)
+    assert result.token_ids == _in_process(path, spans, order, prompt, TOKENS)
 
 
 @contextlib.contextmanager
-def _mixed_cluster(path: Path, kinds: dict[str, str]):
+def _mixed_cluster(path: Path, kinds: dict[str, str], broker_args=(), stage_args=()):
     """A broker and one stage per name, each started with its own --weights; the first
     ready STATUS, after checking it shows each stage's kind."""
-    cluster = Cluster(path, 0, broker_args=("--expect-stages", str(len(kinds))))
+    cluster = Cluster(path, 0, broker_args=("--expect-stages", str(len(kinds)), *broker_args))
     try:
         cluster.start_broker()
         for name, kind in kinds.items():
-            cluster.start_stage(name, "--weights", kind)
+            cluster.start_stage(name, "--weights", kind, *stage_args)
         status = cluster.wait_ready(stages=len(kinds))
         assert {s["name"]: s["weights"] for s in status["stages"]} == kinds
         yield cluster, status
@@ -158,16 +164,18 @@ def _mixed_cluster(path: Path, kinds: dict[str, str]):
 
 
 @pytest.mark.timeout(240)
-def test_bfloat16_and_float32_stages_serve_one_model(checkpoints):
-    kinds = {"s0": "bfloat16", "s1": "float32"}
-    path = checkpoints["llama"]
-    prompt = prompt_ids(32)
-    with _mixed_cluster(path, kinds) as (cluster, status):
-        spans = [(r["start"], r["end"]) for r in status["map"]]
-        order = [kinds[r["stage"]] for r in status["map"]]
-        with Client(cluster.url) as client:
-            result = client.generate(prompt, max_new_tokens=TOKENS, ignore_eos=True)
-    assert result.token_ids == _in_process(path, spans, order, prompt, TOKENS)
+def test_the_broker_gives_a_block_stage_more_layers(checkpoints):
+    """Two stage processes offer the same memory; the broker's capacity plan counts each at
+    the bytes of its own kind, so the one holding 4-bit blocks (0.19 of float32's bytes per
+    layer) takes four of the five layers."""
+    kinds = {"s0": "float32", "s1": "q4"}
+    with _mixed_cluster(
+        checkpoints["llama"], kinds, ("--strategy", "capacity"), ("--memory-mb", "1")
+    ) as (_, status):
+        assert [(r["stage"], r["start"], r["end"]) for r in status["map"]] == [
+            ("s0", 0, 1),
+            ("s1", 1, 5),
+        ]
 
 
 def test_blocks_need_a_float32_stage(checkpoints):
