@@ -305,6 +305,8 @@ def _weights_text(result: dict | None) -> list[str]:
     """One table per preset: speed and memory of each --weights kind; then its agreement."""
     parts: list[str] = []
     for entry in (result or {}).get("presets", []):
+        from bench.run import decode_rate, llamacpp_decode_rate
+
         rows = []
         for r in entry["records"]:
             one, many = r["phases"].get(1), r["phases"].get(max(r["phases"]))
@@ -312,7 +314,8 @@ def _weights_text(result: dict | None) -> list[str]:
             rows.append(
                 [
                     r["weights"],
-                    _num(one["request_tokens_per_s"] if one else None),
+                    _num(decode_rate(r)),
+                    _ms(one["ttft_p50_s"] if one else None),
                     _num(many["tokens_per_s"] if many else None),
                     " / ".join(f"{m['share_bytes'] / 2**20:.0f}" for m in mem),
                     " / ".join(f"{m['held_ratio']:.3f}" for m in mem),
@@ -321,10 +324,13 @@ def _weights_text(result: dict | None) -> list[str]:
             )
         anchor = entry.get("llamacpp")
         if anchor:
-            rows.append(["llama.cpp", _num(anchor["tokens_per_s"]), "", "", "", ""])
+            ttft = statistics.median(r["ttft_s"] for r in anchor["runs"])
+            rows.append(
+                ["llama.cpp", _num(llamacpp_decode_rate(anchor)), _ms(ttft), "", "", "", ""]
+            )
         streams = max((max(r["phases"]) for r in entry["records"]), default=1)
         parts.append(
-            f"\nweights {entry['preset']}: batch-1 request tokens/s (p50), {streams} streams "
+            f"\nweights {entry['preset']}: batch-1 decode tokens/s (1 / median time per output token), TTFT p50 ms, {streams} streams "
             "tokens/s, each stage's weights (MiB), their share of float32, peak RSS (MiB)"
         )
         parts.append(
@@ -332,6 +338,7 @@ def _weights_text(result: dict | None) -> list[str]:
                 [
                     "weights",
                     "batch 1",
+                    "TTFT",
                     f"{streams} streams",
                     "weights MiB",
                     "x float32",
@@ -505,7 +512,9 @@ def _weights_plot(entries: list[dict], path: Path, plt) -> str:
         plain = by_kind.get("float32")
         if plain is None:
             continue
-        base = plain["phases"][1]["request_tokens_per_s"]
+        from bench.run import decode_rate, llamacpp_decode_rate
+
+        base = decode_rate(plain)
         base_bytes = sum(m["share_bytes"] for m in plain["stage_memory"])
         xs, ys, ms = [], [], []
         for j, kind in enumerate(kinds):
@@ -513,14 +522,14 @@ def _weights_plot(entries: list[dict], path: Path, plt) -> str:
                 anchor = entry.get("llamacpp")
                 if anchor:
                     xs.append(j)
-                    ys.append(anchor["tokens_per_s"] / base)
+                    ys.append(llamacpp_decode_rate(anchor) / base)
                     ms.append(float("nan"))
                 continue
             rec = by_kind.get(kind)
             if rec is None:
                 continue
             xs.append(j)
-            ys.append(rec["phases"][1]["request_tokens_per_s"] / base)
+            ys.append(decode_rate(rec) / base)
             ms.append(sum(m["share_bytes"] for m in rec["stage_memory"]) / base_bytes)
         at = [x + (i - (len(entries) - 1) / 2) * width for x in xs]
         speed.bar(at, ys, width, label=entry["preset"])

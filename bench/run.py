@@ -1063,9 +1063,7 @@ def _weights_targets(result: dict | None) -> list[dict]:
             rec = by_kind.get(kind)
             if rec is None or plain is None:
                 continue
-            figure = ratio(
-                rec["phases"][1]["request_tokens_per_s"], plain["phases"][1]["request_tokens_per_s"]
-            )
+            figure = ratio(decode_rate(rec), decode_rate(plain))
             out.append(
                 {
                     "target": f"batch-1 decode, {kind} vs float32 stages",
@@ -1090,7 +1088,7 @@ def _weights_targets(result: dict | None) -> list[dict]:
         anchor = entry.get("llamacpp")
         native = by_kind.get("native")
         if anchor and native:
-            figure = ratio(native["phases"][1]["request_tokens_per_s"], anchor["tokens_per_s"])
+            figure = ratio(decode_rate(native), llamacpp_decode_rate(anchor))
             out.append(
                 {
                     "target": "batch-1 decode, native stages vs llama.cpp in one process",
@@ -1101,3 +1099,20 @@ def _weights_targets(result: dict | None) -> list[dict]:
                 }
             )
     return out
+
+
+def decode_rate(record: dict) -> float | None:
+    """Batch-1 decode tokens/s of a weights-scenario record: one over the median time per
+    output token (the prompt's prefill apart; TTFT is reported on its own)."""
+    tpot = record["phases"][1]["tpot_p50_s"]
+    return 1.0 / tpot if tpot else None
+
+
+def llamacpp_decode_rate(anchor: dict) -> float | None:
+    """llama.cpp's batch-1 decode tokens/s, as `decode_rate` counts it: the tokens after the
+    first over the time after the first, median over its runs."""
+    n = len(anchor["token_ids"])
+    rates = [
+        (n - 1) / (r["total_s"] - r["ttft_s"]) for r in anchor["runs"] if r["total_s"] > r["ttft_s"]
+    ]
+    return statistics.median(rates) if rates else None
