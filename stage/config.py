@@ -51,8 +51,8 @@ class StageConfig:
     keys: PeerKeys | None = None  # CURVE: this stage's certificate and the broker's key
     device: str = "cpu"
     dtype: str = "float32"
-    # How the weight matrices are held (common/weights.py); the dtype's name: as computed.
-    weights: str = "float32"
+    # How the weight matrices are held (common/weights.py); None: in the compute dtype.
+    weights: str | None = None
     threads: int = 1
     credits: int = DEFAULT_CREDITS
     max_batch: int = DEFAULT_MAX_BATCH

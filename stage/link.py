@@ -357,7 +357,7 @@ class Link:
         caps = M.Caps(
             device=cfg.device,
             dtype=cfg.dtype,
-            weights=cfg.weights,
+            weights=cfg.weights or cfg.dtype,
             memory_bytes=cfg.memory_bytes,
             runtime_bytes=cfg.runtime_bytes,
             runtime_file_bytes=cfg.runtime_file_bytes,

@@ -41,7 +41,7 @@ def load_shard(
     device: str | torch.device = "cpu",
     reuse: Shard | None = None,
     row_kernel: bool = True,
-    weights: str = "float32",
+    weights: str | None = None,
 ) -> Shard:
     """Build layers [start, end) of a checkpoint, reading only their own tensors.
 
@@ -49,8 +49,8 @@ def load_shard(
     instead of read again: a reshard loads only what is new. With `row_kernel`, a float32
     CPU shard multiplies decode groups with stage.kernels' row kernel when it runs on one
     thread (see RowKernelLinear); it costs the process numba's runtime, once. `weights`
-    (common/weights.py) holds the weight matrices in bfloat16 or in quantized blocks; the
-    compute dtype stays `dtype`.
+    (common/weights.py) holds the weight matrices in bfloat16 or in quantized blocks (None:
+    in the compute dtype); the compute dtype stays `dtype`.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     num_layers = ckpt.num_layers
@@ -65,7 +65,9 @@ def load_shard(
     torch_dtype = resolve_dtype(dtype)
     dev = check_device(device, torch_dtype)
     # The kind the stage holds, and the conversion its matrices take ("float32": none).
-    weights, convert = held_weights(weights, torch_dtype, dev)
+    weights, convert = held_weights(
+        weights or str(torch_dtype).removeprefix("torch."), torch_dtype, dev
+    )
     adapter = adapter_for(ckpt.config)
 
     # The skeleton has end - start layers: local layer i is global layer start + i, and the

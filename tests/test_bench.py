@@ -32,7 +32,7 @@ def smoke(tmp_path_factory) -> dict:
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=420,
     )
     assert proc.returncode == 0, (
         f"bench --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -42,7 +42,7 @@ def smoke(tmp_path_factory) -> dict:
     return {"report": json.loads(files[0].read_text()), "stdout": proc.stdout}
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_smoke_writes_expected_keys(smoke):
     rep = smoke["report"]
     for key in (
@@ -68,7 +68,7 @@ def test_smoke_writes_expected_keys(smoke):
     assert "results:" in smoke["stdout"]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_smoke_pipeline_figures_are_sane(smoke):
     rep = smoke["report"]
     stages = rep["options"]["stages"][0]
@@ -102,7 +102,7 @@ def test_smoke_pipeline_figures_are_sane(smoke):
     assert len(rep["summary"]) == len(concurrency)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_smoke_baselines_and_scenarios(smoke):
     rep = smoke["report"]
     assert {m["batch"] for m in rep["monolithic"]} == set(rep["options"]["concurrency"])
@@ -135,7 +135,7 @@ def test_smoke_baselines_and_scenarios(smoke):
     assert all(isinstance(t["met"], bool) and _positive(t["figure"]) for t in rep["targets"])
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_smoke_curve_on_and_off_gives_the_same_tokens(smoke):
     rep = smoke["report"]
     streams = rep["options"]["curve_concurrency"]
@@ -151,7 +151,7 @@ def test_smoke_curve_on_and_off_gives_the_same_tokens(smoke):
     assert "tokens/s with CURVE vs without, 1 stream" in names
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_smoke_network_delays_every_hop(smoke):
     rep = smoke["report"]
     o = rep["options"]
@@ -178,7 +178,7 @@ def test_smoke_network_delays_every_hop(smoke):
     assert Path(rep["plots"]["network"]).read_bytes()[:8] == PNG_MAGIC
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_smoke_gateway_and_client_give_the_same_text(smoke):
     rep = smoke["report"]
     (gw,) = rep["gateway"]
@@ -201,7 +201,7 @@ def test_smoke_gateway_and_client_give_the_same_text(smoke):
     assert "time to first token added by the gateway (ms), 1 stream" in names
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_smoke_plots_are_pngs(smoke):
     plots = smoke["report"]["plots"]
     assert {"throughput", "breakdown", "broker_cpu"} <= set(plots)
