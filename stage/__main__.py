@@ -94,8 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="how the weight matrices are held: float32 or bfloat16, or int8 or q4 blocks "
         "(quantized at load), or native (a GGUF file's own blocks); the products of the last "
-        "three are not bit-exact (default: native for a GGUF file on a float32 CPU stage, "
-        "otherwise as --dtype, exact)",
+        "three are not bit-exact (default: as --dtype, exact)",
     )
     p.add_argument(
         "--threads",
@@ -221,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     from stage.devices import check_device, resolve_dtype
     from stage.resident import reset_peak, resident
     from stage.shard import ShardError
-    from stage.weights import default_weights, held_weights
+    from stage.weights import held_weights
     from stage.worker import StageWorker
 
     try:
@@ -240,8 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         adapter_for(checkpoint.config)
     except (CheckpointError, UnsupportedArchitecture, OSError) as e:
         _fail(str(e))
-    requested = args.weights or default_weights(checkpoint, args.dtype, device)
-    args.weights, convert = held_weights(requested, resolve_dtype(args.dtype), device)
+    # Exact unless asked: block products round differently from transformers' (with 8-bit
+    # activations, SmolLM2's demo answer changes; docs/performance.md).
+    args.weights, convert = held_weights(
+        args.weights or args.dtype, resolve_dtype(args.dtype), device
+    )
 
     # The row kernel runs on one thread only; with more, BLAS's products use them all.
     row_kernel = args.row_kernel and args.device == "cpu" and args.threads == 1

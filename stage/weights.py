@@ -44,16 +44,6 @@ def held_weights(kind: str, dtype: torch.dtype, device: torch.device) -> tuple[s
     return kind, kind
 
 
-def default_weights(checkpoint, dtype: str, device: torch.device) -> str:
-    """What a stage holds when `--weights` is not given. A GGUF file on a float32 CPU stage:
-    its own blocks (`native`), as llama.cpp runs it: a fifth of float32's memory and faster
-    decoding, at a measured cost in agreement (docs/performance.md). Otherwise the compute
-    dtype: a float checkpoint stays exact by default."""
-    if checkpoint.path.suffix == ".gguf" and dtype == "float32" and device.type == "cpu":
-        return "native"
-    return dtype
-
-
 def tied_head(head: nn.Module, embed: nn.Module) -> nn.Module:
     """The head of a model whose head is its token embedding: the same matrix, held once."""
     if isinstance(embed, HalfEmbedding):
