@@ -225,8 +225,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         device = check_device(args.device, resolve_dtype(args.dtype))
-        if args.weights is not None:  # refused before seconds of opening the checkpoint
-            held_weights(args.weights, resolve_dtype(args.dtype), device)
+        # Exact unless asked: block products round differently from transformers' (with
+        # 8-bit activations, SmolLM2's demo answer changes; docs/performance.md).
+        args.weights, convert = held_weights(
+            args.weights or args.dtype, resolve_dtype(args.dtype), device
+        )
     except ShardError as e:
         _fail(str(e))
     model = args.model
@@ -239,11 +242,6 @@ def main(argv: list[str] | None = None) -> int:
         adapter_for(checkpoint.config)
     except (CheckpointError, UnsupportedArchitecture, OSError) as e:
         _fail(str(e))
-    # Exact unless asked: block products round differently from transformers' (with 8-bit
-    # activations, SmolLM2's demo answer changes; docs/performance.md).
-    args.weights, convert = held_weights(
-        args.weights or args.dtype, resolve_dtype(args.dtype), device
-    )
 
     # The row kernel runs on one thread only; with more, BLAS's products use them all.
     row_kernel = args.row_kernel and args.device == "cpu" and args.threads == 1
