@@ -52,11 +52,11 @@ def tied_head(head: nn.Module, embed: nn.Module) -> nn.Module:
         tied.weight, tied.bias = embed.weight, None
         tied.out_features, tied.in_features = embed.weight.shape
         return tied
-    if type(embed) is not nn.Embedding:
+    if getattr(embed, "holds_blocks", False):
         from stage import quant
 
         return quant.QuantLinear.tied_to(embed)
-    head.weight = embed.weight
+    head.weight = embed.weight  # an nn.Embedding, or a family's subclass of it
     return head
 
 
