@@ -29,11 +29,11 @@ def held_weights(kind: str, dtype: torch.dtype, device: torch.device) -> tuple[s
     kernel is measured (docs/performance.md)."""
     from stage.shard import ShardError
 
+    compute = str(dtype).removeprefix("torch.")
+    if kind == compute:  # float16 too: in the compute dtype, whatever it is
+        return kind, "float32"
     if kind not in WEIGHT_KINDS:
         raise ShardError(f"--weights {kind!r} is not one of {', '.join(WEIGHT_KINDS)}")
-    compute = str(dtype).removeprefix("torch.")
-    if kind == compute:
-        return kind, "float32"
     if dtype != torch.float32:
         raise ShardError(
             f"--weights {kind} needs a float32 stage (this one computes in {compute}); "
