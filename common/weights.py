@@ -91,9 +91,3 @@ def matrix_bytes(shape: tuple[int, ...], kind: str, stored: str | None, float_by
     if bits is None or shape[-1] % BLOCK:
         return numel * float_bytes
     return quantized_bytes(shape[0], shape[1], bits)
-
-
-def check_kind(kind: str) -> str:
-    if kind not in WEIGHT_KINDS:
-        raise ValueError(f"weights {kind!r} is not one of {', '.join(WEIGHT_KINDS)}")
-    return kind

@@ -757,10 +757,6 @@ class QuantEmbedding(nn.Module):
             (self.num_embeddings, self.embedding_dim),
         )
 
-    @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, bits: int) -> QuantEmbedding:
-        return cls(quantize(embedding.weight, bits))
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.weight.select_rows(ids.reshape(-1)).dequantize()
         return rows.view(*ids.shape, self.embedding_dim)
