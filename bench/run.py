@@ -1051,7 +1051,7 @@ def _weights_targets(result: dict | None) -> list[dict]:
             )
             out.append(
                 {
-                    "target": f"{kind} stage peak RSS / (0.35 x float32 share + runtime + code)",
+                    "target": f"{kind} stage peak RSS / (0.35 x float32 share + fixed part)",
                     "config": preset,
                     "figure": worst,
                     "limit": 1.0,

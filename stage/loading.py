@@ -194,7 +194,16 @@ def load_shard(
     )
     for module in shard.modules():
         module.eval().requires_grad_(False)
+    if dev.type == "cpu" and torch_dtype == torch.float32 and _holds_blocks(shard.layers):
+        from stage.fused import fused_layers
+
+        shard.fused = fused_layers(shard.layers, shard.kinds)
+        _trim_heap()  # the matrices fused_layers concatenated were freed
     return shard
+
+
+def _holds_blocks(layers: nn.ModuleList) -> bool:
+    return any(getattr(m, "holds_blocks", False) for m in layers.modules())
 
 
 def _shard_config(config, start: int, end: int):

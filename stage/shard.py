@@ -100,6 +100,9 @@ class Shard:
     # Decode forwards that found their batch kept, and those that had to build one.
     batches_kept: int = 0
     batches_built: int = 0
+    # A single request's decode step through each layer in a few compiled calls
+    # (stage/fused.py), where the layers' matrices are held in blocks; None: the modules.
+    fused: list | None = field(default=None, repr=False)
 
     @property
     def num_layers(self) -> int:
@@ -166,6 +169,13 @@ class Shard:
                 hidden = hidden + self.positions(position_ids)
         else:
             hidden = inputs
+        if n == 1 and self.fused is not None:
+            from stage import fused  # loaded already: it built self.fused
+
+            if fused.active():
+                rotary = self.rotary(hidden, position_ids)
+                hidden = fused.run(self.fused, hidden, rotary, state.cache)
+                return self._finish(hidden, state, n, logits, between)
         masks = self.adapter.build_masks(
             self.shard_config, set(self.kinds), hidden, state.cache, position_ids
         )
@@ -176,6 +186,17 @@ class Shard:
             hidden = self.adapter.run_layer(
                 layer, hidden, masks[kind], position_ids, rotary, state.cache
             )
+        return self._finish(hidden, state, n, logits, between)
+
+    def _finish(
+        self,
+        hidden: torch.Tensor,
+        state: KVState,
+        n: int,
+        logits: str,
+        between: Callable[[], object] | None,
+    ) -> torch.Tensor:
+        """After the layers: the hidden states, or on the last shard the logits."""
         state.length += n
         if not self.last:
             return hidden
