@@ -141,7 +141,8 @@ class GrowingLayer(DynamicLayer):
 
     `keys` and `values` stay plain tensors that any caller may read or replace (crop, the
     batch methods): a layer whose `keys` is no longer its own view copies it into a new buffer
-    at the next update.
+    at the next update. Unlike transformers' layer, a view handed out earlier is overwritten
+    when a crop is followed by an update: callers copy what they keep (`BatchCache` does).
     """
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -199,7 +200,12 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(like, like)
         length = self.get_seq_length()
         arrays = self._arrays
-        if arrays is None or arrays[1].shape[1] <= length or self.keys.data_ptr() != arrays[0]:
+        if (
+            arrays is None
+            or arrays[1].shape[1] <= length
+            or self.keys.data_ptr() != arrays[0]
+            or self.values.data_ptr() != arrays[2].ctypes.data
+        ):
             like = torch.empty(1, heads, 1, dim)
             keys, values = self._reserve(like, like, length + 1)
             arrays = self._arrays = (keys.data_ptr(), keys[0].numpy(), values[0].numpy())

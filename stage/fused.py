@@ -234,6 +234,10 @@ def fusable(layer: nn.Module, kind: str) -> bool:
         return False
     if getattr(attn.config, "hidden_act", None) != "silu" or attn.head_dim % 2:
         return False
+    # Mistral's own forward masks a window whenever its config has one, whatever `layer_types`
+    # says; qwen2's names the layers that do (`kind`).
+    if type(layer).__name__ == "MistralDecoderLayer" and attn.config.sliding_window is not None:
+        return False
     return all(
         type(n).__name__ == norm for n in (layer.input_layernorm, layer.post_attention_layernorm)
     )
@@ -267,6 +271,9 @@ def run(fused: list[FusedLayer], hidden: torch.Tensor, rotary, cache) -> torch.T
     cos, sin = rotary
     cos = cos.reshape(-1).to(torch.float32).contiguous().numpy()
     sin = sin.reshape(-1).to(torch.float32).contiguous().numpy()
+    if cos.shape[0] != fused[0].dim or sin.shape[0] != fused[0].dim:
+        # The kernels index cos and sin by head dimension, unchecked (a partial rotary).
+        raise ValueError(f"rotary of {cos.shape[0]} values for heads of {fused[0].dim}")
     for layer, layer_cache in zip(fused, cache.layers, strict=True):
         layer.step(x, cos, sin, layer_cache)
     return torch.from_numpy(x).view(1, 1, -1)

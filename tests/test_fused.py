@@ -15,15 +15,15 @@ from stage.checkpoint import open_checkpoint
 from stage.loading import load_shard
 from tests.test_e2e import prompt_ids
 
-pytestmark = pytest.mark.skipif(
+needs_kernels = pytest.mark.skipif(
     not quant.integer_kernels(), reason="the fused step runs on the integer kernels (AVX2)"
 )
 
 
 def test_a_grown_cache_holds_what_concatenation_holds():
-    """Through updates of 1 to 7 positions, a crop and a batch selection, a GrowingLayer's
-    keys and values equal transformers' DynamicLayer's, and what it returns is what it holds;
-    the bytes it reports count its room."""
+    """Through updates of 1 to 40 positions, crops (to no position too), transformers' batch
+    methods and a reset, a GrowingLayer's keys and values equal transformers' DynamicLayer's,
+    and what it returns is what it holds; the bytes it reports count its room."""
     g = torch.Generator().manual_seed(0)
     grown, plain = GrowingLayer(), DynamicLayer()
     for n in (5, 1, 1, 7, 1, 3, 1, 1, 2, 40, 1):
@@ -37,10 +37,27 @@ def test_a_grown_cache_holds_what_concatenation_holds():
     k, v = torch.randn(1, 2, 1, 8, generator=g), torch.randn(1, 2, 1, 8, generator=g)
     assert torch.equal(grown.update(k, v)[0], plain.update(k, v)[0])
     assert grown._room is buffers  # a crop keeps the buffers: the next column overwrites
-    grown.batch_repeat_interleave(2), plain.batch_repeat_interleave(2)
-    k, v = torch.randn(2, 2, 1, 8, generator=g), torch.randn(2, 2, 1, 8, generator=g)
+    grown.batch_repeat_interleave(3), plain.batch_repeat_interleave(3)
+    k, v = torch.randn(3, 2, 1, 8, generator=g), torch.randn(3, 2, 1, 8, generator=g)
     got, want = grown.update(k, v), plain.update(k, v)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    (
+        grown.batch_select_indices(torch.tensor([2, 0])),
+        plain.batch_select_indices(torch.tensor([2, 0])),
+    )
+    k, v = torch.randn(2, 2, 2, 8, generator=g), torch.randn(2, 2, 2, 8, generator=g)
+    got, want = grown.update(k, v), plain.update(k, v)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    length = grown.get_seq_length()
+    grown.crop(-length), plain.crop(-length)  # down to no position at all
+    assert grown.get_seq_length() == plain.get_seq_length() == 0
+    k, v = torch.randn(2, 2, 3, 8, generator=g), torch.randn(2, 2, 3, 8, generator=g)
+    got, want = grown.update(k, v), plain.update(k, v)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    grown.reset()
+    assert grown.get_seq_length() == 0 and grown.held_bytes() == 0
+    k, v = torch.randn(1, 2, 4, 8, generator=g), torch.randn(1, 2, 4, 8, generator=g)
+    assert torch.equal(grown.update(k, v)[1], v)
 
 
 def test_room_and_grown_add_one_position():
@@ -61,8 +78,15 @@ def test_room_and_grown_add_one_position():
         layer.keys[0, 1, :, 0], torch.tensor([1.0] + [float(i) for i in range(1, 101)])
     )
     assert cache_nbytes(type("C", (), {"layers": [layer]})()) == layer.held_bytes()
+    layer.crop(-101)
+    keys, values, length = layer.room(2, 8)
+    assert length == 0
+    keys[:, 0] = 5.0
+    layer.grown()
+    assert layer.keys.shape == (1, 2, 1, 8) and bool((layer.keys == 5).all())
 
 
+@needs_kernels
 def test_the_fused_kernels_compute_the_layers_float_math():
     """Norm, rotary with the cache write and attention, and the gated activation, against
     transformers' own functions in float64: float32 rounding apart, the same math."""
@@ -117,84 +141,111 @@ def test_the_fused_kernels_compute_the_layers_float_math():
     assert not keys[:, pos + 1 :].any() and not values[:, pos + 1 :].any()
 
 
+@needs_kernels
 @pytest.mark.parametrize("kind", ["q4", "int8"])
-def test_a_fused_product_gives_the_modules_bits_in_the_same_bytes(checkpoints, kind):
+def test_a_fused_product_gives_the_modules_bits_in_the_same_bytes(checkpoints, monkeypatch, kind):
     """q, k and v (and gate and up) become one block matrix whose rows the modules now view:
-    the product is the modules' own, bit for bit, and the shard holds the same bytes."""
-    path = checkpoints["llama"]
-    ckpt = open_checkpoint(path)
-    plain = load_shard(ckpt, 0, 2, weights=kind)
-    plain_bytes = plain.weight_bytes()
-    attn = plain.layers[0].self_attn
-    x = torch.randn(1, 1, attn.q_proj.in_features)
-    with torch.inference_mode():
-        want = torch.cat([m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)], dim=-1)
-    assert plain.fused is not None
-    product = plain.fused[0].qkv
-    assert len(product.parts) == 1  # one kernel call
-    got = torch.from_numpy(product(x.reshape(-1).numpy()))
-    assert torch.equal(got, want.reshape(-1))
-    storage = attn.q_proj.codes.untyped_storage().data_ptr()
-    assert all(m.codes.untyped_storage().data_ptr() == storage for m in (attn.k_proj, attn.v_proj))
-    assert plain.weight_bytes() == plain_bytes
-    with torch.inference_mode():  # the modules still compute from their views
-        again = torch.cat([m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)], dim=-1)
-    assert torch.equal(again, want)
+    against the same shard loaded unfused, its product is the modules' own bit for bit, the
+    shard holds the same bytes, and the modules compute what they computed before."""
+    ckpt = open_checkpoint(checkpoints["llama"])
+    shard = load_shard(ckpt, 0, 2, weights=kind)
+    with monkeypatch.context() as m:
+        m.setattr(fused, "fusable", lambda layer, kind: False)
+        unfused = load_shard(ckpt, 0, 2, weights=kind)
+    assert shard.fused is not None and unfused.fused is None
+    assert shard.weight_bytes() == unfused.weight_bytes()
+    x = torch.randn(1, 1, ckpt.config.hidden_size)
+    groups = {
+        "qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+        "gate_up": ("mlp", ("gate_proj", "up_proj")),
+    }
+    for layer, plain in zip(shard.layers, unfused.layers, strict=True):
+        for product_name, (owner, names) in groups.items():
+            modules = [getattr(getattr(layer, owner), n) for n in names]
+            plain_modules = [getattr(getattr(plain, owner), n) for n in names]
+            with torch.inference_mode():
+                want = torch.cat([mm(x) for mm in plain_modules], dim=-1).reshape(-1)
+                again = torch.cat([mm(x) for mm in modules], dim=-1).reshape(-1)
+            product = getattr(layer._fused, product_name)
+            assert len(product.parts) == 1  # one kernel call
+            assert torch.equal(torch.from_numpy(product(x.reshape(-1).numpy())), want)
+            assert torch.equal(again, want)  # the modules compute from their views as before
+            for name in ("codes", "scales", "offsets"):
+                base = getattr(modules[0], name).untyped_storage().data_ptr()
+                assert all(getattr(mm, name).untyped_storage().data_ptr() == base for mm in modules)
 
 
+@needs_kernels
 def test_only_llama_shaped_block_layers_are_fused(checkpoints):
     """Float stages stay on the modules (exact); so do families the fused step does not
-    compute (sliding windows, per-head norms, other norms and MLPs)."""
+    compute (sliding windows, per-head norms, other norms and MLPs). qwen2's full-attention
+    layers are fused, its sliding ones not."""
     llama = open_checkpoint(checkpoints["llama"])
     assert load_shard(llama, 0, 2, weights="float32").fused is None
     assert load_shard(llama, 0, 2, weights="bfloat16").fused is None
     assert load_shard(llama, 0, 2, weights="q4").fused is not None
+    qwen2 = open_checkpoint(checkpoints["qwen2"])  # layers 0 and 1 full, then sliding
+    assert load_shard(qwen2, 0, 2, weights="q4").fused is not None
+    assert load_shard(qwen2, 0, 3, weights="q4").fused is None
     for arch in ("mistral", "qwen3", "gemma", "phi3", "gpt2"):
         ckpt = open_checkpoint(checkpoints[arch])
         assert load_shard(ckpt, 0, ckpt.num_layers, weights="q4").fused is None, arch
 
 
-def _forced(shard, sequence: list[int], prompt_len: int) -> torch.Tensor:
-    """The logits `shard` gives at each continuation position of `sequence`: the prompt in
-    one forward, then one decode step per token, as a stage runs a request."""
+CHUNK = 3
+
+
+def _forced(shard, sequence: list[int], prompt_len: int, chunk_at: int | None = None):
+    """What `shard` outputs (logits, or hidden states on a shard that is not the last) at
+    each continuation position of `sequence`: the prompt in one forward, then one decode step
+    per token, as a stage runs a request; from continuation position `chunk_at` on, CHUNK
+    tokens in one forward (the modules' path), then single steps again."""
     state = shard.new_cache()
     out = []
+    at = prompt_len
     with torch.inference_mode():
-        logits = shard.forward(torch.tensor([sequence[:prompt_len]]), state)[0, -1]
-        for token in sequence[prompt_len:]:
-            out.append(logits)
-            logits = shard.forward(torch.tensor([[token]]), state)[0, -1]
+        y = shard.forward(torch.tensor([sequence[:at]]), state)[0, -1]
+        while at < len(sequence):
+            out.append(y)
+            if at - prompt_len == chunk_at:
+                ys = shard.forward(torch.tensor([sequence[at : at + CHUNK]]), state, logits="all")[
+                    0
+                ]
+                out.extend(ys[:-1])
+                y, at = ys[-1], at + CHUNK
+            else:
+                y = shard.forward(torch.tensor([sequence[at : at + 1]]), state)[0, -1]
+                at += 1
     return torch.stack(out)
 
 
+@needs_kernels
 @pytest.mark.parametrize("kind", ["q4", "int8"])
-@pytest.mark.parametrize("seed", [7, 31])
-def test_a_fused_decode_is_as_accurate_as_the_modules(checkpoints, kind, seed):
-    """The same shard reads float32's greedy continuation of a prompt, with the fused step and
-    with its modules, and each is compared with float32 at every position. Both take the same
-    block products; the fused step only rounds its norms, rotary and attention in another
-    order, which now and then moves one activation across an int8 rounding boundary of the
-    block kernels (stage/quant.py: QUANTIZE_X), one code step among the thousands each
-    product rounds. So its largest and mean logit errors must be those of the modules, to
-    within a tenth; the fused step must also have run."""
-    ckpt = open_checkpoint(checkpoints["llama"])
-    shard = load_shard(ckpt, 0, ckpt.num_layers, weights=kind)
-    reference = load_shard(ckpt, 0, ckpt.num_layers, weights="float32")
+@pytest.mark.parametrize(
+    ("arch", "end", "seed"), [("llama", 5, 7), ("llama", 5, 31), ("qwen2", 2, 7)]
+)
+def test_a_fused_decode_is_as_accurate_as_the_modules(checkpoints, arch, end, seed, kind):
+    """The same shard reads a sequence with the fused step and with its modules, each compared
+    with float32 at every position: decode steps, then a 3-token chunk (the modules continue
+    the cache the fused step wrote, and the other way round), then decode steps. Both take
+    the same block products; the fused step only rounds its norms, rotary and attention in
+    another order, which now and then moves one activation across an int8 rounding boundary
+    of the block kernels (stage/quant.py: QUANTIZE_X), one code step among the thousands each
+    product rounds. So its largest and mean errors must be those of the modules, to within a
+    tenth. llama's whole model is compared by its logits, qwen2's first two layers (q, k and v
+    with biases) by their hidden states."""
+    ckpt = open_checkpoint(checkpoints[arch])
+    shard = load_shard(ckpt, 0, end, weights=kind)
+    reference = load_shard(ckpt, 0, end, weights="float32")
     prompt = prompt_ids(seed)
-    state = reference.new_cache()
-    sequence = list(prompt)
-    with torch.inference_mode():
-        logits = reference.forward(torch.tensor([prompt]), state)[0, -1]
-        for _ in range(12):
-            sequence.append(int(logits.argmax()))
-            logits = reference.forward(torch.tensor([sequence[-1:]]), state)[0, -1]
-        ref = _forced(reference, sequence, len(prompt))
-    fused_logits = _forced(shard, sequence, len(prompt))
+    sequence = list(prompt) + prompt_ids(seed + 1)[:12]
+    ref = _forced(reference, sequence, len(prompt))
+    fused_out = _forced(shard, sequence, len(prompt), chunk_at=4)
     assert shard.fused is not None and shard.layers[0].__dict__["_fused"] is shard.fused[0]
     kept, shard.fused = shard.fused, None
-    module_logits = _forced(shard, sequence, len(prompt))
+    module_out = _forced(shard, sequence, len(prompt), chunk_at=4)
     shard.fused = kept
-    fused_error, module_error = (fused_logits - ref).abs(), (module_logits - ref).abs()
-    assert float(module_error.max()) > 0  # the blocks do move the logits
+    fused_error, module_error = (fused_out - ref).abs(), (module_out - ref).abs()
+    assert float(module_error.max()) > 0  # the blocks do move the outputs
     assert float(fused_error.max()) <= 1.1 * float(module_error.max())
     assert float(fused_error.mean()) <= 1.1 * float(module_error.mean())
