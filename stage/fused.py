@@ -137,9 +137,7 @@ class _Product:
             weights = [_share_rows(linears)]
         else:
             weights = [m.weight for m in linears]
-        self.parts = [
-            (quant._q4_int if w.bits == 4 else quant._q8_int, w.arrays, w.shape[0]) for w in weights
-        ]
+        self.parts = [(quant.integer_kernel(w.bits), w.arrays, w.shape[0]) for w in weights]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = x.reshape(1, -1)

@@ -643,10 +643,14 @@ def integer_kernels() -> bool:
     return bool(QUANTIZE_X and _INTEGER_KERNELS)
 
 
+def integer_kernel(bits: int):
+    """The integer kernel of a bit width: kernel(x, codes, scales, offsets, out)."""
+    return _q4_int if bits == 4 else _q8_int
+
+
 def _kernel_matmul(x: torch.Tensor, w: QuantWeight, out: torch.Tensor) -> None:
-    if QUANTIZE_X and _INTEGER_KERNELS:
-        kernel = _q4_int if w.bits == 4 else _q8_int
-        kernel(x.numpy(), *w.arrays, out.numpy())
+    if integer_kernels():
+        integer_kernel(w.bits)(x.numpy(), *w.arrays, out.numpy())
         return
     rows = x.shape[0]
     blocks = x.view(rows, -1, BLOCK)
@@ -733,12 +737,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         rows = flat.shape[0]
-        if (
-            0 < rows <= KERNEL_ROWS
-            and flat.dtype == torch.float32
-            and _INTEGER_KERNELS
-            and QUANTIZE_X
-        ):
+        if 0 < rows <= KERNEL_ROWS and flat.dtype == torch.float32 and integer_kernels():
             y = self._rows(flat.detach().contiguous(), rows)
         else:
             y = matmul(flat, self.weight, self.bias)
@@ -753,7 +752,7 @@ class QuantLinear(nn.Module):
         now = (buffers["codes"], buffers["scales"], buffers["offsets"])
         if held is None or not all(a is b for a, b in zip(held[0], now, strict=True)):
             w = self.weight
-            held = ((w.codes, w.scales, w.offsets), _q4_int if w.bits == 4 else _q8_int, w.arrays)
+            held = ((w.codes, w.scales, w.offsets), integer_kernel(w.bits), w.arrays)
             self.__dict__["_args"] = held
         out = np.empty((rows, self.out_features), np.float32)
         held[1](x.numpy(), *held[2], out)
